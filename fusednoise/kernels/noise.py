@@ -62,7 +62,7 @@ def _round_nearest(value, OUT_DTYPE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
 
 
 @triton.jit
-def noise_kernel(x_ptr, residual_ptr, out_ptr, numel, sigma, seed,
+def noise_kernel(x_ptr, residual_ptr, out_ptr, numel, sigma, seed, first_block,
                  HAS_RESIDUAL: tl.constexpr, DISTRIBUTION: tl.constexpr, STOCHASTIC: tl.constexpr,
                  BF16_BY_BITS: tl.constexpr, BLOCK: tl.constexpr):
     ROWS: tl.constexpr = BLOCK // 4
@@ -72,8 +72,11 @@ def noise_kernel(x_ptr, residual_ptr, out_ptr, numel, sigma, seed,
     offsets = block_id[:, None] * 4 + col
     in_bounds = offsets < numel
 
-    c_lo = (block_id & 0xFFFFFFFF).to(tl.uint32)
-    c_hi = (block_id >> 32).to(tl.uint32)
+    # The philox counter is the element's block index in the whole tensor; first_block shifts it when this
+    # launch covers a later slice (and lets a test reach counters past 2**32 on a small tensor).
+    counter = block_id + first_block
+    c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c_hi = (counter >> 32).to(tl.uint32)
     zero = c_lo * 0
     w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, zero, zero)
     u0 = _uniform(w0)
@@ -105,14 +108,21 @@ def noise_kernel(x_ptr, residual_ptr, out_ptr, numel, sigma, seed,
     tl.store(out_ptr + offsets, result, mask=in_bounds)
 
 
-def launch_noise(x, residual, out, sigma: float, distribution: str, seed: int, stochastic: bool) -> None:
-    """Run the kernel over contiguous ``x`` (and ``residual``) into contiguous ``out`` (which may be ``x``)."""
+def launch_noise(x, residual, out, sigma: float, distribution: str, seed: int, stochastic: bool,
+                 first_index: int = 0) -> None:
+    """Run the kernel over contiguous ``x`` (and ``residual``) into contiguous ``out`` (which may be ``x``).
+
+    ``first_index`` (a multiple of 4) is the flat index of ``x``'s first element in the tensor whose noise
+    is being drawn: 0 unless a caller processes a big tensor in slices.
+    """
+    if first_index % 4:
+        raise ValueError(f"first_index must be a multiple of 4, got {first_index}")
     numel = x.numel()
     if numel == 0:
         return
     grid = (triton.cdiv(numel, BLOCK_SIZE),)
     noise_kernel[grid](
-        x, residual if residual is not None else x, out, numel, float(sigma), seed,
+        x, residual if residual is not None else x, out, numel, float(sigma), seed, first_index // 4,
         HAS_RESIDUAL=residual is not None,
         DISTRIBUTION=DIST_NORMAL if distribution == "normal" else DIST_UNIFORM,
         STOCHASTIC=bool(stochastic) and out.dtype.itemsize == 2,

@@ -26,9 +26,11 @@ DISTRIBUTIONS = ("normal", "uniform")
 WORDS_PER_BLOCK = 4
 
 
-def _block_words(seed: int, numel: int, device, purpose: int):
+def _block_words(seed: int, numel: int, device, purpose: int, first_index: int = 0):
     n_blocks = -(-numel // WORDS_PER_BLOCK)
-    lo, hi = rng.block_counters(torch.arange(n_blocks, dtype=torch.int64, device=device))
+    first_block = first_index // WORDS_PER_BLOCK
+    blocks = torch.arange(first_block, first_block + n_blocks, dtype=torch.int64, device=device)
+    lo, hi = rng.block_counters(blocks)
     return rng.philox4x32(seed, lo, hi, 0, purpose)
 
 
@@ -36,9 +38,12 @@ def _interleave(values, numel: int) -> torch.Tensor:
     return torch.stack(values, dim=1).reshape(-1)[:numel]
 
 
-def standard_noise(numel: int, distribution: str, seed: int, device="cpu") -> torch.Tensor:
-    """Unit-scale noise for ``numel`` elements in logical order: N(0, 1) or U(-1, 1), float32."""
-    words = _block_words(seed, numel, device, rng.PURPOSE_NOISE)
+def standard_noise(numel: int, distribution: str, seed: int, device="cpu", first_index: int = 0) -> torch.Tensor:
+    """Unit-scale noise for ``numel`` elements in logical order: N(0, 1) or U(-1, 1), float32.
+
+    ``first_index`` (a multiple of 4) starts the draw at that flat index of a larger tensor.
+    """
+    words = _block_words(seed, numel, device, rng.PURPOSE_NOISE, first_index)
     uniforms = [rng.uint_to_uniform(w) for w in words]
     if distribution == "uniform":
         return _interleave([2.0 * u - 1.0 for u in uniforms], numel)
@@ -49,9 +54,9 @@ def standard_noise(numel: int, distribution: str, seed: int, device="cpu") -> to
     raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
 
 
-def rounding_uniforms(numel: int, seed: int, device="cpu") -> torch.Tensor:
+def rounding_uniforms(numel: int, seed: int, device="cpu", first_index: int = 0) -> torch.Tensor:
     """The uniforms that drive stochastic rounding, one per element (purpose word 1)."""
-    words = _block_words(seed, numel, device, rng.PURPOSE_ROUNDING)
+    words = _block_words(seed, numel, device, rng.PURPOSE_ROUNDING, first_index)
     return _interleave([rng.uint_to_uniform(w) for w in words], numel)
 
 
@@ -76,16 +81,17 @@ def stochastic_round(value: torch.Tensor, dtype: torch.dtype, uniform: torch.Ten
 
 
 def noisy_sum(x: torch.Tensor, residual: Optional[torch.Tensor], sigma: float, distribution: str, seed: int,
-              stochastic: bool = False) -> torch.Tensor:
+              stochastic: bool = False, first_index: int = 0) -> torch.Tensor:
     """``x (+ residual) + sigma * noise`` as a new tensor of x's dtype and shape (any strides)."""
     numel = x.numel()
-    eps = standard_noise(numel, distribution, seed, x.device) * torch.tensor(sigma, dtype=torch.float32)
+    eps = standard_noise(numel, distribution, seed, x.device, first_index)
+    eps = eps * torch.tensor(sigma, dtype=torch.float32, device=x.device)
     total = x.reshape(-1).to(torch.float32)
     if residual is not None:
         total = total + residual.reshape(-1).to(torch.float32)
     total = total + eps
     if stochastic and x.dtype != torch.float32:
-        out = stochastic_round(total, x.dtype, rounding_uniforms(numel, seed, x.device))
+        out = stochastic_round(total, x.dtype, rounding_uniforms(numel, seed, x.device, first_index))
     else:
         out = total.to(x.dtype)
     return out.reshape(x.shape)

@@ -1,0 +1,33 @@
+"""Triton side of ``fusednoise/rng.py``: the raw philox words, for checking the torch philox against
+the kernels' generator bit for bit (the property every reference/kernel comparison rests on)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_SIZE = 1024
+
+
+@triton.jit
+def philox_words_kernel(out_ptr, n, seed, first_counter, stream, purpose, BLOCK: tl.constexpr):
+    index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    in_bounds = index < n
+    counter = index + first_counter
+    c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c_hi = (counter >> 32).to(tl.uint32)
+    zero = c_lo * 0
+    w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, zero + stream, zero + purpose)
+    tl.store(out_ptr + index, w0.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
+    tl.store(out_ptr + n + index, w1.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
+    tl.store(out_ptr + 2 * n + index, w2.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
+    tl.store(out_ptr + 3 * n + index, w3.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
+
+
+def philox_words(seed: int, n: int, first_counter: int = 0, stream: int = 0, purpose: int = 0,
+                 device="cuda") -> torch.Tensor:
+    """The four uint32 philox words (as int64, shape (4, n)) of counters ``first_counter + arange(n)``."""
+    out = torch.empty(4, n, dtype=torch.int64, device=device)
+    philox_words_kernel[(triton.cdiv(n, BLOCK_SIZE),)](out, n, seed, first_counter, stream, purpose,
+                                                        BLOCK=BLOCK_SIZE)
+    return out

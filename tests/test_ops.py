@@ -1,0 +1,372 @@
+"""HyPe noise ops: the Triton kernel against the eager reference, the distributions, autograd and bad input."""
+import math
+
+import pytest
+import scipy.stats
+import torch
+import torch.utils.checkpoint
+
+import fusednoise
+from conftest import HAS_CUDA, KERNEL_DEVICE
+from fusednoise import rng
+from fusednoise.kernels.noise import launch_noise
+from fusednoise.reference import noise as reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DISTRIBUTIONS = ["normal", "uniform"]
+
+
+def fresh(shape, dtype, device=KERNEL_DEVICE):
+    return torch.randn(shape, device=device).to(dtype)
+
+
+def run_both(op, *tensors, **kwargs):
+    """The op on the triton and on the reference backend, same seed, same inputs (cloned)."""
+    with fusednoise.backend("triton"):
+        fused = op(*[t.clone() for t in tensors], **kwargs)
+    with fusednoise.backend("reference"):
+        eager = op(*[t.clone() for t in tensors], **kwargs)
+    return fused, eager
+
+
+def assert_close_to_reference(fused, eager, sigma):
+    """float32: within a few ulp of the noise (log/cos/sin differ by ulps between libraries); half
+    precision: equal except where a value sits on a rounding boundary, and then one ulp apart."""
+    assert fused.dtype == eager.dtype and fused.shape == eager.shape
+    fused, eager = fused.cpu(), eager.cpu()
+    if fused.dtype == torch.float32:
+        torch.testing.assert_close(fused, eager, rtol=4e-7, atol=4 * 1.2e-7 * 4 * sigma)
+        return
+    differ = fused != eager
+    assert differ.float().mean().item() < 1e-3
+    steps = (fused.view(torch.int16).int() - eager.view(torch.int16).int()).abs()
+    assert int(steps.max()) <= 1
+
+
+# ---------------------------------------------------------------------------------- kernel vs reference
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_add_noise_kernel_matches_reference(dtype, distribution, rounding):
+    x = fresh((3, 7, 331), dtype)  # numel not a multiple of 4 or of the block
+    sigma = 0.05
+    seed = rng.draw_seed()
+    fused, eager = run_both(fusednoise.add_noise, x, sigma=sigma, distribution=distribution, seed=seed,
+                            rounding=rounding)
+    assert_close_to_reference(fused, eager, sigma)
+    assert not torch.equal(fused.cpu(), x.cpu())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_add_residual_noise_kernel_matches_reference(dtype, distribution):
+    x, residual = fresh((5, 413), dtype), fresh((5, 413), dtype)
+    seed = rng.draw_seed()
+    fused, eager = run_both(fusednoise.add_residual_noise, x, residual, sigma=0.02, distribution=distribution,
+                            seed=seed)
+    assert_close_to_reference(fused, eager, 0.02)
+
+
+def test_uniform_kernel_is_bitwise_reference_in_float32():
+    # No transcendental functions on the uniform path: the kernel must equal the reference bit for bit.
+    x = fresh((4, 1000), torch.float32)
+    fused, eager = run_both(fusednoise.add_noise, x, sigma=0.3, distribution="uniform", seed=rng.draw_seed())
+    assert torch.equal(fused.cpu(), eager.cpu())
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_equals_out_of_place(backend, dtype):
+    x = fresh((6, 250), dtype)
+    with fusednoise.backend(backend):
+        out = fusednoise.add_noise(x, 0.1, seed=42)
+        y = x.clone()
+        returned = fusednoise.add_noise_(y, 0.1, seed=42)
+    assert returned is y
+    assert torch.equal(y, out)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_residual_form_is_noise_on_the_float32_sum(backend):
+    x, residual = fresh((3, 300), torch.float32), fresh((3, 300), torch.float32)
+    with fusednoise.backend(backend):
+        fused = fusednoise.add_residual_noise(x, residual, 0.1, seed=7)
+        two_step = fusednoise.add_noise(x + residual, 0.1, seed=7)
+    assert torch.equal(fused, two_step)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_non_contiguous_input_uses_logical_order(backend):
+    base = fresh((64, 48), torch.float32)
+    view = base.t()  # non-contiguous
+    with fusednoise.backend(backend):
+        expected = fusednoise.add_noise(view.contiguous(), 0.1, seed=11)
+        out_of_place = fusednoise.add_noise(view, 0.1, seed=11)
+        fusednoise.add_noise_(view, 0.1, seed=11)
+    assert torch.equal(out_of_place, expected)
+    assert torch.equal(view, expected)  # written back through the view
+    assert torch.equal(base.t(), expected)
+
+
+def test_counters_past_2_to_the_32_blocks():
+    # A tensor of over 2**31 elements cannot be interpreted in CI; the kernel's first_index shifts the counter
+    # to where such a tensor's tail lives, and it must still match the reference bit for bit.
+    first_index = 2**34 + 4 * 1000
+    x = torch.zeros(4096 + 8, device=KERNEL_DEVICE)
+    out = torch.empty_like(x)
+    seed = rng.draw_seed()
+    launch_noise(x, None, out, 1.0, "uniform", seed, False, first_index=first_index)
+    expected = reference.noisy_sum(x.cpu(), None, 1.0, "uniform", seed, first_index=first_index)
+    assert torch.equal(out.cpu(), expected)
+    shifted_less = reference.noisy_sum(x.cpu(), None, 1.0, "uniform", seed, first_index=first_index - 2**34)
+    assert not torch.equal(expected, shifted_less)  # the high counter word is really used
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU with 10 GB free (a tensor of over 2**31 elements)")
+def test_tensor_over_2_to_the_31_elements_on_gpu():
+    numel = 2**31 + 4100
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * numel * 2:
+        pytest.skip("needs 13 GB of free GPU memory for a tensor of over 2**31 elements")
+    x = torch.zeros(numel, dtype=torch.bfloat16, device="cuda")
+    seed = 1234
+    fusednoise.add_noise_(x, 1.0, distribution="uniform", seed=seed)
+    tail = x[-8192:].cpu()
+    expected = reference.noisy_sum(torch.zeros(8192, dtype=torch.bfloat16), None, 1.0, "uniform", seed,
+                                   first_index=numel - 8192)
+    assert torch.equal(tail, expected)
+
+
+def test_empty_tensor():
+    for backend in ("triton", "reference"):
+        with fusednoise.backend(backend):
+            x = torch.empty(0, 5, device=KERNEL_DEVICE)
+            assert fusednoise.add_noise_(x, 0.1).shape == (0, 5)
+
+
+# ---------------------------------------------------------------------------------- distributions
+@pytest.mark.parametrize("backend, numel", [("reference", 2**20), ("triton", 2**18)])
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_distribution_moments_and_ks(backend, numel, distribution):
+    sigma = 0.5
+    with fusednoise.backend(backend):
+        eps = fusednoise.add_noise(torch.zeros(numel, device=KERNEL_DEVICE), sigma, distribution).cpu().double()
+    if distribution == "normal":
+        expected_std, reference_cdf = sigma, scipy.stats.norm(scale=sigma).cdf
+    else:
+        expected_std, reference_cdf = sigma / math.sqrt(3), scipy.stats.uniform(loc=-sigma, scale=2 * sigma).cdf
+        assert float(eps.abs().max()) <= sigma
+    standard_error = expected_std / math.sqrt(numel)
+    assert abs(float(eps.mean())) < 5 * standard_error
+    assert abs(float(eps.std()) / expected_std - 1) < 5 * math.sqrt(0.5 / numel) * 2
+    assert scipy.stats.kstest(eps.numpy(), reference_cdf).pvalue > 1e-4
+
+
+def _correlation(a, b):
+    return float(torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1])
+
+
+@pytest.mark.parametrize("distribution", DISTRIBUTIONS)
+def test_streams_are_independent(distribution):
+    n = 2**18
+    bound = 5 / math.sqrt(n)
+    zeros = torch.zeros(n)
+    first = fusednoise.add_noise(zeros, 1.0, distribution)   # two layers or two steps: two fresh seeds
+    second = fusednoise.add_noise(zeros, 1.0, distribution)
+    assert abs(_correlation(first, second)) < bound
+    # Neighbours inside one tensor share a philox call: the four words and both Box-Muller outputs.
+    words = first.view(-1, 4)
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert abs(_correlation(words[:, a], words[:, b])) < 5 / math.sqrt(n / 4)
+    assert abs(_correlation(first[:-1], first[1:])) < bound
+
+
+def test_determinism_same_seed_same_bits_new_seed_new_noise():
+    x = torch.randn(1000)
+    assert torch.equal(fusednoise.add_noise(x, 0.1, seed=3), fusednoise.add_noise(x, 0.1, seed=3))
+    assert not torch.equal(fusednoise.add_noise(x, 0.1, seed=3), fusednoise.add_noise(x, 0.1, seed=4))
+    torch.manual_seed(0)
+    drawn = [fusednoise.add_noise(x, 0.1) for _ in range(2)]
+    torch.manual_seed(0)
+    again = [fusednoise.add_noise(x, 0.1) for _ in range(2)]
+    assert torch.equal(drawn[0], again[0]) and torch.equal(drawn[1], again[1])
+    assert not torch.equal(drawn[0], drawn[1])
+
+
+# ---------------------------------------------------------------------------------- half precision
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_is_unbiased(backend, dtype):
+    # 1 + ulp/8 is not representable: round-to-nearest always gives 1, stochastic rounding gives the next
+    # value up one time in eight.
+    n = 2**16
+    ulp = float(torch.finfo(dtype).eps)
+    x = torch.ones(n, dtype=dtype, device=KERNEL_DEVICE)
+    residual = torch.full((n,), ulp / 8, dtype=dtype, device=KERNEL_DEVICE)
+    with fusednoise.backend(backend):
+        nearest = fusednoise.add_residual_noise(x, residual, 0.0)
+        stochastic = fusednoise.add_residual_noise(x, residual, 0.0, rounding="stochastic")
+    assert bool((nearest == 1).all())
+    up = (stochastic.float() == 1 + ulp).double().mean().item()
+    assert bool(((stochastic.float() == 1) | (stochastic.float() == 1 + ulp)).all())
+    assert abs(up - 1 / 8) < 5 * math.sqrt(1 / 8 * 7 / 8 / n)
+
+
+def test_stochastic_rounding_keeps_tiny_hype_noise_in_bf16():
+    # SPEC: sigma = 1e-5 on O(1) bf16 activations mostly rounds away with round-to-nearest. Regress the change
+    # actually stored on the float32 noise: stochastic rounding keeps it in expectation (slope 1),
+    # round-to-nearest loses most of it.
+    n = 2**18
+    x = torch.randn(n).to(torch.bfloat16)
+    eps = (fusednoise.add_noise(x.float(), 1e-5, seed=1) - x.float()).double()
+    nearest = fusednoise.add_noise(x, 1e-5, seed=1)
+    stochastic = fusednoise.add_noise(x, 1e-5, seed=1, rounding="stochastic")
+
+    def slope(out):
+        change = out.double() - x.double()
+        return float((change * eps).sum() / (eps * eps).sum())
+
+    assert (nearest != x).float().mean().item() < 0.01
+    assert abs(slope(stochastic) - 1) < 0.25
+    assert slope(nearest) < 0.5
+
+
+def test_stochastic_round_edge_values():
+    values = torch.tensor([0.0, -0.0, 1e-30, -1e-30, float("inf"), -float("inf"), float("nan"), 65504.0, 7e4])
+    for dtype in (torch.float16, torch.bfloat16):
+        out = reference.stochastic_round(values, dtype, torch.full_like(values, 0.5)).float()
+        assert out[4] == float("inf") and out[5] == -float("inf") and math.isnan(out[6])
+        assert out[0] == 0 and out[1] == 0
+        neighbours = torch.tensor([1e-30]).to(dtype).float()  # nearest bf16; 0 in float16
+        smallest_step = float(torch.finfo(dtype).smallest_normal) * float(torch.finfo(dtype).eps)
+        assert abs(float(out[2]) - float(neighbours)) <= max(smallest_step, 1e-30 * float(torch.finfo(dtype).eps))
+        assert float(out[3]) == -float(out[2])
+
+
+# ---------------------------------------------------------------------------------- autograd
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_gradients_pass_unchanged(backend):
+    with fusednoise.backend(backend):
+        x = torch.randn(4, 33, device=KERNEL_DEVICE, requires_grad=True)
+        residual = torch.randn(4, 33, device=KERNEL_DEVICE, requires_grad=True)
+        upstream = torch.randn(4, 33, device=KERNEL_DEVICE)
+        fusednoise.add_noise(x, 0.5).backward(upstream)
+        assert torch.equal(x.grad, upstream)
+        x.grad = None
+        fusednoise.add_residual_noise(x, residual, 0.5).backward(upstream)
+        assert torch.equal(x.grad, upstream) and torch.equal(residual.grad, upstream)
+        x.grad = None
+        hidden = x * 1.0
+        fusednoise.add_noise_(hidden, 0.5).backward(upstream)
+        assert torch.equal(x.grad, upstream)
+
+
+def test_inplace_on_leaf_is_autograds_error_and_leaves_input_untouched():
+    leaf = torch.randn(10, requires_grad=True)
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        fusednoise.add_noise_(leaf, 0.1)
+    with pytest.raises(RuntimeError, match="view of a leaf Variable"):
+        fusednoise.add_noise_(leaf[:5], 0.1)
+    assert torch.equal(leaf.detach(), before)
+    with torch.no_grad():
+        fusednoise.add_noise_(leaf, 0.1)  # allowed without grad, as for any in-place op
+    assert not torch.equal(leaf.detach(), before)
+
+
+def test_inplace_on_tensor_saved_for_backward_raises_autograds_error():
+    x = torch.randn(10, requires_grad=True)
+    activated = x.sigmoid()  # sigmoid saves its output for backward
+    fusednoise.add_noise_(activated, 0.1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        activated.sum().backward()
+
+
+def test_activation_checkpointing_replays_the_same_noise():
+    layer = torch.nn.Linear(16, 16)
+    x = torch.randn(8, 16, requires_grad=True)
+
+    def block(inputs):
+        hidden = layer(inputs)
+        return fusednoise.add_noise_(hidden, 0.5) ** 2  # the gradient depends on the noise
+
+    torch.manual_seed(0)
+    block(x).sum().backward()
+    plain = (x.grad.clone(), layer.weight.grad.clone())
+    x.grad, layer.weight.grad, layer.bias.grad = None, None, None
+    torch.manual_seed(0)
+    torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).sum().backward()
+    assert torch.equal(x.grad, plain[0]) and torch.equal(layer.weight.grad, plain[1])
+
+
+def test_torch_compile_fullgraph_traces_the_ops():
+    def step(x, residual):
+        hidden = fusednoise.add_noise_(x * 2.0, 0.1, seed=5)
+        hidden = fusednoise.add_residual_noise(hidden, residual, 0.1, seed=6)
+        return fusednoise.add_noise(hidden, 0.1, distribution="uniform", seed=7).square().sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x = torch.randn(4, 8, requires_grad=True)
+    residual = torch.randn(4, 8)
+    eager_loss = step(x, residual)
+    eager_loss.backward()
+    eager_grad, x.grad = x.grad.clone(), None
+    compiled_loss = compiled(x, residual)
+    compiled_loss.backward()
+    assert torch.equal(compiled_loss, eager_loss)
+    assert torch.equal(x.grad, eager_grad)
+
+
+def test_torch_compile_draws_a_fresh_seed_each_call():
+    compiled = torch.compile(lambda x: fusednoise.add_noise(x, 1.0), fullgraph=True, backend="aot_eager")
+    x = torch.zeros(64)
+    assert not torch.equal(compiled(x), compiled(x))
+
+
+# ---------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(sigma=-1.0), ValueError, "sigma"),
+    (dict(sigma=float("nan")), ValueError, "sigma"),
+    (dict(sigma=float("inf")), ValueError, "sigma"),
+    (dict(sigma="big"), TypeError, "sigma"),
+    (dict(sigma=0.1, distribution="gumbel"), ValueError, "distribution"),
+    (dict(sigma=0.1, rounding="up"), ValueError, "rounding"),
+    (dict(sigma=0.1, seed=-3), ValueError, "seed"),
+])
+def test_bad_arguments_raise_and_leave_input_untouched(kwargs, error, match):
+    x = torch.randn(16)
+    before = x.clone()
+    with pytest.raises(error, match=match):
+        fusednoise.add_noise_(x, **kwargs)
+    with pytest.raises(error, match=match):
+        fusednoise.add_noise(x, **kwargs)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("bad", [torch.arange(10), torch.randn(10, dtype=torch.float64),
+                                 torch.zeros(10, dtype=torch.bool)])
+def test_bad_dtypes_rejected(bad):
+    before = bad.clone()
+    with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
+        fusednoise.add_noise_(bad, 0.1)
+    assert torch.equal(bad, before)
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        fusednoise.add_noise([1.0, 2.0], 0.1)
+
+
+@pytest.mark.parametrize("residual, match", [
+    (torch.randn(4, 6), "shape"),
+    (torch.randn(4, 5, dtype=torch.float16), "dtype"),
+    (torch.randn(4, 5, device="meta"), "device"),
+    (torch.arange(20).view(4, 5), "float32"),
+])
+def test_bad_residual(residual, match):
+    x = torch.randn(4, 5)
+    before = x.clone()
+    with pytest.raises((ValueError, TypeError), match=match):
+        fusednoise.add_residual_noise(x, residual, 0.1)
+    assert torch.equal(x, before)
