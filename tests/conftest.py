@@ -1,19 +1,17 @@
 """Test setup: without a GPU, every Triton kernel runs under Triton's CPU interpreter.
 
 TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection time.
+Test modules import HAS_CUDA / KERNEL_DEVICE from ``devices`` (not from this file: with ``pytest tests
+benchmarks`` two files named conftest.py exist and ``import conftest`` would be ambiguous).
 """
 import os
 
-import torch
+import pytest
 
-HAS_CUDA = torch.cuda.is_available()
+from devices import HAS_CUDA, KERNEL_DEVICE
+
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
-# The device the kernel tests run on: CUDA when there is one, else CPU tensors under the interpreter.
-KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 import torch.utils.checkpoint
 
 import fusednoise
-from conftest import HAS_CUDA, KERNEL_DEVICE
+from devices import HAS_CUDA, KERNEL_DEVICE
 from fusednoise import rng
 from fusednoise.kernels.noise import launch_noise
 from fusednoise.reference import noise as reference

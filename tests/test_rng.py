@@ -4,7 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
-from conftest import KERNEL_DEVICE
+from devices import KERNEL_DEVICE
 from fusednoise import rng
 from fusednoise.kernels.rng import philox_words
 

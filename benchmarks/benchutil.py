@@ -1,0 +1,71 @@
+"""Shared helpers for the pytest-benchmark suites (``from benchutil import ...``).
+
+Every suite times fused vs eager vs ``torch.compile``d eager on the same inputs in one run and stores the
+achieved bandwidth (bytes each variant must move / median time) next to the device's measured copy bandwidth
+in ``benchmark.extra_info``, so the JSON written by ``--benchmark-json`` carries the roofline comparison.
+
+On CUDA every timed call ends with a synchronise. Without a GPU the suites run small CPU cases (CPU reference
+mode) and skip the GPU shapes with the reason "needs a CUDA GPU".
+"""
+import os
+import time
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # Kernels on CPU tensors only run under Triton's interpreter; it must be on before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (timings only count from a GPU)")
+
+
+def synchronize():
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+def timed(fn):
+    """Wrap ``fn`` so each benchmarked call waits for the device to finish."""
+    def call():
+        result = fn()
+        synchronize()
+        return result
+    return call
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name() if HAS_CUDA else "cpu"
+
+
+def measure_copy_bandwidth_gbps() -> float:
+    """Measured device-to-device copy bandwidth in GB/s (read + write bytes / time): the roofline."""
+    numel = (256 if HAS_CUDA else 16) * 2**20
+    source = torch.empty(numel, dtype=torch.float32, device=DEVICE).uniform_()
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    synchronize()
+    repeats = 20 if HAS_CUDA else 5
+    start = time.perf_counter()
+    for _ in range(repeats):
+        target.copy_(source)
+    synchronize()
+    seconds = (time.perf_counter() - start) / repeats
+    return 2 * source.numel() * source.element_size() / seconds / 1e9
+
+
+def record_bandwidth(benchmark, bytes_moved: int, copy_gbps: float, **info):
+    """Store bytes, achieved GB/s and the fraction of the copy roofline in the benchmark's JSON."""
+    benchmark.extra_info.update(info)
+    benchmark.extra_info["device"] = device_name()
+    benchmark.extra_info["bytes_moved"] = int(bytes_moved)
+    benchmark.extra_info["copy_GBps"] = round(copy_gbps, 1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        seconds = stats.stats.median
+        achieved = bytes_moved / seconds / 1e9
+        benchmark.extra_info["achieved_GBps"] = round(achieved, 1)
+        benchmark.extra_info["fraction_of_copy"] = round(achieved / copy_gbps, 3)

@@ -1,0 +1,116 @@
+"""HyPe noise: fused in-place kernel vs eager ``x.add_(torch.randn_like(x) * sigma)`` vs torch.compile of it,
+and a whole BERT training step with and without HyPe.
+
+    pytest benchmarks/test_bench_noise.py --benchmark-json benchmarks/results/noise-<device>.json
+
+Bytes moved by the in-place noise: one read and one write of x. The eager version moves more (it writes and
+reads a noise tensor and a scaled copy); the roofline for all three is the copy bandwidth for 2 * x.nbytes.
+"""
+import pytest
+import torch
+
+import fusednoise
+from benchutil import DEVICE, HAS_CUDA, needs_cuda, record_bandwidth, synchronize, timed
+
+SIGMA = 1e-5
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GPU_SHAPES = {"bert-large": (32, 128, 1024), "llm": (8, 2048, 4096)}
+CPU_SHAPES = {"small": (4, 64, 256)}
+
+
+def eager_noise_(x, sigma=SIGMA):
+    return x.add_(torch.randn_like(x) * sigma)
+
+
+_compiled_noise = None
+
+
+def compiled_noise_(x):
+    global _compiled_noise
+    if _compiled_noise is None:
+        _compiled_noise = torch.compile(eager_noise_, fullgraph=True)
+    return _compiled_noise(x)
+
+
+def fused_noise_(x):
+    return fusednoise.add_noise_(x, SIGMA)
+
+
+VARIANTS = {"fused": fused_noise_, "eager": eager_noise_, "compile": compiled_noise_}
+
+
+def _cases():
+    cases = []
+    for shape_name, shape in GPU_SHAPES.items():
+        for dtype_name in DTYPES:
+            for variant in VARIANTS:
+                cases.append(pytest.param(shape_name, shape, dtype_name, variant, marks=needs_cuda,
+                                          id=f"{shape_name}-{dtype_name}-{variant}"))
+    for shape_name, shape in CPU_SHAPES.items():
+        for variant in VARIANTS:
+            # On CPU "fused" is the reference backend: the price of CPU reference mode, not a kernel timing.
+            cases.append(pytest.param(shape_name, shape, "fp32", variant, id=f"cpu-{shape_name}-fp32-{variant}",
+                                      marks=pytest.mark.skipif(HAS_CUDA, reason="CPU reference-mode case")))
+    return cases
+
+
+@pytest.mark.parametrize("shape_name, shape, dtype_name, variant", _cases())
+def test_hype_noise(benchmark, copy_bandwidth_gbps, shape_name, shape, dtype_name, variant):
+    benchmark.group = f"hype-noise {shape_name} {dtype_name}"
+    x = torch.randn(shape, device=DEVICE).to(DTYPES[dtype_name])
+    fn = VARIANTS[variant]
+    fn(x)  # warm-up: compiles the kernel / the graph
+    synchronize()
+    benchmark.pedantic(timed(lambda: fn(x)), rounds=20 if HAS_CUDA else 3, iterations=5 if HAS_CUDA else 1,
+                       warmup_rounds=2 if HAS_CUDA else 0)
+    record_bandwidth(benchmark, 2 * x.numel() * x.element_size(), copy_bandwidth_gbps,
+                     shape=list(shape), dtype=dtype_name, variant=variant)
+
+
+def _bert(config_kwargs, device):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(**config_kwargs)
+    config._attn_implementation = "sdpa"
+    return BertForSequenceClassification(config).to(device)
+
+
+BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+BERT_TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)
+
+
+@pytest.mark.parametrize("size, batch, seq", [
+    pytest.param("bert-base", 32, 128, marks=needs_cuda, id="bert-base"),
+    pytest.param("bert-tiny", 4, 64, id="cpu-bert-tiny", marks=pytest.mark.skipif(HAS_CUDA, reason="CPU case")),
+])
+@pytest.mark.parametrize("method", ["vanilla", "hype-n"])
+def test_bert_training_step(benchmark, size, batch, seq, method):
+    """A full forward + backward + AdamW step, with and without HyPe hooks (random weights from a config)."""
+    from fusednoise import hype
+
+    benchmark.group = f"train-step {size}"
+    torch.manual_seed(0)
+    model = _bert(BERT_BASE if size == "bert-base" else BERT_TINY, DEVICE).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=HAS_CUDA)
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEVICE)
+    labels = torch.randint(0, 2, (batch,), device=DEVICE)
+    handle = hype.apply(model, sigma=SIGMA) if method == "hype-n" else None
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=HAS_CUDA)
+
+    def step():
+        with autocast:
+            loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    synchronize()
+    if HAS_CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(timed(step), rounds=10 if HAS_CUDA else 2, iterations=1, warmup_rounds=1 if HAS_CUDA else 0)
+    benchmark.extra_info.update(method=method, batch=batch, seq=seq, device=DEVICE)
+    if HAS_CUDA:
+        benchmark.extra_info["peak_memory_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    if handle is not None:
+        handle.remove()
