@@ -53,6 +53,16 @@ def test_philox_words_kernel_bitwise(first_counter, stream, purpose):
     assert torch.equal(kernel_words, reference_words)
 
 
+def test_numpy_and_torch_philox_agree():
+    # CPU counters take the numpy path; other devices the int64 torch path: both must give the same words.
+    seed = rng.draw_seed()
+    counters = [torch.randint(0, 2**32, (777,)) for _ in range(4)]
+    numpy_words = rng._philox4x32_numpy(seed, *counters, rounds=10)
+    torch_words = rng._philox4x32_torch(seed, *counters, rounds=10)
+    for numpy_word, torch_word in zip(numpy_words, torch_words):
+        assert torch.equal(numpy_word, torch_word)
+
+
 def test_streams_and_purposes_differ():
     counters = torch.arange(256)
     base = torch.stack(rng.philox4x32(99, counters))
