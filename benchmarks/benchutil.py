@@ -7,6 +7,7 @@ in ``benchmark.extra_info``, so the JSON written by ``--benchmark-json`` carries
 On CUDA every timed call ends with a synchronise. Without a GPU the suites run small CPU cases (CPU reference
 mode) and skip the GPU shapes with the reason "needs a CUDA GPU".
 """
+import functools
 import os
 import time
 
@@ -40,15 +41,17 @@ def device_name() -> str:
     return torch.cuda.get_device_name() if HAS_CUDA else "cpu"
 
 
-def measure_copy_bandwidth_gbps() -> float:
-    """Measured device-to-device copy bandwidth in GB/s (read + write bytes / time): the roofline."""
-    numel = (256 if HAS_CUDA else 16) * 2**20
-    source = torch.empty(numel, dtype=torch.float32, device=DEVICE).uniform_()
+@functools.lru_cache(maxsize=None)
+def measure_copy_bandwidth_gbps(device: str = DEVICE) -> float:
+    """Measured copy bandwidth of ``device`` in GB/s (read + write bytes / time): the roofline."""
+    on_cuda = device.startswith("cuda")
+    numel = (256 if on_cuda else 16) * 2**20
+    source = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
     target = torch.empty_like(source)
     for _ in range(3):
         target.copy_(source)
     synchronize()
-    repeats = 20 if HAS_CUDA else 5
+    repeats = 20 if on_cuda else 5
     start = time.perf_counter()
     for _ in range(repeats):
         target.copy_(source)

@@ -5,9 +5,9 @@ __version__ = "0.1.0"
 
 from .backends import backend, get_backend, set_backend
 from .ops import add_noise, add_noise_, add_residual_noise
-from . import hype, rng
+from . import hype, noisytune, optim, rng
 
 __all__ = [
     "__version__", "add_noise", "add_noise_", "add_residual_noise", "backend", "get_backend", "set_backend",
-    "hype", "rng",
+    "hype", "noisytune", "optim", "rng",
 ]

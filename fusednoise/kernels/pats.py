@@ -1,0 +1,245 @@
+"""Triton kernels for PATS-Adamax: one fused step for every tensor of one device and dtype.
+
+Launches per step and per (device, dtype): **two** (one when no tensor has noise), whatever the number of
+tensors, plus one host-to-device copy of a small per-tensor table.
+
+* Pass 1, ``_sensitivity_kernel`` (noise tensors only): ``s~ = beta * s~ + (1 - beta) * |theta * g|``; each
+  program covers one chunk of ``SENS_CHUNK`` elements of one tensor and writes the float32 sum of its new
+  ``s~`` into its own slot of a partial-sum buffer. Reads theta, g, s~; writes s~ (16 bytes per element).
+* Pass 2, ``_update_kernel`` (all tensors): the Adamax moments and update, and for noise tensors the
+  sensitivity-scaled Bernoulli-masked Gaussian noise. Each program first adds up its own tensor's partial sums
+  in a fixed order (a few hundred floats at most, from L2 cache) to get ``s_bar``, so no separate reduction
+  launch and no float atomics: the same inputs give the same bits, whatever the scheduling. Reads theta, g, m,
+  u (and s~); writes theta, m, u (28 bytes per element, 32 with noise).
+
+So a noise tensor moves 48 bytes per float32 element per step, a no-noise tensor 28 (AdamW's count).
+
+The per-tensor table (``meta``, int64, ``META_FIELDS`` columns) holds the addresses of the parameter, gradient
+and state tensors, the element count, the philox stream and key, the partial-sum range, and the float
+hyperparameters as float64 bit patterns. Programs find their tensor through a chunk table (``(row, chunk)``
+int32 pairs) that depends only on the tensors' sizes, so it is built once and cached.
+
+The arithmetic and the random numbers are those of ``fusednoise/reference/pats.py`` (read that first); the
+noise of element ``i`` of tensor ``k`` uses ``philox(seed_t, i_lo, i_hi, k, 0)``, element-indexed, so a
+tensor's chunks and the other tensors in the launch never change what it draws.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import interpreter_enabled
+from .noise import _round_nearest, _uniform
+
+# Pass 2: elements per program. Pass 1: SENS_SUB elements per iteration, up to SENS_ITERS iterations.
+BLOCK_SIZE = 2048
+NUM_WARPS = 8
+SENS_SUB = 2048
+SENS_ITERS = 16
+SENS_CHUNK = SENS_SUB * SENS_ITERS
+# Partial sums read per iteration in pass 2 (a tensor has ceil(numel / SENS_CHUNK) of them).
+PARTIAL_BLOCK = 256
+
+# Columns of the per-tensor table (tl.constexpr so the kernels can read them as globals).
+F_PARAM, F_GRAD, F_EXP_AVG, F_EXP_INF, F_SENS = (tl.constexpr(i) for i in range(0, 5))
+F_NUMEL, F_STREAM, F_SEED, F_FLAGS, F_PSTART, F_NPART = (tl.constexpr(i) for i in range(5, 11))
+F_CLR, F_DECAY, F_WD, F_ONE_MINUS_BETA1, F_BETA2, F_EPS = (tl.constexpr(i) for i in range(11, 17))
+F_SBETA, F_ONE_MINUS_SBETA, F_LAMBDA, F_GAMMA, F_PROB, F_NOISE_EPS = (tl.constexpr(i) for i in range(17, 23))
+META_FIELDS = 24
+FLAG_NOISE = tl.constexpr(1)
+FLAG_L2 = tl.constexpr(2)
+FLAG_DRAW = tl.constexpr(4)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+SUPPORTED_DTYPES = tuple(_TL_DTYPES)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv goes through the JIT machinery when called on the host: slow per tensor
+
+
+@triton.jit
+def _f32(row, field):
+    # A float hyperparameter stored as the bit pattern of a float64 in the int64 table.
+    return tl.load(row + field).to(tl.float64, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _sensitivity_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr,
+                        META: tl.constexpr, SUB: tl.constexpr, ITERS: tl.constexpr):
+    c = tl.program_id(0)
+    k = tl.load(chunks_ptr + 2 * c).to(tl.int64)
+    j = tl.load(chunks_ptr + 2 * c + 1).to(tl.int64)
+    row = meta_ptr + k * META
+    p_ptr = tl.load(row + F_PARAM).to(tl.pointer_type(PARAM_DTYPE))
+    g_ptr = tl.load(row + F_GRAD).to(tl.pointer_type(PARAM_DTYPE))
+    s_ptr = tl.load(row + F_SENS).to(tl.pointer_type(tl.float32))
+    numel = tl.load(row + F_NUMEL)
+    beta = _f32(row, F_SBETA)
+    one_minus_beta = _f32(row, F_ONE_MINUS_SBETA)
+
+    start = j * (SUB * ITERS)
+    n_iters = tl.minimum(tl.cdiv(numel - start, SUB), ITERS)
+    acc = tl.zeros([SUB], dtype=tl.float32)
+    for it in range(0, n_iters):
+        offs = start + it * SUB + tl.arange(0, SUB).to(tl.int64)
+        mask = offs < numel
+        theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+        s = beta * s + one_minus_beta * tl.abs(theta * g)
+        tl.store(s_ptr + offs, s, mask=mask)
+        acc += tl.where(mask, s, 0.0)
+    tl.store(partial_ptr + c, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _update_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr, META: tl.constexpr,
+                   BLOCK: tl.constexpr, PBLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    c = tl.program_id(0)
+    k = tl.load(chunks_ptr + 2 * c).to(tl.int64)
+    j = tl.load(chunks_ptr + 2 * c + 1).to(tl.int64)
+    row = meta_ptr + k * META
+    p_ptr = tl.load(row + F_PARAM).to(tl.pointer_type(PARAM_DTYPE))
+    g_ptr = tl.load(row + F_GRAD).to(tl.pointer_type(PARAM_DTYPE))
+    m_ptr = tl.load(row + F_EXP_AVG).to(tl.pointer_type(tl.float32))
+    u_ptr = tl.load(row + F_EXP_INF).to(tl.pointer_type(tl.float32))
+    numel = tl.load(row + F_NUMEL)
+    flags = tl.load(row + F_FLAGS)
+
+    offs = j * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < numel
+    theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+
+    if (flags & FLAG_L2) != 0:
+        g = g + _f32(row, F_WD) * theta
+    m = m + _f32(row, F_ONE_MINUS_BETA1) * (g - m)
+    u = tl.maximum(_f32(row, F_BETA2) * u, tl.abs(g) + _f32(row, F_EPS))
+    theta = theta * _f32(row, F_DECAY)
+    theta = theta + (-_f32(row, F_CLR)) * (m / u)
+
+    if (flags & FLAG_DRAW) != 0:
+        s_ptr = tl.load(row + F_SENS).to(tl.pointer_type(tl.float32))
+        s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+        pstart = tl.load(row + F_PSTART)
+        npart = tl.load(row + F_NPART)
+        total = tl.zeros([PBLOCK], dtype=tl.float32)
+        for i in range(0, npart, PBLOCK):
+            idx = i + tl.arange(0, PBLOCK)
+            total += tl.load(partial_ptr + pstart + idx, mask=idx < npart, other=0.0)
+        mean = tl.sum(total, axis=0) / numel.to(tl.float32)
+        ratio = mean / (s + _f32(row, F_NOISE_EPS))
+        r = _f32(row, F_LAMBDA) * tl.maximum(ratio - _f32(row, F_GAMMA), 0.0)
+
+        seed = tl.load(row + F_SEED)
+        stream = tl.load(row + F_STREAM)
+        c_lo = (offs & 0xFFFFFFFF).to(tl.uint32)
+        c_hi = (offs >> 32).to(tl.uint32)
+        zero = c_lo * 0
+        w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, zero + stream.to(tl.uint32), zero)
+        radius = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(w0), 1.0e-7)))
+        normal = radius * tl.cos(6.283185307179586 * _uniform(w1))
+        keep = _uniform(w2) < _f32(row, F_PROB)
+        theta = theta + tl.where(keep, tl.sqrt(r) * normal, 0.0)
+
+    tl.store(p_ptr + offs, _round_nearest(theta, PARAM_DTYPE, BF16_BY_BITS), mask=mask)
+    tl.store(m_ptr + offs, m, mask=mask)
+    tl.store(u_ptr + offs, u, mask=mask)
+
+
+def _chunk_table(numels: Sequence[int], noise: Sequence[bool], device) -> Tuple[torch.Tensor, int, int, List[int]]:
+    """Chunk tables for the rows (noise rows first): pass-1 chunks, then pass-2 chunks, one int32 tensor.
+
+    Returns ``(table, n_pass1, n_pass2, partial_starts)``.
+    """
+    pass1: List[Tuple[int, int]] = []
+    pass2: List[Tuple[int, int]] = []
+    starts: List[int] = []
+    for row, (n, has_noise) in enumerate(zip(numels, noise)):
+        starts.append(len(pass1))
+        if has_noise:
+            pass1.extend((row, j) for j in range(_cdiv(n, SENS_CHUNK)))
+        pass2.extend((row, j) for j in range(_cdiv(n, BLOCK_SIZE)))
+    table = torch.tensor(pass1 + pass2, dtype=torch.int32).reshape(-1, 2)
+    return table.to(device), len(pass1), len(pass2), starts
+
+
+def _meta_table(jobs: Sequence[tuple], partial_starts: Sequence[int]) -> torch.Tensor:
+    """The int64 per-tensor table: integer columns as they are, float columns as float64 bit patterns."""
+    ints, floats = [], []
+    float_rows = {}  # one row per distinct StepScalars (a param group at one step)
+    for (param, grad, exp_avg, exp_inf, sens, sc, stream), pstart in zip(jobs, partial_starts):
+        flags = ((FLAG_NOISE.value if sc.noise else 0) | (FLAG_L2.value if sc.l2 else 0)
+                 | (FLAG_DRAW.value if sc.draw else 0))
+        numel = param.numel()
+        ints.append((param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_inf.data_ptr(),
+                     sens.data_ptr() if sc.noise else 0, numel, int(stream), sc.seed_t, flags, pstart,
+                     _cdiv(numel, SENS_CHUNK) if sc.noise else 0))
+        row = float_rows.get(id(sc))
+        if row is None:
+            row = float_rows[id(sc)] = (sc.clr, sc.decay, sc.weight_decay, 1.0 - sc.beta1, sc.beta2, sc.eps,
+                                        sc.sensitivity_beta, 1.0 - sc.sensitivity_beta, sc.noise_lambda, sc.gamma,
+                                        sc.noise_prob, sc.noise_eps)
+        floats.append(row)
+    table = torch.zeros((len(jobs), META_FIELDS), dtype=torch.int64)
+    table[:, :F_CLR.value] = torch.tensor(ints, dtype=torch.int64)
+    table[:, F_CLR.value:F_NOISE_EPS.value + 1] = torch.tensor(floats, dtype=torch.float64).view(torch.int64)
+    return table
+
+
+def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        # Pinned and non_blocking: no host synchronisation per step (the caching host allocator keeps the
+        # pinned block alive until the copy has run).
+        return table.pin_memory().to(device, non_blocking=True)
+    return table
+
+
+class PatsLauncher:
+    """Launches the fused step; caches the chunk tables (they depend only on the tensors' sizes)."""
+
+    def __init__(self, max_cache: int = 8):
+        self._chunks: Dict[tuple, tuple] = {}
+        self._max_cache = max_cache
+
+    def _chunks_for(self, device, numels, noise):
+        key = (str(device), tuple(numels), tuple(noise))
+        hit = self._chunks.get(key)
+        if hit is None:
+            if len(self._chunks) >= self._max_cache:
+                self._chunks.clear()
+            hit = self._chunks[key] = _chunk_table(numels, noise, device)
+        return hit
+
+    def step(self, jobs: Sequence[tuple]) -> None:
+        """One step for ``jobs``: ``(param, grad, exp_avg, exp_inf, sensitivity_or_None, scalars, stream)``.
+
+        Every param must be contiguous, of one device and one dtype (float32, float16 or bfloat16); grads
+        contiguous with the param's dtype; state contiguous float32. ``scalars`` is a
+        :class:`fusednoise.reference.pats.StepScalars`.
+        """
+        jobs = [j for j in jobs if j[0].numel() > 0]
+        if not jobs:
+            return
+        jobs.sort(key=lambda j: not j[5].noise)  # noise rows first: pass 1's chunks are a prefix
+        device = jobs[0][0].device
+        dtype = jobs[0][0].dtype
+        numels = [j[0].numel() for j in jobs]
+        noise = [bool(j[5].noise) for j in jobs]
+        chunks, n_pass1, n_pass2, starts = self._chunks_for(device, numels, noise)
+
+        meta = _to_device(_meta_table(jobs, starts), device)
+        partial = torch.empty(max(n_pass1, 1), dtype=torch.float32, device=device)
+        tl_dtype = _TL_DTYPES[dtype]
+        if n_pass1:
+            _sensitivity_kernel[(n_pass1,)](meta, chunks, partial, PARAM_DTYPE=tl_dtype, META=META_FIELDS,
+                                            SUB=SENS_SUB, ITERS=SENS_ITERS, num_warps=NUM_WARPS)
+        _update_kernel[(n_pass2,)](meta, chunks[n_pass1:], partial, PARAM_DTYPE=tl_dtype, META=META_FIELDS,
+                                   BLOCK=BLOCK_SIZE, PBLOCK=PARTIAL_BLOCK, BF16_BY_BITS=interpreter_enabled(),
+                                   num_warps=NUM_WARPS)

@@ -1,0 +1,173 @@
+"""NoisyTune (Wu et al., 2022, "NoisyTune: A Little Noise Can Help You Finetune Pretrained Language Models
+Better"): perturb the pretrained weights once, before fine-tuning.
+
+For every parameter matrix ``W``: ``W <- W + U(-lambda/2, lambda/2) * std(W)`` with the unbiased standard
+deviation of that matrix (SPEC section 3). The exact arithmetic and random numbers are in
+:mod:`fusednoise.reference.noisytune`. On the Triton backend all matrices of one device and dtype take two
+launches (per-matrix statistics, then the noise), whatever their number.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+
+from . import backends as _backends
+from . import rng
+from .reference import noisytune as _reference
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_SUPPORTED_DTYPES = _KERNEL_DTYPES + (torch.float64,)
+
+
+@dataclass
+class PerturbReport:
+    """What :func:`perturb_` did: which tensors it perturbed (with their std), which it skipped and why."""
+
+    noise_lambda: float
+    seed: int
+    perturbed: List[str] = field(default_factory=list)
+    skipped: Dict[str, str] = field(default_factory=dict)
+    std: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n_perturbed(self) -> int:
+        return len(self.perturbed)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    def reasons(self) -> Dict[str, int]:
+        """How many tensors were skipped for each reason."""
+        counts: Dict[str, int] = defaultdict(int)
+        for reason in self.skipped.values():
+            counts[reason] += 1
+        return dict(counts)
+
+    def __str__(self) -> str:
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(self.reasons().items()))
+        text = f"NoisyTune(lambda={self.noise_lambda:g}): perturbed {self.n_perturbed} tensors"
+        return text + (f", skipped {self.n_skipped} ({why})" if self.skipped else ", skipped 0")
+
+
+def _named_tensors(model_or_params) -> List[Tuple[str, torch.Tensor]]:
+    if isinstance(model_or_params, torch.nn.Module):
+        return list(model_or_params.named_parameters())
+    if isinstance(model_or_params, torch.Tensor):
+        return [("0", model_or_params)]
+    try:
+        items = list(model_or_params)
+    except TypeError:
+        raise TypeError("model_or_params must be an nn.Module, a tensor, or an iterable of tensors or "
+                        f"(name, tensor) pairs, got {type(model_or_params).__name__}") from None
+    named = []
+    seen = set()
+    for i, item in enumerate(items):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            name, tensor = item
+        else:
+            name, tensor = str(i), item
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"model_or_params[{i}] must be a tensor or a (name, tensor) pair, got "
+                            f"{type(tensor).__name__}")
+        if id(tensor) in seen:  # tied parameters are perturbed once, as named_parameters() does
+            continue
+        seen.add(id(tensor))
+        named.append((name, tensor))
+    return named
+
+
+def _exclude_patterns(exclude) -> Tuple[str, ...]:
+    if isinstance(exclude, str):
+        return (exclude,)
+    try:
+        patterns = tuple(exclude)
+    except TypeError:
+        raise TypeError(f"exclude must be a string or a sequence of strings, got {type(exclude).__name__}") from None
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"exclude must contain only strings, got {patterns!r}")
+    return patterns
+
+
+def _skip_reason(name: str, x: torch.Tensor, exclude: Tuple[str, ...]) -> Optional[str]:
+    if any(pattern in name for pattern in exclude):
+        return "excluded"
+    if x.is_complex() or not x.is_floating_point():
+        return "not a real floating-point tensor"
+    if x.dtype not in _SUPPORTED_DTYPES:
+        return f"unsupported dtype {x.dtype}"
+    if x.layout != torch.strided or x.device.type == "meta":
+        return "not a dense tensor with data"
+    if x.numel() < 2:
+        return "fewer than 2 elements (no unbiased std)"
+    return None
+
+
+def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: float = 0.15,
+             exclude: Union[str, Iterable[str]] = (), seed: Optional[int] = None) -> PerturbReport:
+    """NoisyTune: ``W += U(-noise_lambda/2, noise_lambda/2) * std(W)`` for every parameter matrix, in place.
+
+    Args:
+        model_or_params: an ``nn.Module`` (its ``named_parameters()``), or an iterable of tensors or
+            ``(name, tensor)`` pairs (unnamed tensors are named by their position).
+        noise_lambda: the relative noise intensity, finite and >= 0 (paper: 0.15 on GLUE, 0.1 on XTREME).
+        exclude: names left untouched: a parameter is excluded when one of these strings occurs in its name
+            (e.g. ``"word_embeddings"``: the paper leaves token embeddings alone for multilingual models).
+        seed: philox seed in [0, 2**62); ``None`` draws one from torch's CPU generator.
+
+    ``std`` is the matrix's unbiased standard deviation (float32). Matrices with std 0 (constant, such as
+    RoBERTa's token-type embeddings) or a non-finite std are left untouched bit for bit, as are excluded
+    names, tensors with fewer than 2 elements and non-floating-point tensors. The noise of element ``i`` of
+    the ``k``-th tensor (its position in ``model_or_params``, skipped ones counted) depends on ``(seed, k, i)``
+    only.
+
+    Returns a :class:`PerturbReport` (``print(report)`` gives one line: how many perturbed, skipped and why).
+    """
+    if isinstance(noise_lambda, bool) or not isinstance(noise_lambda, (int, float)):
+        raise TypeError(f"noise_lambda must be a float, got {type(noise_lambda).__name__}")
+    if not math.isfinite(noise_lambda) or noise_lambda < 0:
+        raise ValueError(f"noise_lambda must be a finite number >= 0, got {noise_lambda}")
+    patterns = _exclude_patterns(exclude)
+    seed = rng.resolve_seed(seed)
+    named = _named_tensors(model_or_params)
+    report = PerturbReport(noise_lambda=float(noise_lambda), seed=seed)
+
+    buckets: Dict[tuple, List[Tuple[str, torch.Tensor, int]]] = defaultdict(list)
+    for k, (name, x) in enumerate(named):
+        reason = _skip_reason(name, x, patterns)
+        if reason is not None:
+            report.skipped[name] = reason
+        else:
+            buckets[(x.device, x.dtype)].append((name, x, k))
+
+    stds: Dict[str, float] = {}
+    with torch.no_grad():
+        for (device, dtype), items in buckets.items():
+            if dtype in _KERNEL_DTYPES and _backends.resolve(items[0][1]) == "triton":
+                from .kernels.noisytune import launch_perturb
+
+                works = [x.detach() if x.is_contiguous() else x.detach().contiguous() for _, x, _ in items]
+                std = launch_perturb(works, [k for _, _, k in items], float(noise_lambda), seed).tolist()
+                for (_, x, _), work in zip(items, works):
+                    if work.data_ptr() != x.data_ptr():
+                        x.detach().copy_(work)
+            else:
+                std = [float(_reference.perturb_tensor_(x.detach(), float(noise_lambda), seed, k))
+                       for _, x, k in items]
+            stds.update({name: s for (name, _, _), s in zip(items, std)})
+
+    for name, _ in named:
+        if name in stds:
+            s = stds[name]
+            if not math.isfinite(s):
+                report.skipped[name] = "non-finite std"
+            elif s == 0.0:
+                report.skipped[name] = "constant (std 0)"
+            else:
+                report.perturbed.append(name)
+                report.std[name] = s
+    return report

@@ -1,0 +1,667 @@
+"""PATSAdamax: equality with torch.optim.Adamax without noise, kernel vs reference, the noise's variance,
+determinism and resume, integration with schedulers / GradScaler, the param-group helper, and bad inputs.
+
+The "triton" cases run the Triton kernels: on CUDA when there is a GPU, else on CPU tensors under Triton's
+interpreter (tests/conftest.py sets TRITON_INTERPRET=1), on small shapes.
+"""
+import copy
+import io
+import math
+
+import pytest
+import torch
+import transformers
+
+import fusednoise
+from fusednoise.kernels import pats as kernels
+from fusednoise.optim import PATSAdamax, pats_param_groups
+from fusednoise.reference import pats as reference
+
+# Where the kernel cases run: CUDA when there is a GPU, else CPU tensors under Triton's interpreter
+# (tests/conftest.py sets TRITON_INTERPRET=1). Not imported from conftest: benchmarks/ has a conftest too.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+BACKENDS = ["reference", "triton"]
+
+
+def _device(backend):
+    return KERNEL_DEVICE if backend == "triton" else "cpu"
+
+
+def _mlp(seed=0, device="cpu", dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    return model.to(device=device, dtype=dtype)
+
+
+def _train(model, opt, steps, data_seed=1, scheduler=None, before_step=None):
+    gen = torch.Generator().manual_seed(data_seed)
+    p0 = next(model.parameters())
+    for _ in range(steps):
+        x = torch.randn(8, 6, generator=gen).to(device=p0.device, dtype=p0.dtype)
+        y = torch.randn(8, 3, generator=gen).to(device=p0.device, dtype=p0.dtype)
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if before_step is not None:
+            before_step()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+
+
+def _max_diff(a, b):
+    return max((x.detach().double() - y.detach().double()).abs().max().item() for x, y in zip(a, b))
+
+
+def _params_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# --------------------------------------------------------------------------------------------- Adamax equality
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_noise_lambda_zero_equals_torch_adamax(backend, weight_decay):
+    device = _device(backend)
+    ours, theirs = _mlp(device=device), _mlp(device=device)
+    opt = PATSAdamax(ours.parameters(), lr=1e-2, weight_decay=weight_decay, noise_lambda=0.0,
+                     decoupled_weight_decay=False, seed=7)
+    ref = torch.optim.Adamax(theirs.parameters(), lr=1e-2, weight_decay=weight_decay, foreach=False)
+    with fusednoise.backend(backend):
+        _train(ours, opt, 50)
+    _train(theirs, ref, 50)
+    assert _max_diff(ours.parameters(), theirs.parameters()) < 1e-6
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.allclose(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"], rtol=1e-5, atol=1e-7)
+        assert torch.allclose(opt.state[p]["exp_inf"], ref.state[q]["exp_inf"], rtol=1e-5, atol=1e-7)
+        assert float(opt.state[p]["step"]) == float(ref.state[q]["step"]) == 50
+    # The run moved far from the start, so agreeing to 1e-6 is not trivially true.
+    assert _max_diff(ours.parameters(), _mlp(device=device).parameters()) > 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decoupled_weight_decay_is_adamw_form(backend):
+    """decoupled_weight_decay=True (the default): theta *= 1 - lr * wd, then the Adamax step."""
+    device = _device(backend)
+    lr, wd = 1e-2, 0.1
+    ours, theirs = _mlp(device=device), _mlp(device=device)
+    opt = PATSAdamax(ours.parameters(), lr=lr, weight_decay=wd, noise_lambda=0.0, seed=7)
+    ref = torch.optim.Adamax(theirs.parameters(), lr=lr, weight_decay=0.0, foreach=False)
+
+    def decay():
+        with torch.no_grad():
+            for p in theirs.parameters():
+                p.mul_(1 - lr * wd)
+
+    with fusednoise.backend(backend):
+        _train(ours, opt, 20)
+    _train(theirs, ref, 20, before_step=decay)
+    assert _max_diff(ours.parameters(), theirs.parameters()) < 1e-6
+    # and it is not the L2 form
+    l2 = _mlp(device=device)
+    _train(l2, torch.optim.Adamax(l2.parameters(), lr=lr, weight_decay=wd, foreach=False), 20)
+    assert _max_diff(ours.parameters(), l2.parameters()) > 1e-4
+
+
+@pytest.mark.parametrize("option", [dict(noise_prob=0.0), dict(noise=False, noise_lambda=1.0)])
+def test_no_noise_settings_equal_torch_adamax(option):
+    """p = 0 (SPEC), or a noise=False group (even with a huge lambda), is exactly the Adamax step."""
+    ours, theirs = _mlp(), _mlp()
+    opt = PATSAdamax(ours.parameters(), lr=1e-2, seed=3, **option)
+    _train(ours, opt, 10)
+    _train(theirs, torch.optim.Adamax(theirs.parameters(), lr=1e-2, foreach=False), 10)
+    assert _max_diff(ours.parameters(), theirs.parameters()) < 1e-6
+    if option.get("noise") is False:
+        assert all("sensitivity" not in opt.state[p] for p in ours.parameters())
+
+
+def test_float64_parameters_follow_adamax():
+    ours, theirs = _mlp(dtype=torch.float64), _mlp(dtype=torch.float64)
+    opt = PATSAdamax(ours.parameters(), lr=1e-2, noise_lambda=0.0, seed=1)
+    with fusednoise.backend("reference"):
+        _train(ours, opt, 10)
+    _train(theirs, torch.optim.Adamax(theirs.parameters(), lr=1e-2, foreach=False), 10)
+    assert _max_diff(ours.parameters(), theirs.parameters()) < 1e-12
+    assert all(opt.state[p]["exp_avg"].dtype == torch.float64 for p in ours.parameters())
+
+
+# --------------------------------------------------------------------------------------------- kernel vs reference
+def _random_params(device, dtype, gen, big=False):
+    # 2100: two pass-2 programs; 33000: two pass-1 chunks (partial sums), 17 pass-2 programs
+    shapes = [(33000,)] if big else [(3, 5), (40,), (2100,), (6, 11)]
+    params = [torch.nn.Parameter((0.05 * torch.randn(s, generator=gen)).to(device=device, dtype=dtype))
+              for s in shapes]
+    if not big:
+        # a non-contiguous parameter (logical element order is what keys the noise)
+        params.append(torch.nn.Parameter(
+            (0.05 * torch.randn(7, 9, generator=gen)).to(device=device, dtype=dtype).t()))
+    return params
+
+
+def _groups(params):
+    if len(params) == 1:
+        return [{"params": params}]
+    return [
+        {"params": [params[0], params[3]]},
+        {"params": [params[1]], "noise": False},
+        {"params": [params[2]], "weight_decay": 0.1, "decoupled_weight_decay": False},
+        {"params": [params[4]], "weight_decay": 0.1},
+    ]
+
+
+def _run_backend(backend, dtype, steps, seed=11, noise_lambda=1e-4, big=False):
+    gen = torch.Generator().manual_seed(5)
+    params = _random_params(_device(backend), dtype, gen, big)
+    opt = PATSAdamax(_groups(params), lr=1e-3, noise_lambda=noise_lambda, noise_prob=0.5, seed=seed)
+    with fusednoise.backend(backend):
+        for _ in range(steps):
+            for p in params:
+                p.grad = (1e-2 * torch.randn(p.shape, generator=gen)).to(device=p.device, dtype=p.dtype)
+            opt.step()
+    return params, opt
+
+
+def _assert_same_run(kernel_run, reference_run):
+    (kp, kopt), (rp, ropt) = kernel_run, reference_run
+    for a, b in zip(kp, rp):
+        assert torch.allclose(a.detach().cpu(), b.detach(), rtol=0, atol=1e-6), (a.cpu() - b).abs().max()
+        sa, sb = kopt.state[a], ropt.state[b]
+        assert sa.keys() == sb.keys() and sa["stream"] == sb["stream"]
+        for name in ("exp_avg", "exp_inf", "sensitivity"):
+            if name in sa:
+                assert torch.allclose(sa[name].cpu(), sb[name], rtol=1e-5, atol=1e-9), name
+
+
+def test_kernel_matches_reference_float32():
+    steps = 10
+    reference_run = _run_backend("reference", torch.float32, steps)
+    _assert_same_run(_run_backend("triton", torch.float32, steps), reference_run)
+    # the noise is really there: a noise-free run ends elsewhere
+    quiet, _ = _run_backend("reference", torch.float32, steps, noise_lambda=0.0)
+    assert _max_diff(reference_run[0], quiet) > 1e-3
+
+
+def test_kernel_matches_reference_multi_chunk_tensor():
+    """A tensor over one pass-1 chunk: its mean sensitivity is reduced from several partial sums."""
+    assert 33000 > kernels.SENS_CHUNK
+    _assert_same_run(_run_backend("triton", torch.float32, 2, big=True),
+                     _run_backend("reference", torch.float32, 2, big=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_matches_reference_half(dtype):
+    kp, kopt = _run_backend("triton", dtype, 2)
+    rp, ropt = _run_backend("reference", dtype, 2)
+    for a, b in zip(kp, rp):
+        assert a.dtype == dtype and kopt.state[a]["exp_avg"].dtype == torch.float32
+        # float32 results one ulp apart may round to neighbouring half values, twice over two steps
+        ulp = torch.finfo(dtype).eps
+        assert torch.allclose(a.detach().cpu().float(), b.detach().float(), rtol=4 * ulp, atol=1e-6)
+        assert torch.allclose(kopt.state[a]["exp_inf"].cpu(), ropt.state[b]["exp_inf"], rtol=1e-5)
+
+
+def _jobs(params, grads, states, seed=3):
+    jobs = []
+    for k, (p, g, (m, u, s)) in enumerate(zip(params, grads, states)):
+        sc = reference.step_scalars(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                    decoupled_weight_decay=True, noise=True, sensitivity_beta=0.75,
+                                    noise_lambda=1e-3, gamma=2e-3, noise_prob=0.5, noise_eps=1e-8, seed=seed)
+        jobs.append((p, g, m, u, s, sc, k))
+    return jobs
+
+
+def test_kernel_result_independent_of_launch_grouping():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(300,), (2500,), (17, 3)]
+    base = [torch.randn(s, generator=gen).to(KERNEL_DEVICE) for s in shapes]
+    grads = [torch.randn(s, generator=gen).to(KERNEL_DEVICE) for s in shapes]
+
+    def fresh():
+        return [b.clone() for b in base], [[torch.zeros_like(b) for _ in range(3)] for b in base]
+
+    together, st1 = fresh()
+    kernels.PatsLauncher().step(_jobs(together, grads, st1))
+    alone, st2 = fresh()
+    for job in _jobs(alone, grads, st2):
+        kernels.PatsLauncher().step([job])
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    assert not torch.equal(together[1], base[1])
+
+
+def test_two_launches_per_step_whatever_the_number_of_tensors(monkeypatch):
+    counts = {"launches": 0}
+
+    class Counting:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            counts["launches"] += 1
+            return self.kernel[grid]
+
+    monkeypatch.setattr(kernels, "_sensitivity_kernel", Counting(kernels._sensitivity_kernel))
+    monkeypatch.setattr(kernels, "_update_kernel", Counting(kernels._update_kernel))
+    for n_tensors in (2, 12):
+        params = [torch.nn.Parameter(torch.randn(5 + i, device=KERNEL_DEVICE)) for i in range(n_tensors)]
+        opt = PATSAdamax([{"params": params[::2]}, {"params": params[1::2], "noise": False}], lr=1e-3, seed=1)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        counts["launches"] = 0
+        with fusednoise.backend("triton"):
+            opt.step()
+        assert counts["launches"] == 2
+    # only no-noise tensors: one launch
+    opt = PATSAdamax(params, lr=1e-3, noise=False, seed=1)
+    counts["launches"] = 0
+    with fusednoise.backend("triton"):
+        opt.step()
+    assert counts["launches"] == 1
+
+
+# --------------------------------------------------------------------------------------------- the noise itself
+def _crafted(n, device):
+    """theta and g = 1 such that s = |theta| in four classes: low (1), mid (4), very high (1e6: gamma margin)
+    and zero (noise_eps bound)."""
+    cls = torch.arange(n) % 10
+    theta = torch.where(cls < 4, 1.0, 4.0)
+    theta = torch.where(cls >= 8, 0.0, theta)
+    theta[torch.arange(n) % 16384 == 9] = 1e6  # a few very sensitive elements (class "mid" positions)
+    high = theta == 1e6
+    classes = {"low": (theta == 1.0), "mid": (theta == 4.0), "high": high, "zero": (theta == 0.0)}
+    return theta.to(device), {k: v.to(device) for k, v in classes.items()}
+
+
+def _one_step(theta, backend, noise_lambda, noise_eps, seed=5, p=0.2):
+    param = torch.nn.Parameter(theta.clone())
+    opt = PATSAdamax([param], lr=1e-3, noise_lambda=noise_lambda, noise_prob=p, noise_eps=noise_eps,
+                     sensitivity_beta=0.75, gamma=2e-3, seed=seed)
+    param.grad = torch.ones_like(param)
+    with fusednoise.backend(backend):
+        opt.step()
+    return param.detach()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_variance_matches_formula(backend):
+    n = 2**17 if backend == "reference" else 2**16
+    lam, eps, p, beta, gamma = 1e-4, 1e-2, 0.2, 0.75, 2e-3
+    theta, classes = _crafted(n, _device(backend))
+    noisy = _one_step(theta, backend, lam, eps, p=p)
+    adamax = _one_step(theta, backend, 0.0, eps, p=p)
+    delta = (noisy - adamax).double()
+
+    s_ema = (1 - beta) * theta.double().abs()           # one step from zero state, g = 1
+    mean = s_ema.mean()
+    for name, mask in classes.items():
+        r = lam * max(float(mean / (s_ema[mask][0] + eps)) - gamma, 0.0)
+        d = delta[mask]
+        if name == "high":
+            assert r == 0.0 and torch.all(d == 0), "the gamma margin must zero the noise of sensitive elements"
+            continue
+        m = d.numel()
+        var = (d ** 2).mean().item()
+        expected = p * r
+        # Var of the mean of (q z)^2: (3 p r^2 - p^2 r^2) / m
+        sd = math.sqrt((3 * p - p * p) / m) * r
+        assert abs(var - expected) < 5 * sd, (name, var, expected, sd)
+        frac = (d != 0).double().mean().item()
+        assert abs(frac - p) < 5 * math.sqrt(p * (1 - p) / m)
+        assert abs(d.mean().item()) < 5 * math.sqrt(expected / m)
+
+
+def test_noise_eps_bounds_the_noise_of_zero_sensitivity():
+    """An element with zero EMA sensitivity gets variance lambda * (s_bar / noise_eps - gamma): finite, and set
+    by noise_eps (SPEC section 4). A hundred times smaller noise_eps gives a hundred times the variance; the
+    default 1e-8 caps the ratio s_bar / (s~ + eps) at s_bar * 1e8."""
+    n = 2**17
+    lam, p = 1e-6, 0.2
+    theta, classes = _crafted(n, "cpu")
+    adamax = _one_step(theta, "reference", 0.0, 1e-2, p=p).double()
+    mean = (0.25 * theta.double().abs()).mean().item()
+    variances = {}
+    for eps in (1e-2, 1e-4, 1e-8):
+        d = (_one_step(theta, "reference", lam, eps, p=p).double() - adamax)[classes["zero"]]
+        variances[eps] = (d ** 2).mean().item()
+        expected = p * lam * (mean / eps - 2e-3)
+        sd = math.sqrt((3 * p - p * p) / d.numel()) * expected / p
+        assert math.isfinite(variances[eps]) and abs(variances[eps] - expected) < 5 * sd, (eps, variances[eps])
+    ratio = variances[1e-4] / variances[1e-2]
+    assert 80 < ratio < 125
+    assert PATSAdamax([torch.nn.Parameter(torch.ones(2))]).defaults["noise_eps"] == 1e-8
+
+
+def test_noise_is_keyed_by_seed_step_tensor_and_element():
+    """The noise of tensor k at step t is philox(step_seed(seed, t), i, k): checked against the formula."""
+    theta = torch.zeros(1000)
+    param = torch.nn.Parameter(theta.clone())
+    other = torch.nn.Parameter(torch.ones(3))
+    opt = PATSAdamax([{"params": [other]}, {"params": [param]}], lr=0.0, noise_lambda=1.0, noise_prob=0.5,
+                     gamma=0.0, noise_eps=1.0, seed=42)
+    param.grad = torch.ones(1000)
+    other.grad = torch.ones(3)
+    opt.step()
+    # s~ = 0 everywhere, so s_bar = 0 and r = 0: use a nonzero theta instead
+    theta = torch.linspace(-1, 1, 1000)
+    param.data.copy_(theta)
+    opt.step()  # step 2 of param, stream 1
+    s_ema = 0.25 * theta.abs()
+    r = 1.0 * torch.clamp(s_ema.mean() / (s_ema + 1.0), min=0.0)
+    normal, uniform = reference.noise_draws(1000, reference.step_seed(42, 2), 1)
+    expected = theta + torch.where(uniform < 0.5, torch.sqrt(r) * normal, torch.zeros(()))
+    assert torch.allclose(param.detach(), expected, atol=1e-6)
+    assert opt.state[param]["stream"] == 1 and opt.state[other]["stream"] == 0
+
+
+def test_step_seed_rule():
+    seeds = [reference.step_seed(123, t) for t in range(1, 2000)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**62 for s in seeds)
+    assert reference.step_seed(123, 5) == reference.step_seed(123, 5) != reference.step_seed(124, 5)
+
+
+# --------------------------------------------------------------------------------------------- determinism, resume
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_deterministic_for_a_seed(backend):
+    device = _device(backend)
+    runs = []
+    for seed in (9, 9, 10):
+        model = _mlp(device=device)
+        opt = PATSAdamax(model.parameters(), lr=1e-2, noise_lambda=1e-3, seed=seed)
+        with fusednoise.backend(backend):
+            _train(model, opt, 4)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert _params_equal(runs[0], runs[1])
+    assert not _params_equal(runs[0], runs[2])
+
+
+def test_seed_drawn_from_cpu_generator():
+    torch.manual_seed(123)
+    a = PATSAdamax(_mlp().parameters()).defaults["seed"]
+    torch.manual_seed(123)
+    b = PATSAdamax(_mlp().parameters()).defaults["seed"]
+    assert a == b and 0 <= a < 2**62
+
+
+def test_noise_does_not_depend_on_other_tensors():
+    a1, a2 = torch.nn.Parameter(torch.linspace(-1, 1, 500)), torch.nn.Parameter(torch.linspace(-1, 1, 500))
+    b1, b2 = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(70))
+    o1 = PATSAdamax([a1, b1], lr=1e-3, noise_lambda=1e-3, seed=8)
+    o2 = PATSAdamax([a2, b2], lr=1e-3, noise_lambda=1e-3, seed=8)
+    for (a, b, o) in ((a1, b1, o1), (a2, b2, o2)):
+        a.grad = torch.ones(500)
+        b.grad = torch.randn_like(b)
+        o.step()
+    assert torch.equal(a1, a2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_from_state_dict_is_bitwise(backend):
+    device = _device(backend)
+    with fusednoise.backend(backend):
+        model = _mlp(device=device)
+        opt = PATSAdamax(model.parameters(), lr=1e-2, noise_lambda=1e-3, seed=77)
+        _train(model, opt, 5, data_seed=1)
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        _train(model, opt, 5, data_seed=2)
+
+        buffer.seek(0)
+        checkpoint = torch.load(buffer, weights_only=True)
+        resumed = _mlp(seed=99, device=device)
+        resumed.load_state_dict(checkpoint["model"])
+        opt2 = PATSAdamax(resumed.parameters(), lr=1e-2, noise_lambda=1e-3, seed=1)  # the saved seed wins
+        opt2.load_state_dict(checkpoint["opt"])
+        assert opt2.param_groups[0]["seed"] == 77
+        _train(resumed, opt2, 5, data_seed=2)
+    assert _params_equal(model.parameters(), resumed.parameters())
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        for name in ("exp_avg", "exp_inf", "sensitivity"):
+            assert torch.equal(opt.state[p][name], opt2.state[q][name])
+
+
+def test_load_state_dict_keeps_float32_state_for_half_params():
+    model = _mlp(dtype=torch.bfloat16)
+    opt = PATSAdamax(model.parameters(), lr=1e-2, seed=1)
+    _train(model, opt, 2)
+    saved = opt.state_dict()
+    opt2 = PATSAdamax(_mlp(dtype=torch.bfloat16).parameters(), lr=1e-2, seed=2)
+    opt2.load_state_dict(saved)
+    for p, q in zip(model.parameters(), opt2.param_groups[0]["params"]):
+        for name in ("exp_avg", "exp_inf", "sensitivity"):
+            assert opt2.state[q][name].dtype == torch.float32
+            assert torch.equal(opt2.state[q][name], opt.state[p][name])
+            assert opt2.state[q][name].data_ptr() != opt.state[p][name].data_ptr()  # copied, not aliased
+
+
+def test_loads_a_torch_adamax_checkpoint():
+    model = _mlp()
+    adamax = torch.optim.Adamax(model.parameters(), lr=1e-2)
+    _train(model, adamax, 3)
+    opt = PATSAdamax(model.parameters(), lr=1e-2, noise_lambda=0.0, seed=4)
+    opt.load_state_dict(adamax.state_dict())
+    assert opt.param_groups[0]["noise_prob"] == 0.2
+    twin = copy.deepcopy(model)
+    adamax2 = torch.optim.Adamax(twin.parameters(), lr=1e-2)
+    adamax2.load_state_dict(adamax.state_dict())
+    _train(model, opt, 3, data_seed=5)
+    _train(twin, adamax2, 3, data_seed=5)
+    assert _max_diff(model.parameters(), twin.parameters()) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------- integration
+def test_lr_scheduler():
+    ours, theirs = _mlp(), _mlp()
+    opt = PATSAdamax(ours.parameters(), lr=1e-2, noise_lambda=0.0, seed=1)
+    ref = torch.optim.Adamax(theirs.parameters(), lr=1e-2, foreach=False)
+    warmup = lambda step: min(1.0, (step + 1) / 5)  # noqa: E731
+    s1 = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
+    s2 = torch.optim.lr_scheduler.LambdaLR(ref, warmup)
+    _train(ours, opt, 8, scheduler=s1)
+    _train(theirs, ref, 8, scheduler=s2)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2)
+    assert _max_diff(ours.parameters(), theirs.parameters()) < 1e-6
+
+
+def test_grad_scaler_skipped_step_changes_nothing():
+    model = _mlp()
+    opt = PATSAdamax(model.parameters(), lr=1e-2, noise_lambda=1e-3, seed=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    x, y = torch.randn(8, 6), torch.randn(8, 3)
+
+    def scaled_step(poison):
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(torch.nn.functional.mse_loss(model(x), y)).backward()
+        if poison:
+            next(model.parameters()).grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+
+    scaled_step(False)
+    params = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    scaled_step(True)
+    assert scaler.get_scale() == 128.0
+    assert _params_equal(params, model.parameters())
+    for key, st in opt.state_dict()["state"].items():
+        for name, value in st.items():
+            assert (torch.equal(value, state[key][name]) if isinstance(value, torch.Tensor)
+                    else value == state[key][name])
+    scaled_step(False)
+    assert not _params_equal(params, model.parameters())
+    assert float(opt.state[next(model.parameters())]["step"]) == 2
+
+
+def test_parameters_without_gradients_and_set_to_none():
+    model = _mlp()
+    unused = torch.nn.Parameter(torch.randn(4))
+    opt = PATSAdamax(list(model.parameters()) + [unused], lr=1e-2, seed=3)
+    before = unused.detach().clone()
+    _train(model, opt, 3)
+    assert torch.equal(unused, before) and len(opt.state[unused]) == 0
+    opt.zero_grad(set_to_none=True)
+    params = [p.detach().clone() for p in model.parameters()]
+    opt.step()  # no gradients at all: nothing moves, no step is counted
+    assert _params_equal(params, model.parameters())
+    assert all(float(opt.state[p]["step"]) == 3 for p in model.parameters())
+
+
+def test_closure_returns_loss():
+    model = _mlp()
+    opt = PATSAdamax(model.parameters(), seed=3)
+    x, y = torch.randn(4, 6), torch.randn(4, 3)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    assert torch.is_tensor(opt.step(closure))
+
+
+# --------------------------------------------------------------------------------------------- param groups
+_SMALL = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, vocab_size=64,
+              max_position_embeddings=32)
+_DECODER = dict(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                intermediate_size=32, vocab_size=64)
+ARCHITECTURES = {
+    "bert": (lambda: transformers.BertForSequenceClassification(transformers.BertConfig(**_SMALL)),
+             "bert.encoder.layer.0.attention.self.query.weight", ["bert.pooler.dense.weight"]),
+    "roberta": (lambda: transformers.RobertaForSequenceClassification(transformers.RobertaConfig(**_SMALL)),
+                "roberta.encoder.layer.1.output.dense.bias", ["classifier.out_proj.weight"]),
+    "deberta-v2": (lambda: transformers.DebertaV2ForSequenceClassification(transformers.DebertaV2Config(
+        **_SMALL, relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"])),
+        "deberta.encoder.layer.0.attention.self.query_proj.weight", ["deberta.encoder.rel_embeddings.weight"]),
+    "electra": (lambda: transformers.ElectraForSequenceClassification(transformers.ElectraConfig(
+        **_SMALL, embedding_size=8)), "electra.encoder.layer.0.intermediate.dense.weight",
+        ["electra.embeddings_project.weight"]),
+    "albert": (lambda: transformers.AlbertForSequenceClassification(transformers.AlbertConfig(
+        **_SMALL, embedding_size=8)), "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight",
+        ["albert.encoder.albert_layer_groups.0.albert_layers.0.full_layer_layer_norm.weight",
+         "albert.encoder.embedding_hidden_mapping_in.weight"]),
+    "xlnet": (lambda: transformers.XLNetForSequenceClassification(transformers.XLNetConfig(
+        d_model=16, n_layer=2, n_head=2, d_inner=32, vocab_size=64)), "transformer.layer.0.rel_attn.q",
+        ["transformer.layer.0.rel_attn.seg_embed", "transformer.mask_emb", "logits_proj.weight"]),
+    "gpt2": (lambda: transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)),
+        "transformer.h.0.attn.c_attn.weight", ["transformer.h.0.ln_1.weight", "transformer.ln_f.weight",
+                                                "transformer.wpe.weight"]),
+    "llama": (lambda: transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**_DECODER)),
+              "model.layers.0.mlp.down_proj.weight", ["model.layers.0.input_layernorm.weight", "model.norm.weight"]),
+    "mistral": (lambda: transformers.MistralForSequenceClassification(transformers.MistralConfig(**_DECODER)),
+                "model.layers.1.self_attn.o_proj.weight", ["model.layers.1.post_attention_layernorm.weight"]),
+    "qwen2": (lambda: transformers.Qwen2ForSequenceClassification(transformers.Qwen2Config(**_DECODER)),
+              "model.layers.0.self_attn.q_proj.bias", ["model.embed_tokens.weight"]),
+    "t5": (lambda: transformers.T5ForSequenceClassification(transformers.T5Config(
+        d_model=16, num_layers=2, num_heads=2, d_ff=32, d_kv=8, vocab_size=64)),
+        "transformer.encoder.block.0.layer.0.SelfAttention.q.weight",
+        ["transformer.encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+         "transformer.encoder.block.0.layer.0.layer_norm.weight", "transformer.shared.weight",
+         "classification_head.dense.weight"]),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_pats_param_groups(arch):
+    build, noisy_name, quiet_names = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    model = build()
+    groups = pats_param_groups(model, weight_decay=0.01)
+    noisy = {id(p) for g in groups if g["noise"] for p in g["params"]}
+    names = dict(model.named_parameters())
+    assert id(names[noisy_name]) in noisy
+    for name in quiet_names:
+        assert id(names[name]) not in noisy, name
+    for name, p in names.items():
+        lowered = name.lower()
+        if any(w in lowered for w in ("norm", "embed", "ln_", "classifier", "score", "pooler", "head")):
+            assert id(p) not in noisy, name
+    # every trainable parameter once; biases and norms without decay
+    flat = [p for g in groups for p in g["params"]]
+    assert len(flat) == len({id(p) for p in flat}) == len(list(model.parameters()))
+    for g in groups:
+        for p in g["params"]:
+            name = next(n for n, q in names.items() if q is p)
+            if "bias" in name or "norm" in name.lower():
+                assert g["weight_decay"] == 0.0, name
+    PATSAdamax(groups, seed=0)
+
+
+def test_pats_param_groups_step_on_bert():
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(**_SMALL))
+    opt = PATSAdamax(pats_param_groups(model), lr=1e-3, seed=0)
+    out = model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.tensor([0, 1]))
+    out.loss.backward()
+    opt.step()
+    q = model.bert.encoder.layer[0].attention.self.query.weight
+    ln = model.bert.embeddings.LayerNorm.weight
+    assert "sensitivity" in opt.state[q] and "sensitivity" not in opt.state[ln]
+
+
+def test_pats_param_groups_needs_a_layer_stack():
+    with pytest.raises(ValueError, match="model"):
+        pats_param_groups(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    groups = pats_param_groups(torch.nn.Sequential(torch.nn.Linear(2, 2)), layer_pattern=r"^0\.")
+    assert [g["noise"] for g in groups] == [True]
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(lr=-1e-3), "lr"), (dict(lr=float("nan")), "lr"), (dict(betas=(1.0, 0.9)), "betas"),
+    (dict(betas=(0.9, -0.1)), "betas"), (dict(eps=-1.0), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(sensitivity_beta=1.0), "sensitivity_beta"), (dict(noise_lambda=-1.0), "noise_lambda"),
+    (dict(gamma=-1.0), "gamma"), (dict(noise_prob=1.5), "noise_prob"), (dict(noise_prob=-0.1), "noise_prob"),
+    (dict(noise_eps=0.0), "noise_eps"), (dict(seed=-1), "seed"), (dict(seed=2**62), "seed"),
+])
+def test_invalid_hyperparameters(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        PATSAdamax([torch.nn.Parameter(torch.ones(2))], **kwargs)
+
+
+def test_invalid_group_is_not_added():
+    opt = PATSAdamax([torch.nn.Parameter(torch.ones(2))], seed=0)
+    with pytest.raises(ValueError, match="noise_prob"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "noise_prob": 2.0})
+    with pytest.raises(TypeError, match="noise"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))], "noise": "yes"})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
+def test_complex_and_integer_parameters_rejected(dtype):
+    with pytest.raises(TypeError, match="params"):
+        PATSAdamax([torch.nn.Parameter(torch.ones(2)), torch.ones(3, dtype=dtype)])
+
+
+def test_sharded_parameters_rejected():
+    """FSDP-sharded parameters would get a per-shard mean: refused until that is implemented."""
+    p = torch.nn.Parameter(torch.ones(4))
+    p._fsdp_flattened = True  # what FSDP1 sets on the parameters it flattens
+    with pytest.raises(TypeError, match="FSDP"):
+        PATSAdamax([p])
+
+
+def test_mixed_devices_in_one_group_rejected():
+    a = torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="one device"):
+        PATSAdamax([a, torch.nn.Parameter(torch.ones(2, device="meta"))])
+    # a group made mixed behind the optimizer's back: the step refuses before touching anything
+    opt = PATSAdamax([a], lr=0.1, seed=0)
+    ghost = torch.nn.Parameter(torch.ones(2, device="meta"))
+    ghost.grad = torch.ones(2, device="meta")
+    opt.param_groups[0]["params"].append(ghost)
+    a.grad = torch.ones(2)
+    with pytest.raises(ValueError, match="one device"):
+        opt.step()
+    assert torch.equal(a, torch.ones(2)) and len(opt.state) == 0
+
+
+def test_sparse_gradients_rejected_nothing_updated():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    dense = torch.nn.Parameter(torch.randn(4))
+    opt = PATSAdamax([dense, emb.weight], lr=0.1, seed=0)
+    (emb(torch.tensor([1, 2])).sum() + dense.sum()).backward()
+    before = [dense.detach().clone(), emb.weight.detach().clone()]
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+    assert torch.equal(dense, before[0]) and torch.equal(emb.weight, before[1])
+    assert len(opt.state) == 0
