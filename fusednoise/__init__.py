@@ -5,9 +5,10 @@ __version__ = "0.1.0"
 
 from .backends import backend, get_backend, set_backend
 from .ops import add_noise, add_noise_, add_residual_noise
-from . import hype, noisytune, optim, rng
+from .ops_lnsr import layerwise_diff_norm
+from . import hype, lnsr, noisytune, optim, rng
 
 __all__ = [
-    "__version__", "add_noise", "add_noise_", "add_residual_noise", "backend", "get_backend", "set_backend",
-    "hype", "noisytune", "optim", "rng",
+    "__version__", "add_noise", "add_noise_", "add_residual_noise", "backend", "get_backend", "layerwise_diff_norm",
+    "set_backend", "hype", "lnsr", "noisytune", "optim", "rng",
 ]

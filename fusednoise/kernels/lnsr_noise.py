@@ -1,0 +1,203 @@
+"""Triton kernels for LNSR's two noise makers (SPEC section 2, journal sec. III-B/E).
+
+* ``scaled_noise``: ``out_n = x_n + scale * ||x_n|| * e_n / ||e_n||`` per token vector (row of the last
+  dimension), in one kernel: the row norm of x, the row norm of the noise drawn in registers, the scaled add. The
+  backward kernel redraws the same noise from the seed (nothing is stored) and writes the exact vector-Jacobian
+  product ``g + scale * (e.g) / (|e| |x|) * x``.
+* ``in_manifold_noise``: one program per token gathers its k neighbour rows of the embedding matrix, forms the
+  differences, runs modified Gram-Schmidt in registers (orthogonal, not normalised) and adds
+  ``sum_j z_j d~_j`` to x.
+
+The counter layout (which philox word feeds which element) is documented in :mod:`fusednoise.reference.lnsr`,
+which these kernels match: the philox words bitwise, the floats within float32 rounding.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ..backends import interpreter_enabled
+from ..reference.lnsr import DEPENDENT_RTOL2
+from .noise import _pick4, _round_nearest, _uniform
+
+# Elements per tile: rows * padded columns.
+TILE = 4096
+TILE_INTERPRETER = 1 << 15
+# Largest row held in registers at once; longer rows are processed in two sweeps over column blocks.
+MAX_BLOCK_D = 4096
+# Largest (padded k) x (padded D) tile the in-manifold kernel holds in registers; bigger calls use the reference.
+MAX_MANIFOLD_TILE = 1 << 17
+
+
+@triton.jit
+def _box_muller4(seed, block):
+    """The four N(0, 1) values of philox block(s) ``block`` (uint32 counters from an int64 index)."""
+    c_lo = (block & 0xFFFFFFFF).to(tl.uint32)
+    c_hi = (block >> 32).to(tl.uint32)
+    zero = c_lo * 0
+    w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, zero, zero)
+    r01 = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(w0), 1.0e-7)))
+    t01 = 6.283185307179586 * _uniform(w1)
+    r23 = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(w2), 1.0e-7)))
+    t23 = 6.283185307179586 * _uniform(w3)
+    return r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23)
+
+
+@triton.jit
+def _row_normals(seed, row0, d0, G, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_R, BLOCK_D) normals for rows ``row0 + i`` and columns ``d0 + j`` (d0 a multiple of 4)."""
+    GB: tl.constexpr = BLOCK_D // 4
+    q = tl.arange(0, BLOCK_R * GB)
+    rows = row0 + (q // GB).to(tl.int64)
+    group = (d0 // 4 + q % GB).to(tl.int64)
+    n0, n1, n2, n3 = _box_muller4(seed, rows * G + group)
+    col = tl.arange(0, 4)[None, :]
+    return tl.reshape(_pick4(col, n0, n1, n2, n3), (BLOCK_R, BLOCK_D))
+
+
+@triton.jit
+def _scale_factor(sx, se, scale):
+    ok = (sx > 0) & (se > 0)
+    return tl.where(ok, scale * tl.sqrt(sx) / tl.where(ok, tl.sqrt(se), 1.0), 0.0)
+
+
+@triton.jit
+def _backward_coef(sx, se, dot, scale):
+    ok = (sx > 0) & (se > 0)
+    return tl.where(ok, scale * dot / tl.where(ok, tl.sqrt(se) * tl.sqrt(sx), 1.0), 0.0)
+
+
+@triton.jit
+def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, n_rows, D, G, scale, seed,
+                         BACKWARD: tl.constexpr, ONE_BLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
+    rows = row0 + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < n_rows
+    dtype = out_ptr.dtype.element_ty
+    if ONE_BLOCK:
+        # The whole row in registers: one read of x (and g), one write.
+        cols = tl.arange(0, BLOCK_D)
+        m = row_ok[:, None] & (cols < D)[None, :]
+        offs = rows[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        e = tl.where(m, _row_normals(seed, row0, 0, G, BLOCK_R, BLOCK_D), 0.0)
+        sx = tl.sum(x * x, axis=1)
+        se = tl.sum(e * e, axis=1)
+        if BACKWARD:
+            g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            coef = _backward_coef(sx, se, tl.sum(e * g, axis=1), scale)
+            result = g + coef[:, None] * x
+        else:
+            result = x + _scale_factor(sx, se, scale)[:, None] * e
+        tl.store(out_ptr + offs, _round_nearest(result, dtype, BF16_BY_BITS), mask=m)
+    else:
+        # Long rows: a first sweep for the norms (and e.g), a second one that redraws e and writes.
+        sx = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        se = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            m = row_ok[:, None] & (cols < D)[None, :]
+            offs = rows[:, None] * D + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            e = tl.where(m, _row_normals(seed, row0, d0, G, BLOCK_R, BLOCK_D), 0.0)
+            sx += tl.sum(x * x, axis=1)
+            se += tl.sum(e * e, axis=1)
+            if BACKWARD:
+                g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                dot += tl.sum(e * g, axis=1)
+        if BACKWARD:
+            factor = _backward_coef(sx, se, dot, scale)
+        else:
+            factor = _scale_factor(sx, se, scale)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            m = row_ok[:, None] & (cols < D)[None, :]
+            offs = rows[:, None] * D + cols[None, :]
+            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+            if BACKWARD:
+                g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
+                result = g + factor[:, None] * x
+            else:
+                e = tl.where(m, _row_normals(seed, row0, d0, G, BLOCK_R, BLOCK_D), 0.0)
+                result = x + factor[:, None] * e
+            tl.store(out_ptr + offs, _round_nearest(result, dtype, BF16_BY_BITS), mask=m)
+
+
+def launch_scaled_noise(x, grad, out, scale: float, seed: int) -> None:
+    """Forward (``grad is None``: ``out = x + noise``) or backward (``out = dx``) over contiguous (N, D) tensors."""
+    n_rows, D = x.shape
+    if n_rows == 0 or D == 0:
+        return
+    tile = TILE_INTERPRETER if interpreter_enabled() else TILE
+    block_d = max(4, min(triton.next_power_of_2(D), MAX_BLOCK_D))
+    block_r = max(1, min(tile // block_d, triton.next_power_of_2(n_rows)))
+    grid = (triton.cdiv(n_rows, block_r),)
+    _scaled_noise_kernel[grid](
+        x, grad if grad is not None else x, out, n_rows, D, triton.cdiv(D, 4), float(scale), seed,
+        BACKWARD=grad is not None, ONE_BLOCK=D <= block_d, BF16_BY_BITS=interpreter_enabled(),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4 if block_r * block_d <= 2048 else 8)
+
+
+@triton.jit
+def _in_manifold_kernel(x_ptr, ids_ptr, w_ptr, nb_ptr, out_ptr, V, D, s_w, GK, mix_ratio, seed, rtol2,
+                        K: tl.constexpr, KP: tl.constexpr, BF16_BY_BITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    token = tl.load(ids_ptr + n).to(tl.int64)
+    # An id outside the vocabulary (not checked on the GPU, where checking would synchronise) reads nothing and
+    # gets no noise instead of reading out of bounds.
+    valid = tl.where((token >= 0) & (token < V), 1, 0)
+    token = token * valid
+    rows = tl.arange(0, KP)
+    row_ok = (rows < K) & (rows * 0 + valid > 0)
+    neighbours = tl.load(nb_ptr + token * K + rows, mask=row_ok, other=0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    m2 = row_ok[:, None] & col_ok[None, :]
+    base = tl.load(w_ptr + token * s_w + cols, mask=col_ok & (cols * 0 + valid > 0), other=0.0).to(tl.float32)
+    gathered = tl.load(w_ptr + neighbours[:, None] * s_w + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    d = tl.where(m2, gathered - base[None, :], 0.0)
+    original = tl.sum(d * d, axis=1)
+
+    # z_j: word j % 4 of philox block n * GK + j // 4, Box-Muller as in the scaled noise.
+    n0, n1, n2, n3 = _box_muller4(seed, n * GK + (rows // 4).to(tl.int64))
+    word = rows % 4
+    z = tl.where(word == 0, n0, tl.where(word == 1, n1, tl.where(word == 2, n2, n3))) * mix_ratio
+
+    eps = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        sel = rows == j
+        dj = tl.sum(tl.where(sel[:, None], d, 0.0), axis=0)
+        nj = tl.sum(dj * dj, axis=0)
+        oj = tl.sum(tl.where(sel, original, 0.0), axis=0)
+        keep = (nj > rtol2 * oj) & (nj > 0)
+        dj = tl.where(keep, dj, 0.0)
+        eps += tl.sum(tl.where(sel, z, 0.0), axis=0) * dj
+        proj = tl.sum(d * dj[None, :], axis=1) / tl.where(keep, nj, 1.0)
+        proj = tl.where(rows > j, proj, 0.0)
+        d = d - proj[:, None] * dj[None, :]
+
+    x = tl.load(x_ptr + n * D + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n * D + cols, _round_nearest(x + eps, out_ptr.dtype.element_ty, BF16_BY_BITS),
+             mask=col_ok)
+
+
+def manifold_tile_fits(k: int, D: int) -> bool:
+    """Whether one token's (k, D) neighbour tile fits the kernel's register budget."""
+    return triton.next_power_of_2(max(k, 1)) * triton.next_power_of_2(max(D, 1)) <= MAX_MANIFOLD_TILE
+
+
+def launch_in_manifold(x, token_ids, weight, neighbors, out, mix_ratio: float, seed: int) -> None:
+    """``out = x + eps`` for contiguous x/out (N, D), token_ids (N,), weight (V, D) with unit column stride and
+    a contiguous neighbour table (V, k)."""
+    n_rows, D = x.shape
+    k = neighbors.shape[1]
+    if n_rows == 0 or D == 0:
+        return
+    kp = triton.next_power_of_2(k)
+    block_d = triton.next_power_of_2(D)
+    _in_manifold_kernel[(n_rows,)](
+        x, token_ids, weight, neighbors, out, weight.shape[0], D, weight.stride(0), triton.cdiv(k, 4),
+        float(mix_ratio), seed, DEPENDENT_RTOL2, K=k, KP=kp, BF16_BY_BITS=interpreter_enabled(), BLOCK_D=block_d,
+        num_warps=4 if kp * block_d <= 8192 else (8 if kp * block_d <= 32768 else 16))

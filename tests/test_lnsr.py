@@ -1,0 +1,374 @@
+"""LNSR on tiny randomly initialised Hugging Face models of every supported family (reference backend on CPU;
+one test runs the Triton kernels inside a model, under the interpreter when there is no GPU)."""
+import pytest
+import torch
+import transformers as hf
+from torch import nn
+
+import fusednoise
+from fusednoise import hype, lnsr, ops_lnsr
+from fusednoise.integrations.transformers import find_layers
+from test_integrations_transformers import ARCH_NAMES, ARCHS, BATCH, SEQ, build_model, main_output, model_inputs
+
+
+def _batch(name, seed=0):
+    inputs = model_inputs(name, seed)
+    mask = torch.ones(BATCH, SEQ, dtype=torch.long)
+    mask[0, -3:] = 0  # padding at the end of the first example
+    inputs["attention_mask"] = mask
+    if name in ("gpt2", "llama", "mistral", "qwen2"):
+        inputs["labels"] = inputs["input_ids"]
+    elif ARCHS[name].encoder_decoder:
+        inputs["labels"] = inputs["decoder_input_ids"]
+    else:
+        inputs["labels"] = torch.tensor([0, 1])
+    return inputs
+
+
+def _layer_at(model, name, depth):
+    layers = find_layers(model)
+    return layers[0] if name == "albert" else layers[depth]
+
+
+def _grad_norm(module):
+    return sum(p.grad.abs().sum().item() for p in module.parameters() if p.grad is not None)
+
+
+def _hook_counts(model):
+    return [(len(m._forward_pre_hooks), len(m._forward_hooks), "forward" in m.__dict__) for m in model.modules()]
+
+
+# --------------------------------------------------------------------------------------------- every architecture
+@pytest.mark.parametrize("inject_layer", [0, 1])
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_penalty_is_positive_and_reaches_every_layer_from_the_injection_point(name, inject_layer):
+    model = build_model(name)
+    reg = lnsr.LNSR(model, inject_layer=inject_layer)
+    hooks_before = _hook_counts(model)
+    torch.manual_seed(0)
+    outputs, penalty = reg(**_batch(name))
+    assert _hook_counts(model) == hooks_before  # nothing left on the model
+    assert penalty.dim() == 0 and penalty.dtype == torch.float32
+    assert penalty.item() > 0
+    assert reg.last_terms.shape == (reg.depth - inject_layer,) and (reg.last_terms > 0).all()
+    torch.testing.assert_close(reg.last_terms.sum(), penalty.detach())
+    penalty.backward()
+    for depth in range(reg.depth):
+        # From b on through both passes; below b through the clean x_b the noisy pass starts from.
+        assert _grad_norm(_layer_at(model, name, depth)) > 0, f"no gradient reached layer {depth}"
+    model.zero_grad()
+    outputs, penalty = reg(**_batch(name))
+    (outputs.loss + penalty).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_scale_zero_gives_exactly_zero_even_with_dropout(name):
+    model = build_model(name, hidden_dropout=0.1, attention_dropout=0.1)
+    depth = lnsr.LNSR(model).depth
+    for inject_layer in sorted({0, 1, depth - 1}):  # T5: also inside the decoder (depth 3 of 4)
+        torch.manual_seed(1)
+        _, penalty = lnsr.LNSR(model, scale=0.0, inject_layer=inject_layer)(**_batch(name))
+        # The noisy pass replays the clean pass's dropout: only the (zero) injected noise could differ.
+        assert penalty.item() == 0.0, inject_layer
+
+
+@pytest.mark.parametrize("name", ["bert", "llama", "t5"])
+def test_without_replay_dropout_differs_between_the_passes(name):
+    model = build_model(name, hidden_dropout=0.1, attention_dropout=0.1)
+    torch.manual_seed(1)
+    _, penalty = lnsr.LNSR(model, scale=0.0, replay_rng=False)(**_batch(name))
+    assert penalty.item() > 0
+
+
+@pytest.mark.parametrize("name", ARCH_NAMES)
+def test_eval_mode_is_untouched(name):
+    model = build_model(name, hidden_dropout=0.1, attention_dropout=0.1).eval()
+    reg = lnsr.LNSR(model)
+    hooks_before = _hook_counts(model)
+    torch.manual_seed(3)
+    expected = main_output(model(**_batch(name)))
+    state_after = torch.get_rng_state()
+    torch.manual_seed(3)
+    outputs, penalty = reg(**_batch(name))
+    assert torch.equal(main_output(outputs), expected)
+    assert penalty.item() == 0.0 and not penalty.requires_grad
+    assert torch.equal(torch.get_rng_state(), state_after)
+    assert _hook_counts(model) == hooks_before
+
+
+# --------------------------------------------------------------------------------------------- what runs twice
+def _deep_model(name, layers=4):
+    config = ARCHS[name].config(0.0, 0.0)
+    if name == "t5":
+        config.num_layers = config.num_decoder_layers = layers // 2
+    else:
+        config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    return ARCHS[name].task(config).train()
+
+
+def _count_executions(layers):
+    """Count real executions of each layer (a child module runs only when the layer's forward does)."""
+    counts, batches, handles = [0] * len(layers), [[] for _ in layers], []
+    for i, layer in enumerate(layers):
+        child = next(m for m in layer.modules() if m is not layer and not isinstance(m, nn.ModuleList))
+
+        def hook(module, args, kwargs, output, i=i):
+            counts[i] += 1
+            hidden = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            batches[i].append(hidden.shape[0])
+        handles.append(child.register_forward_hook(hook, with_kwargs=True))
+    return counts, batches, handles
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["two-passes", "batched"])
+@pytest.mark.parametrize("name", ["bert", "llama", "t5", "gpt2"])
+def test_layers_below_the_injection_point_run_once(name, batched):
+    if batched and name not in lnsr.BATCHED_MODEL_TYPES:
+        with pytest.raises(ValueError, match="batched=True supports the model types"):
+            lnsr.LNSR(_deep_model(name), inject_layer=2, batched=True)
+        return
+    model = _deep_model(name)
+    layers = find_layers(model)
+    assert len(layers) == 4
+    counts, batches, handles = _count_executions(layers)
+    try:
+        _, penalty = lnsr.LNSR(model, inject_layer=2, batched=batched)(**_batch(name))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert penalty.item() > 0
+    if batched:
+        assert counts == [1, 1, 1, 1]
+        assert [b[0] for b in batches] == [BATCH, BATCH, 2 * BATCH, 2 * BATCH]
+    else:
+        assert counts == [1, 1, 2, 2]
+
+
+# --------------------------------------------------------------------------------------------- the numbers
+def _fixed_seed_noise(monkeypatch, seed=1234):
+    monkeypatch.setattr(lnsr, "scaled_noise", lambda x, scale, seed=None: ops_lnsr.scaled_noise(x, scale, seed=1234))
+
+
+@pytest.mark.parametrize("name, inject_layer", [("bert", 0), ("llama", 1), ("xlnet", 0)])
+def test_penalty_and_gradients_match_a_hand_written_lnsr(monkeypatch, name, inject_layer):
+    _fixed_seed_noise(monkeypatch)
+    model = _deep_model(name, layers=3)
+    layers = find_layers(model)
+    batch = _batch(name)
+    weights = [1.0, 0.6, 0.2][inject_layer:]
+    reg = lnsr.LNSR(model, inject_layer=inject_layer, weights=weights)
+    _, penalty = reg(**batch)
+    penalty.backward()
+    fused_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    # By hand: record every layer's output in a clean and a noisy run; the noisy run adds the noise at b's input.
+    def run(noisy):
+        outs, handles = {}, []
+        for depth, layer in enumerate(layers):
+            handles.append(layer.register_forward_hook(
+                lambda m, a, o, depth=depth: outs.__setitem__(depth, o[0] if isinstance(o, tuple) else o)))
+        if noisy:
+            handles.append(layers[inject_layer].register_forward_pre_hook(
+                lambda m, a: (ops_lnsr.scaled_noise(a[0], 0.05, seed=1234),) + a[1:]))
+        try:
+            model(**batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outs
+
+    clean, noisy = run(False), run(True)
+    mask = batch["attention_mask"].float()
+    expected = 0.0
+    for r in range(inject_layer, len(layers)):
+        diff = clean[r] - noisy[r]
+        if name == "xlnet":
+            diff = diff.transpose(0, 1)
+        expected = expected + weights[r - inject_layer] * ((diff ** 2).sum(-1) * mask).sum() / BATCH
+    torch.testing.assert_close(penalty, expected.float(), rtol=1e-5, atol=0)
+    expected.backward()
+    reached = 0
+    for fused, (pname, p) in zip(fused_grads, model.named_parameters()):
+        if fused is None or p.grad is None:  # the task head is not part of the penalty
+            assert fused is None and p.grad is None, (pname, fused is None, p.grad is None)
+            continue
+        reached += 1
+        torch.testing.assert_close(fused, p.grad, rtol=1e-4, atol=2e-6, msg=lambda m: f"{pname}: {m}")
+    assert reached > 0
+
+
+def test_padded_tokens_do_not_count():
+    model = build_model("bert")
+    batch = _batch("bert")
+    torch.manual_seed(0)
+    _, masked = lnsr.LNSR(model)(**batch)
+    batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
+    torch.manual_seed(0)
+    _, unmasked = lnsr.LNSR(model)(**batch)
+    assert 0 < masked.item() < unmasked.item()
+
+
+@pytest.mark.parametrize("name", ["bert", "albert", "gpt2", "llama"])
+def test_batched_mode_matches_two_passes(name):
+    model = build_model(name)
+    results = []
+    for batched in (False, True):
+        model.zero_grad()
+        torch.manual_seed(5)
+        outputs, penalty = lnsr.LNSR(model, batched=batched)(**_batch(name))
+        (outputs.loss + penalty).backward()
+        results.append((outputs.loss.detach(), penalty.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_a, pen_a, grads_a), (loss_b, pen_b, grads_b) = results
+    assert pen_a.item() > 0
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pen_a, pen_b, rtol=1e-5, atol=0)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fresh_noise_every_call_and_manual_seed_reproduces():
+    model = build_model("bert")
+    reg = lnsr.LNSR(model)
+    torch.manual_seed(7)
+    first = reg(**_batch("bert"))[1]
+    second = reg(**_batch("bert"))[1]
+    torch.manual_seed(7)
+    again = reg(**_batch("bert"))[1]
+    assert first.item() != second.item()
+    assert torch.equal(first, again)
+
+
+def test_triton_kernels_inside_the_model_match_the_reference():
+    model = build_model("bert")
+    results = []
+    for backend in ("triton", "reference"):
+        model.zero_grad()
+        torch.manual_seed(2)
+        with fusednoise.backend(backend):
+            outputs, penalty = lnsr.LNSR(model)(**_batch("bert"))
+            (outputs.loss + penalty).backward()
+        results.append((penalty.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # float32 sums in another order
+
+
+def test_gradient_checkpointing_gives_the_same_penalty_and_gradients():
+    model = build_model("bert")
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad()
+        torch.manual_seed(4)
+        reg = lnsr.LNSR(model)
+        if checkpointing and lnsr._hooks_run_inside_checkpoint(find_layers(model)[0]):
+            # transformers versions that checkpoint a layer's __call__ run hooks inside the checkpoint.
+            with pytest.raises(RuntimeError, match="gradient checkpointing"):
+                reg(**_batch("bert"))
+            return
+        outputs, penalty = reg(**_batch("bert"))
+        (outputs.loss + penalty).backward()
+        results.append((penalty.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=0)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------- HyPe, in-manifold
+@pytest.mark.parametrize("name", ["bert", "llama", "t5"])
+def test_composes_with_hype(name):
+    model = build_model(name)
+    hooks_before = _hook_counts(model)
+    with hype.apply(model, sigma=1e-3):
+        torch.manual_seed(0)
+        outputs, penalty = lnsr.LNSR(model)(**_batch(name))
+        (outputs.loss + penalty).backward()
+        assert penalty.item() > 0
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        # Both passes see the same HyPe noise from layer b on: with no LNSR noise the penalty is exactly 0.
+        _, zero = lnsr.LNSR(model, scale=0.0)(**_batch(name))
+        assert zero.item() == 0.0
+        # ... and without replay the HyPe noise differs between the passes.
+        _, hype_only = lnsr.LNSR(model, scale=0.0, replay_rng=False)(**_batch(name))
+        assert hype_only.item() > 0
+    assert _hook_counts(model) == hooks_before
+
+
+@pytest.mark.parametrize("name", ["bert", "xlnet", "t5", "llama"])
+def test_in_manifold_lnsr(name):
+    model = build_model(name)
+    reg = lnsr.LNSR(model, noise="in_manifold", k=5, mix_ratio=0.15)
+    torch.manual_seed(0)
+    outputs, penalty = reg(**_batch(name))
+    assert penalty.item() > 0
+    (outputs.loss + penalty).backward()
+    assert _grad_norm(find_layers(model)[-1]) > 0
+    weight = model.get_input_embeddings().weight
+    assert ops_lnsr.neighbor_table(weight, 5) is ops_lnsr.neighbor_table(weight, 5)  # computed once
+    reg.refresh_neighbors()
+    _, zero = lnsr.LNSR(model, noise="in_manifold", k=5, mix_ratio=0.0)(**_batch(name))
+    assert zero.item() == 0.0
+
+
+# --------------------------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(weights=[1.0]), r"weights must have one entry per penalised layer: 2 \(layers 0 to 1\), got 1"),
+    (dict(weights=[1.0, "a"]), r"weights\[1\] must be a real number"),
+    (dict(inject_layer=2), r"inject_layer must be in \[0, 1\]"),
+    (dict(inject_layer=True), "inject_layer must be an int"),
+    (dict(scale=-1.0), "scale must be a finite number >= 0"),
+    (dict(noise="adversarial"), "noise must be one of"),
+    (dict(k=0), "k must be a positive int"),
+    (dict(noise="in_manifold", k=500), r"k must be in \[1, 99\]"),
+    (dict(noise="in_manifold", inject_layer=1), "needs inject_layer=0"),
+    (dict(batched=True, replay_rng=True), "replay_rng=True needs two passes"),
+    (dict(batched="yes"), "batched must be a bool"),
+    (dict(layers=nn.Linear(2, 2)), "layers must be an nn.ModuleList or a list of modules"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        lnsr.LNSR(build_model("bert"), **kwargs)
+
+
+def test_model_specific_errors():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        lnsr.LNSR("bert")
+    with pytest.raises(ValueError, match="batched=True supports the model types"):
+        lnsr.LNSR(build_model("t5"), batched=True)
+    with pytest.raises(ValueError, match="word embeddings of the hidden size"):
+        lnsr.LNSR(build_model("albert"), noise="in_manifold")
+    model = build_model("bert")
+    batch = _batch("bert")
+    batch["attention_mask"] = torch.ones(BATCH, SEQ, 1, dtype=torch.long).squeeze(-1)[:, :SEQ - 1]
+    hooks_before = _hook_counts(model)
+    with pytest.raises(Exception):
+        lnsr.LNSR(model)(**batch)  # the model itself rejects the mask; the hooks must still come off
+    assert _hook_counts(model) == hooks_before
+    reg = lnsr.LNSR(model, noise="in_manifold", k=3)
+    inputs = _batch("bert")
+    embeds = model.get_input_embeddings()(inputs.pop("input_ids"))
+    with pytest.raises(ValueError, match="needs the token ids"):
+        reg(inputs_embeds=embeds, **inputs)
+
+
+def test_a_layer_list_that_does_not_match_the_model_is_reported():
+    model = build_model("bert")
+    layers = find_layers(model)
+    reg = lnsr.LNSR(model, layers=layers + [layers[0]])  # claims 3 depths; the model calls 2
+    with pytest.raises(RuntimeError, match="expected 3 layer calls"):
+        reg(**_batch("bert"))
+
+
+def test_deeper_albert_counts_depths_not_modules():
+    config = ARCHS["albert"].config(0.0, 0.0)
+    config.num_hidden_layers, config.num_hidden_groups, config.inner_group_num = 4, 2, 2
+    torch.manual_seed(0)
+    model = hf.AlbertForSequenceClassification(config).train()
+    reg = lnsr.LNSR(model, inject_layer=3, weights=[1.0] * 5)
+    assert reg.depth == 8
+    _, penalty = reg(**_batch("albert"))
+    assert penalty.item() > 0 and reg.last_terms.shape == (5,)
