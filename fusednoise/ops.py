@@ -9,7 +9,6 @@ Gradients pass through unchanged: the noise is additive and independent of the i
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -17,28 +16,16 @@ import torch
 from . import backends as _backend
 from . import rng
 from .reference import noise as _reference
+from .validation import check_float_tensor, check_real
 
 DISTRIBUTIONS = ("normal", "uniform")
 ROUNDINGS = ("nearest", "stochastic")
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------- validation
-def _check_tensor(x, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
-
-
 def _check_args(x, sigma, distribution, rounding, seed, residual=None) -> None:
-    _check_tensor(x, "x")
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise TypeError(f"sigma must be a float, got {type(sigma).__name__}")
-    if not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+    check_float_tensor(x, "x")
+    check_real(sigma, "sigma")
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
     if rounding not in ROUNDINGS:
@@ -46,7 +33,7 @@ def _check_args(x, sigma, distribution, rounding, seed, residual=None) -> None:
     if seed is not None:
         rng.check_seed(seed)
     if residual is not None:
-        _check_tensor(residual, "residual")
+        check_float_tensor(residual, "residual")
         if residual.shape != x.shape:
             raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
         if residual.device != x.device:

@@ -14,7 +14,6 @@ The exact formulas and the philox counter layout are in :mod:`fusednoise.referen
 """
 from __future__ import annotations
 
-import math
 import numbers
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -24,8 +23,8 @@ import torch
 from . import backends as _backend
 from . import rng
 from .reference import lnsr as _reference
+from .validation import check_float_tensor as _check_float_tensor, check_real as _check_real
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_SCALE = 0.05       # journal sec. III-E: ||eps|| = 0.05 ||x||
 DEFAULT_K = 10             # journal sec. III-E: 10 nearest neighbours
 DEFAULT_MIX_RATIO = 0.1    # journal Table V: 0.1 (RTE) to 0.2 (STS-B)
@@ -35,24 +34,6 @@ Weights = Union[None, float, Sequence[float], torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------- validation
-def _check_float_tensor(x, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
-
-
-def _check_real(value, name: str, minimum: float = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value}")
-    return value
-
-
 def _as_layer_list(layers: Layers, name: str, batch_factor: int = 1) -> List[torch.Tensor]:
     """A stacked (L, B, T, D) tensor or a sequence of L (B, T, D) tensors -> list of L (B, T, D) tensors."""
     if isinstance(layers, torch.Tensor):
