@@ -23,6 +23,26 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (timings only count from a GPU)")
 
 
+cpu_only = pytest.mark.skipif(HAS_CUDA, reason="CPU reference-mode case: the GPU shapes run instead")
+
+
+def shape_dtype_variant_cases(gpu_shapes: dict, cpu_shapes: dict, dtype_names, variants):
+    """``pytest.param(shape_name, shape, dtype_name, variant)`` for every GPU shape x dtype x variant (skipped
+    without CUDA) and every small CPU shape x variant in fp32 (skipped with CUDA). On CPU "fused" means the
+    reference backend: the price of CPU reference mode, not a kernel timing."""
+    cases = []
+    for shape_name, shape in gpu_shapes.items():
+        for dtype_name in dtype_names:
+            for variant in variants:
+                cases.append(pytest.param(shape_name, shape, dtype_name, variant, marks=needs_cuda,
+                                          id=f"{shape_name}-{dtype_name}-{variant}"))
+    for shape_name, shape in cpu_shapes.items():
+        for variant in variants:
+            cases.append(pytest.param(shape_name, shape, "fp32", variant, marks=cpu_only,
+                                      id=f"cpu-{shape_name}-fp32-{variant}"))
+    return cases
+
+
 def synchronize():
     if HAS_CUDA:
         torch.cuda.synchronize()

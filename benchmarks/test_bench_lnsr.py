@@ -13,14 +13,14 @@ import pytest
 import torch
 
 import fusednoise
-from benchutil import DEVICE, HAS_CUDA, needs_cuda, record_bandwidth, synchronize, timed
+from benchutil import (DEVICE, HAS_CUDA, cpu_only, needs_cuda, record_bandwidth, shape_dtype_variant_cases, synchronize,
+                       timed)
 from fusednoise import hype, lnsr
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # (L, B, T, D): every layer output of BERT-base / BERT-large at batch 32, sequence 128.
 GPU_SHAPES = {"bert-base": (12, 32, 128, 768), "bert-large": (24, 32, 128, 1024)}
 CPU_SHAPES = {"tiny": (2, 2, 16, 64)}
-cpu_only = pytest.mark.skipif(HAS_CUDA, reason="CPU case (the GPU runs the real shapes)")
 
 
 def eager_diff_norm(clean, noisy, mask):
@@ -49,21 +49,8 @@ def compiled_diff_norm(clean, noisy, mask):
 VARIANTS = {"fused": fused_diff_norm, "eager": eager_diff_norm, "compile": compiled_diff_norm}
 
 
-def _diff_norm_cases():
-    cases = []
-    for shape_name, shape in GPU_SHAPES.items():
-        for dtype_name in DTYPES:
-            for variant in VARIANTS:
-                cases.append(pytest.param(shape_name, shape, dtype_name, variant, marks=needs_cuda,
-                                          id=f"{shape_name}-{dtype_name}-{variant}"))
-    for shape_name, shape in CPU_SHAPES.items():
-        for variant in VARIANTS:
-            cases.append(pytest.param(shape_name, shape, "fp32", variant, marks=cpu_only,
-                                      id=f"cpu-{shape_name}-fp32-{variant}"))
-    return cases
-
-
-@pytest.mark.parametrize("shape_name, shape, dtype_name, variant", _diff_norm_cases())
+@pytest.mark.parametrize("shape_name, shape, dtype_name, variant",
+                         shape_dtype_variant_cases(GPU_SHAPES, CPU_SHAPES, DTYPES, VARIANTS))
 def test_diff_norm_forward_backward(benchmark, copy_bandwidth_gbps, shape_name, shape, dtype_name, variant):
     benchmark.group = f"lnsr-diff-norm {shape_name} {dtype_name}"
     L, B, T, D = shape

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import fusednoise
-from benchutil import DEVICE, HAS_CUDA, needs_cuda, record_bandwidth, synchronize, timed
+from benchutil import (DEVICE, HAS_CUDA, cpu_only, needs_cuda, record_bandwidth, shape_dtype_variant_cases, synchronize,
+                       timed)
 
 SIGMA = 1e-5
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,22 +40,8 @@ def fused_noise_(x):
 VARIANTS = {"fused": fused_noise_, "eager": eager_noise_, "compile": compiled_noise_}
 
 
-def _cases():
-    cases = []
-    for shape_name, shape in GPU_SHAPES.items():
-        for dtype_name in DTYPES:
-            for variant in VARIANTS:
-                cases.append(pytest.param(shape_name, shape, dtype_name, variant, marks=needs_cuda,
-                                          id=f"{shape_name}-{dtype_name}-{variant}"))
-    for shape_name, shape in CPU_SHAPES.items():
-        for variant in VARIANTS:
-            # On CPU "fused" is the reference backend: the price of CPU reference mode, not a kernel timing.
-            cases.append(pytest.param(shape_name, shape, "fp32", variant, id=f"cpu-{shape_name}-fp32-{variant}",
-                                      marks=pytest.mark.skipif(HAS_CUDA, reason="CPU reference-mode case")))
-    return cases
-
-
-@pytest.mark.parametrize("shape_name, shape, dtype_name, variant", _cases())
+@pytest.mark.parametrize("shape_name, shape, dtype_name, variant",
+                         shape_dtype_variant_cases(GPU_SHAPES, CPU_SHAPES, DTYPES, VARIANTS))
 def test_hype_noise(benchmark, copy_bandwidth_gbps, shape_name, shape, dtype_name, variant):
     benchmark.group = f"hype-noise {shape_name} {dtype_name}"
     x = torch.randn(shape, device=DEVICE).to(DTYPES[dtype_name])
@@ -81,7 +68,7 @@ BERT_TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, in
 
 @pytest.mark.parametrize("size, batch, seq", [
     pytest.param("bert-base", 32, 128, marks=needs_cuda, id="bert-base"),
-    pytest.param("bert-tiny", 4, 64, id="cpu-bert-tiny", marks=pytest.mark.skipif(HAS_CUDA, reason="CPU case")),
+    pytest.param("bert-tiny", 4, 64, id="cpu-bert-tiny", marks=cpu_only),
 ])
 @pytest.mark.parametrize("method", ["vanilla", "hype-n"])
 def test_bert_training_step(benchmark, size, batch, seq, method):
