@@ -92,3 +92,34 @@ def record_bandwidth(benchmark, bytes_moved: int, copy_gbps: float, **info):
         achieved = bytes_moved / seconds / 1e9
         benchmark.extra_info["achieved_GBps"] = round(achieved, 1)
         benchmark.extra_info["fraction_of_copy"] = round(achieved / copy_gbps, 3)
+
+
+# Whole-model training steps: BERT-base on a GPU, a tiny BERT in CPU reference mode (random weights from a config).
+BERT_SIZES = {
+    "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "bert-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+}
+
+
+def bert_classifier(size: str):
+    """A ``BertForSequenceClassification`` of ``size`` (a key of ``BERT_SIZES``) on ``DEVICE``, in train mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(**BERT_SIZES[size])
+    config._attn_implementation = "sdpa"
+    return BertForSequenceClassification(config).to(DEVICE).train()
+
+
+def bench_training_step(benchmark, step, **info):
+    """Time ``step`` (one optimizer step; called once first, untimed, to build caches and optimizer state) and
+    store ``info``, the device and, on CUDA, the peak memory of the timed steps in the benchmark's JSON."""
+    first = step()
+    if isinstance(first, torch.Tensor):
+        assert torch.isfinite(first).all(), "the first training step produced a non-finite loss"
+    synchronize()
+    if HAS_CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.pedantic(timed(step), rounds=10 if HAS_CUDA else 2, iterations=1, warmup_rounds=1 if HAS_CUDA else 0)
+    benchmark.extra_info.update(info, device=device_name())
+    if HAS_CUDA:
+        benchmark.extra_info["peak_memory_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)

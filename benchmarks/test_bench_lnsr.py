@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fusednoise
-from benchutil import (DEVICE, HAS_CUDA, cpu_only, needs_cuda, record_bandwidth, shape_dtype_variant_cases, synchronize,
-                       timed)
+from benchutil import (DEVICE, HAS_CUDA, bench_training_step, bert_classifier, cpu_only, needs_cuda, record_bandwidth,
+                       shape_dtype_variant_cases, synchronize, timed)
 from fusednoise import hype, lnsr
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -82,17 +82,7 @@ def test_diff_norm_forward_backward(benchmark, copy_bandwidth_gbps, shape_name, 
 
 
 # --------------------------------------------------------------------------------------------- training step
-BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-BERT_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 METHODS = ("vanilla", "hype", "lnsr-fused", "lnsr-eager", "lnsr-batched")
-
-
-def _bert(config_kwargs, device):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(**config_kwargs)
-    config._attn_implementation = "sdpa"
-    return BertForSequenceClassification(config).to(device)
 
 
 @pytest.mark.parametrize("size, batch, seq", [
@@ -104,7 +94,7 @@ def test_bert_training_step(benchmark, size, batch, seq, method):
     """Forward + backward + AdamW step; LNSR adds the noisy pass and the penalty (standard noise, b = 0)."""
     benchmark.group = f"lnsr-train-step {size}"
     torch.manual_seed(0)
-    model = _bert(BERT_BASE if size == "bert-base" else BERT_TINY, DEVICE).train()
+    model = bert_classifier(size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=HAS_CUDA)
     input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEVICE)
     attention_mask = torch.ones(batch, seq, dtype=torch.long, device=DEVICE)
@@ -128,14 +118,6 @@ def test_bert_training_step(benchmark, size, batch, seq, method):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    first = step()
-    assert torch.isfinite(first)
-    synchronize()
-    if HAS_CUDA:
-        torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(timed(step), rounds=10 if HAS_CUDA else 2, iterations=1, warmup_rounds=1 if HAS_CUDA else 0)
-    benchmark.extra_info.update(method=method, batch=batch, seq=seq, device=DEVICE)
-    if HAS_CUDA:
-        benchmark.extra_info["peak_memory_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    bench_training_step(benchmark, step, method=method, batch=batch, seq=seq)
     if handle is not None:
         handle.remove()

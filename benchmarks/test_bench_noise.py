@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import fusednoise
-from benchutil import (DEVICE, HAS_CUDA, cpu_only, needs_cuda, record_bandwidth, shape_dtype_variant_cases, synchronize,
-                       timed)
+from benchutil import (DEVICE, HAS_CUDA, bench_training_step, bert_classifier, cpu_only, needs_cuda, record_bandwidth,
+                       shape_dtype_variant_cases, synchronize, timed)
 
 SIGMA = 1e-5
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -54,18 +54,6 @@ def test_hype_noise(benchmark, copy_bandwidth_gbps, shape_name, shape, dtype_nam
                      shape=list(shape), dtype=dtype_name, variant=variant)
 
 
-def _bert(config_kwargs, device):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    config = BertConfig(**config_kwargs)
-    config._attn_implementation = "sdpa"
-    return BertForSequenceClassification(config).to(device)
-
-
-BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-BERT_TINY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256)
-
-
 @pytest.mark.parametrize("size, batch, seq", [
     pytest.param("bert-base", 32, 128, marks=needs_cuda, id="bert-base"),
     pytest.param("bert-tiny", 4, 64, id="cpu-bert-tiny", marks=cpu_only),
@@ -77,7 +65,7 @@ def test_bert_training_step(benchmark, size, batch, seq, method):
 
     benchmark.group = f"train-step {size}"
     torch.manual_seed(0)
-    model = _bert(BERT_BASE if size == "bert-base" else BERT_TINY, DEVICE).train()
+    model = bert_classifier(size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=HAS_CUDA)
     input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEVICE)
     labels = torch.randint(0, 2, (batch,), device=DEVICE)
@@ -91,13 +79,6 @@ def test_bert_training_step(benchmark, size, batch, seq, method):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
-    synchronize()
-    if HAS_CUDA:
-        torch.cuda.reset_peak_memory_stats()
-    benchmark.pedantic(timed(step), rounds=10 if HAS_CUDA else 2, iterations=1, warmup_rounds=1 if HAS_CUDA else 0)
-    benchmark.extra_info.update(method=method, batch=batch, seq=seq, device=DEVICE)
-    if HAS_CUDA:
-        benchmark.extra_info["peak_memory_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    bench_training_step(benchmark, step, method=method, batch=batch, seq=seq)
     if handle is not None:
         handle.remove()
