@@ -17,6 +17,7 @@ import torch
 
 from . import backends as _backends
 from . import rng
+from .validation import check_name_patterns
 from .reference import noisytune as _reference
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -81,18 +82,6 @@ def _named_tensors(model_or_params) -> List[Tuple[str, torch.Tensor]]:
     return named
 
 
-def _exclude_patterns(exclude) -> Tuple[str, ...]:
-    if isinstance(exclude, str):
-        return (exclude,)
-    try:
-        patterns = tuple(exclude)
-    except TypeError:
-        raise TypeError(f"exclude must be a string or a sequence of strings, got {type(exclude).__name__}") from None
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"exclude must contain only strings, got {patterns!r}")
-    return patterns
-
-
 def _skip_reason(name: str, x: torch.Tensor, exclude: Tuple[str, ...]) -> Optional[str]:
     if any(pattern in name for pattern in exclude):
         return "excluded"
@@ -131,7 +120,7 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
         raise TypeError(f"noise_lambda must be a float, got {type(noise_lambda).__name__}")
     if not math.isfinite(noise_lambda) or noise_lambda < 0:
         raise ValueError(f"noise_lambda must be a finite number >= 0, got {noise_lambda}")
-    patterns = _exclude_patterns(exclude)
+    patterns = check_name_patterns(exclude, "exclude")
     seed = rng.resolve_seed(seed)
     named = _named_tensors(model_or_params)
     report = PerturbReport(noise_lambda=float(noise_lambda), seed=seed)

@@ -27,3 +27,17 @@ def check_real(value, name: str, minimum: float = 0.0) -> float:
     if not math.isfinite(value) or value < minimum:
         raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value}")
     return value
+
+
+def check_name_patterns(value, name: str) -> tuple:
+    """Parameter-name patterns: one string or a sequence of strings, returned as a tuple; TypeError naming
+    ``name`` otherwise."""
+    if isinstance(value, str):
+        return (value,)
+    try:
+        patterns = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a string or a sequence of strings, got {type(value).__name__}") from None
+    if not all(isinstance(pattern, str) for pattern in patterns):
+        raise TypeError(f"{name} must contain only strings, got {patterns!r}")
+    return patterns

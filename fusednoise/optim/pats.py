@@ -22,6 +22,7 @@ import torch
 
 from .. import backends as _backends
 from .. import rng
+from ..validation import check_name_patterns
 from ..reference import pats as _reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -355,18 +356,6 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(pattern.lower() in lowered for pattern in patterns)
 
 
-def _patterns(value, name: str) -> tuple:
-    if isinstance(value, str):
-        return (value,)
-    try:
-        value = tuple(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a string or a sequence of strings, got {type(value).__name__}") from None
-    if not all(isinstance(v, str) for v in value):
-        raise TypeError(f"{name} must contain only strings, got {value!r}")
-    return value
-
-
 def pats_param_groups(model: torch.nn.Module, weight_decay: float = 0.0, no_noise=DEFAULT_NO_NOISE,
                       no_decay=DEFAULT_NO_DECAY, layer_pattern: Optional[str] = None) -> List[Dict[str, Any]]:
     """The paper's param groups for :class:`PATSAdamax`: noise on the transformer layers' weights only.
@@ -386,8 +375,8 @@ def pats_param_groups(model: torch.nn.Module, weight_decay: float = 0.0, no_nois
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _check_at_least(weight_decay, "weight_decay", 0.0)
-    no_noise = _patterns(no_noise, "no_noise")
-    no_decay = _patterns(no_decay, "no_decay")
+    no_noise = check_name_patterns(no_noise, "no_noise")
+    no_decay = check_name_patterns(no_decay, "no_decay")
     layer_re = _LAYER_RE if layer_pattern is None else re.compile(layer_pattern)
     buckets: Dict[tuple, List[torch.Tensor]] = defaultdict(list)
     for name, p in model.named_parameters():
