@@ -38,6 +38,22 @@ PROGRAMS_PER_SM = 4
 
 
 @triton.jit
+def _row_block(mask_ptr, rows_start, row_end, T, s_cb, s_ct, s_nb, s_nt, HAS_MASK: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    # BLOCK_R token rows from rows_start: which lie in this program's range, which of those the mask keeps,
+    # and where each row starts in the clean and the noisy layer output (batch-major, any strides).
+    rows = rows_start + tl.arange(0, BLOCK_R).to(tl.int64)
+    in_range = rows < row_end
+    valid = in_range
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + rows, mask=in_range, other=0)
+        valid = valid & (keep != 0)
+    b = rows // T
+    t = rows - b * T
+    return rows, in_range, valid, b * s_cb + t * s_ct, b * s_nb + t * s_nt
+
+
+@triton.jit
 def _diff_norm_fwd_kernel(clean_tab, noisy_tab, mask_ptr, partial_ptr, ref_ptr,
                           n_rows, T, D, s_cb, s_ct, s_nb, s_nt, rows_per_prog, n_chunks,
                           HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -50,15 +66,8 @@ def _diff_norm_fwd_kernel(clean_tab, noisy_tab, mask_ptr, partial_ptr, ref_ptr,
     row_end = tl.minimum(row_begin + rows_per_prog, n_rows)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for i in range(0, rows_per_prog, BLOCK_R):
-        rows = row_begin + i + tl.arange(0, BLOCK_R).to(tl.int64)
-        valid = rows < row_end
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + rows, mask=valid, other=0)
-            valid = valid & (keep != 0)
-        b = rows // T
-        t = rows - b * T
-        c_off = b * s_cb + t * s_ct
-        n_off = b * s_nb + t * s_nt
+        rows, in_range, valid, c_off, n_off = _row_block(mask_ptr, row_begin + i, row_end, T, s_cb, s_ct, s_nb,
+                                                         s_nt, HAS_MASK, BLOCK_R)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             m = valid[:, None] & (cols < D)[None, :]
@@ -85,16 +94,8 @@ def _diff_norm_bwd_kernel(clean_tab, noisy_tab, gclean_tab, gnoisy_tab, coef_ptr
     row_begin = chunk.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, n_rows)
     for i in range(0, rows_per_prog, BLOCK_R):
-        rows = row_begin + i + tl.arange(0, BLOCK_R).to(tl.int64)
-        in_range = rows < row_end
-        valid = in_range
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + rows, mask=in_range, other=0)
-            valid = valid & (keep != 0)
-        b = rows // T
-        t = rows - b * T
-        c_off = b * s_cb + t * s_ct
-        n_off = b * s_nb + t * s_nt
+        rows, in_range, valid, c_off, n_off = _row_block(mask_ptr, row_begin + i, row_end, T, s_cb, s_ct, s_nb,
+                                                         s_nt, HAS_MASK, BLOCK_R)
         g_off = rows * D
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
