@@ -68,15 +68,27 @@ def _f32(row, field):
 
 
 @triton.jit
-def _sensitivity_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr,
-                        META: tl.constexpr, SUB: tl.constexpr, ITERS: tl.constexpr):
+def _chunk_of_program(meta_ptr, chunks_ptr, META: tl.constexpr):
+    # This program's chunk: (chunk id, chunk index j within its tensor, the tensor's metadata row).
     c = tl.program_id(0)
     k = tl.load(chunks_ptr + 2 * c).to(tl.int64)
     j = tl.load(chunks_ptr + 2 * c + 1).to(tl.int64)
-    row = meta_ptr + k * META
-    p_ptr = tl.load(row + F_PARAM).to(tl.pointer_type(PARAM_DTYPE))
-    g_ptr = tl.load(row + F_GRAD).to(tl.pointer_type(PARAM_DTYPE))
-    s_ptr = tl.load(row + F_SENS).to(tl.pointer_type(tl.float32))
+    return c, j, meta_ptr + k * META
+
+
+@triton.jit
+def _tensor_ptr(row, field: tl.constexpr, DTYPE: tl.constexpr):
+    # A tensor's data pointer, stored as an int64 in its metadata row.
+    return tl.load(row + field).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _sensitivity_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr,
+                        META: tl.constexpr, SUB: tl.constexpr, ITERS: tl.constexpr):
+    c, j, row = _chunk_of_program(meta_ptr, chunks_ptr, META)
+    p_ptr = _tensor_ptr(row, F_PARAM, PARAM_DTYPE)
+    g_ptr = _tensor_ptr(row, F_GRAD, PARAM_DTYPE)
+    s_ptr = _tensor_ptr(row, F_SENS, tl.float32)
     numel = tl.load(row + F_NUMEL)
     beta = _f32(row, F_SBETA)
     one_minus_beta = _f32(row, F_ONE_MINUS_SBETA)
@@ -99,14 +111,11 @@ def _sensitivity_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.const
 @triton.jit
 def _update_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr, META: tl.constexpr,
                    BLOCK: tl.constexpr, PBLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    c = tl.program_id(0)
-    k = tl.load(chunks_ptr + 2 * c).to(tl.int64)
-    j = tl.load(chunks_ptr + 2 * c + 1).to(tl.int64)
-    row = meta_ptr + k * META
-    p_ptr = tl.load(row + F_PARAM).to(tl.pointer_type(PARAM_DTYPE))
-    g_ptr = tl.load(row + F_GRAD).to(tl.pointer_type(PARAM_DTYPE))
-    m_ptr = tl.load(row + F_EXP_AVG).to(tl.pointer_type(tl.float32))
-    u_ptr = tl.load(row + F_EXP_INF).to(tl.pointer_type(tl.float32))
+    c, j, row = _chunk_of_program(meta_ptr, chunks_ptr, META)
+    p_ptr = _tensor_ptr(row, F_PARAM, PARAM_DTYPE)
+    g_ptr = _tensor_ptr(row, F_GRAD, PARAM_DTYPE)
+    m_ptr = _tensor_ptr(row, F_EXP_AVG, tl.float32)
+    u_ptr = _tensor_ptr(row, F_EXP_INF, tl.float32)
     numel = tl.load(row + F_NUMEL)
     flags = tl.load(row + F_FLAGS)
 
@@ -125,7 +134,7 @@ def _update_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr,
     theta = theta + (-_f32(row, F_CLR)) * (m / u)
 
     if (flags & FLAG_DRAW) != 0:
-        s_ptr = tl.load(row + F_SENS).to(tl.pointer_type(tl.float32))
+        s_ptr = _tensor_ptr(row, F_SENS, tl.float32)
         s = tl.load(s_ptr + offs, mask=mask, other=0.0)
         pstart = tl.load(row + F_PSTART)
         npart = tl.load(row + F_NPART)
