@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
+from .chunks import cdiv, chunk_of_program, tensor_ptr
 from .noise import _pick4, _round_nearest, _uniform
 
 BLOCK_SIZE = 4096
@@ -36,18 +37,11 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv goes through the JIT machinery when called on the host: slow per tensor
-
-
 @triton.jit
 def _stats_kernel(meta_ptr, chunks_ptr, partial_ptr, DTYPE: tl.constexpr, META: tl.constexpr,
                   SUB: tl.constexpr, ITERS: tl.constexpr):
-    c = tl.program_id(0)
-    k = tl.load(chunks_ptr + 2 * c).to(tl.int64)
-    j = tl.load(chunks_ptr + 2 * c + 1).to(tl.int64)
-    row = meta_ptr + k * META
-    x_ptr = tl.load(row + M_PTR).to(tl.pointer_type(DTYPE))
+    c, k, j, row = chunk_of_program(meta_ptr, chunks_ptr, META)
+    x_ptr = tensor_ptr(row, M_PTR, DTYPE)
     numel = tl.load(row + M_NUMEL)
     shift = tl.load(x_ptr).to(tl.float32)
 
@@ -77,11 +71,8 @@ def _stats_kernel(meta_ptr, chunks_ptr, partial_ptr, DTYPE: tl.constexpr, META: 
 def _noise_kernel(meta_ptr, chunks_ptr, partial_ptr, std_ptr, noise_lambda, seed, DTYPE: tl.constexpr,
                   META: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PBLOCK: tl.constexpr,
                   BF16_BY_BITS: tl.constexpr):
-    c = tl.program_id(0)
-    k = tl.load(chunks_ptr + 2 * c).to(tl.int64)
-    j = tl.load(chunks_ptr + 2 * c + 1).to(tl.int64)
-    row = meta_ptr + k * META
-    x_ptr = tl.load(row + M_PTR).to(tl.pointer_type(DTYPE))
+    c, k, j, row = chunk_of_program(meta_ptr, chunks_ptr, META)
+    x_ptr = tensor_ptr(row, M_PTR, DTYPE)
     numel = tl.load(row + M_NUMEL)
     stream = tl.load(row + M_STREAM)
     pstart = tl.load(row + M_PSTART)
@@ -139,10 +130,10 @@ def launch_perturb(tensors: Sequence[torch.Tensor], streams: Sequence[int], nois
     rows = []
     for row, (x, k) in enumerate(zip(tensors, streams)):
         n = x.numel()
-        n_stats = _cdiv(n, STATS_CHUNK)
+        n_stats = cdiv(n, STATS_CHUNK)
         rows.append([x.data_ptr(), n, int(k), len(stats_chunks), n_stats] + [0] * (META_FIELDS - 5))
         stats_chunks.extend((row, j) for j in range(n_stats))
-        noise_chunks.extend((row, j) for j in range(_cdiv(n, BLOCK_SIZE)))
+        noise_chunks.extend((row, j) for j in range(cdiv(n, BLOCK_SIZE)))
     meta = torch.tensor(rows, dtype=torch.int64).to(device)
     chunks = torch.tensor(stats_chunks + noise_chunks, dtype=torch.int32).reshape(-1, 2).to(device)
     partial = torch.empty(2 * len(stats_chunks), dtype=torch.float32, device=device)

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
+from .chunks import cdiv, chunk_of_program, tensor_ptr
 from .noise import _round_nearest, _uniform
 
 # Pass 2: elements per program. Pass 1: SENS_SUB elements per iteration, up to SENS_ITERS iterations.
@@ -57,10 +58,6 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv goes through the JIT machinery when called on the host: slow per tensor
-
-
 @triton.jit
 def _f32(row, field):
     # A float hyperparameter stored as the bit pattern of a float64 in the int64 table.
@@ -68,27 +65,12 @@ def _f32(row, field):
 
 
 @triton.jit
-def _chunk_of_program(meta_ptr, chunks_ptr, META: tl.constexpr):
-    # This program's chunk: (chunk id, chunk index j within its tensor, the tensor's metadata row).
-    c = tl.program_id(0)
-    k = tl.load(chunks_ptr + 2 * c).to(tl.int64)
-    j = tl.load(chunks_ptr + 2 * c + 1).to(tl.int64)
-    return c, j, meta_ptr + k * META
-
-
-@triton.jit
-def _tensor_ptr(row, field: tl.constexpr, DTYPE: tl.constexpr):
-    # A tensor's data pointer, stored as an int64 in its metadata row.
-    return tl.load(row + field).to(tl.pointer_type(DTYPE))
-
-
-@triton.jit
 def _sensitivity_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr,
                         META: tl.constexpr, SUB: tl.constexpr, ITERS: tl.constexpr):
-    c, j, row = _chunk_of_program(meta_ptr, chunks_ptr, META)
-    p_ptr = _tensor_ptr(row, F_PARAM, PARAM_DTYPE)
-    g_ptr = _tensor_ptr(row, F_GRAD, PARAM_DTYPE)
-    s_ptr = _tensor_ptr(row, F_SENS, tl.float32)
+    c, k, j, row = chunk_of_program(meta_ptr, chunks_ptr, META)
+    p_ptr = tensor_ptr(row, F_PARAM, PARAM_DTYPE)
+    g_ptr = tensor_ptr(row, F_GRAD, PARAM_DTYPE)
+    s_ptr = tensor_ptr(row, F_SENS, tl.float32)
     numel = tl.load(row + F_NUMEL)
     beta = _f32(row, F_SBETA)
     one_minus_beta = _f32(row, F_ONE_MINUS_SBETA)
@@ -111,11 +93,11 @@ def _sensitivity_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.const
 @triton.jit
 def _update_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr, META: tl.constexpr,
                    BLOCK: tl.constexpr, PBLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    c, j, row = _chunk_of_program(meta_ptr, chunks_ptr, META)
-    p_ptr = _tensor_ptr(row, F_PARAM, PARAM_DTYPE)
-    g_ptr = _tensor_ptr(row, F_GRAD, PARAM_DTYPE)
-    m_ptr = _tensor_ptr(row, F_EXP_AVG, tl.float32)
-    u_ptr = _tensor_ptr(row, F_EXP_INF, tl.float32)
+    c, k, j, row = chunk_of_program(meta_ptr, chunks_ptr, META)
+    p_ptr = tensor_ptr(row, F_PARAM, PARAM_DTYPE)
+    g_ptr = tensor_ptr(row, F_GRAD, PARAM_DTYPE)
+    m_ptr = tensor_ptr(row, F_EXP_AVG, tl.float32)
+    u_ptr = tensor_ptr(row, F_EXP_INF, tl.float32)
     numel = tl.load(row + F_NUMEL)
     flags = tl.load(row + F_FLAGS)
 
@@ -134,7 +116,7 @@ def _update_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr,
     theta = theta + (-_f32(row, F_CLR)) * (m / u)
 
     if (flags & FLAG_DRAW) != 0:
-        s_ptr = _tensor_ptr(row, F_SENS, tl.float32)
+        s_ptr = tensor_ptr(row, F_SENS, tl.float32)
         s = tl.load(s_ptr + offs, mask=mask, other=0.0)
         pstart = tl.load(row + F_PSTART)
         npart = tl.load(row + F_NPART)
@@ -173,8 +155,8 @@ def _chunk_table(numels: Sequence[int], noise: Sequence[bool], device) -> Tuple[
     for row, (n, has_noise) in enumerate(zip(numels, noise)):
         starts.append(len(pass1))
         if has_noise:
-            pass1.extend((row, j) for j in range(_cdiv(n, SENS_CHUNK)))
-        pass2.extend((row, j) for j in range(_cdiv(n, BLOCK_SIZE)))
+            pass1.extend((row, j) for j in range(cdiv(n, SENS_CHUNK)))
+        pass2.extend((row, j) for j in range(cdiv(n, BLOCK_SIZE)))
     table = torch.tensor(pass1 + pass2, dtype=torch.int32).reshape(-1, 2)
     return table.to(device), len(pass1), len(pass2), starts
 
@@ -189,7 +171,7 @@ def _meta_table(jobs: Sequence[tuple], partial_starts: Sequence[int]) -> torch.T
         numel = param.numel()
         ints.append((param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), exp_inf.data_ptr(),
                      sens.data_ptr() if sc.noise else 0, numel, int(stream), sc.seed_t, flags, pstart,
-                     _cdiv(numel, SENS_CHUNK) if sc.noise else 0))
+                     cdiv(numel, SENS_CHUNK) if sc.noise else 0))
         row = float_rows.get(id(sc))
         if row is None:
             row = float_rows[id(sc)] = (sc.clr, sc.decay, sc.weight_decay, 1.0 - sc.beta1, sc.beta2, sc.eps,
