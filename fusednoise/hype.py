@@ -38,6 +38,7 @@ from torch import nn
 
 from . import ops, rng
 from .integrations.transformers import find_layer_stacks, find_layers, hidden_dropout_modules
+from .validation import check_module_list
 
 DEFAULT_SIGMA = 1e-5
 LAYER_PRESETS = ("all", "lower", "upper")
@@ -110,14 +111,8 @@ def _resolve_layers(model: nn.Module, layers: LayersSpec) -> List[nn.Module]:
             raise ValueError(f"layers must be one of {LAYER_PRESETS}, a list of int indices into "
                              f"find_layers(model), or a list of modules; got {layers!r}")
         return _select_half(model, layers)
-    if isinstance(layers, nn.Module) and not isinstance(layers, nn.ModuleList):
-        raise TypeError("layers must be an nn.ModuleList or a list of modules, not a single "
-                        f"{type(layers).__name__}; wrap it in a list: layers=[module]")
-    try:
-        items = list(layers)
-    except TypeError:
-        raise TypeError(f"layers must be None, {LAYER_PRESETS}, a list of int indices or a list of modules; "
-                        f"got {type(layers).__name__}") from None
+    items = check_module_list(layers, "layers",
+                              f"None, {LAYER_PRESETS}, a list of int indices or a list of modules")
     if not items:
         raise ValueError("layers must not be empty")
     if all(isinstance(item, numbers.Integral) and not isinstance(item, bool) for item in items):

@@ -76,6 +76,7 @@ from . import rng
 from .ops_lnsr import (DEFAULT_K, DEFAULT_MIX_RATIO, DEFAULT_SCALE, clear_neighbor_cache, in_manifold_noise,
                        layerwise_diff_norm, layerwise_diff_norm_paired, nearest_neighbors, neighbor_table,
                        scaled_noise)
+from .validation import check_module_list
 
 NOISES = ("standard", "in_manifold")
 # Model types whose layers take batch-first hidden states and batch-first extra tensors, checked by the tests in
@@ -273,13 +274,7 @@ class LNSR:
                 for layer in stack:
                     stack_of.setdefault(id(layer), index)
             return found, stack_of
-        if isinstance(layers, nn.Module) and not isinstance(layers, nn.ModuleList):
-            raise TypeError("layers must be an nn.ModuleList or a list of modules, not a single "
-                            f"{type(layers).__name__}")
-        try:
-            found = list(layers)
-        except TypeError:
-            raise TypeError(f"layers must be a list of modules, got {type(layers).__name__}") from None
+        found = check_module_list(layers, "layers")
         if not found or not all(isinstance(m, nn.Module) for m in found):
             raise ValueError("layers must be a non-empty list of nn.Module objects")
         return found, {id(layer): 0 for layer in found}

@@ -41,3 +41,18 @@ def check_name_patterns(value, name: str) -> tuple:
     if not all(isinstance(pattern, str) for pattern in patterns):
         raise TypeError(f"{name} must contain only strings, got {patterns!r}")
     return patterns
+
+
+def check_module_list(value, name: str, accepted: str = "a list of modules") -> list:
+    """An ``nn.ModuleList`` or an iterable (of modules, or of whatever the caller accepts), as a list. A single
+    module is refused with a hint: iterating it would be a mistake, not a list of one. ``accepted`` words the
+    TypeError for anything that is not iterable."""
+    from torch import nn
+
+    if isinstance(value, nn.Module) and not isinstance(value, nn.ModuleList):
+        raise TypeError(f"{name} must be an nn.ModuleList or a list of modules, not a single "
+                        f"{type(value).__name__}; wrap it in a list: {name}=[module]")
+    try:
+        return list(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {accepted}; got {type(value).__name__}") from None
