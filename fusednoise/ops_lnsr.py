@@ -14,8 +14,10 @@ The exact formulas and the philox counter layout are in :mod:`fusednoise.referen
 """
 from __future__ import annotations
 
+import hashlib
 import numbers
 import weakref
+from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -410,6 +412,16 @@ def scaled_noise(x: torch.Tensor, scale: float = DEFAULT_SCALE, seed: Optional[i
 # --------------------------------------------------------------------------------------------- neighbour table
 # id(weight) -> (weakref to weight, {(k, shape, device): table}); an entry goes when its weight is freed.
 _NEIGHBOR_CACHE: Dict[int, Tuple["weakref.ref", Dict[tuple, torch.Tensor]]] = {}
+# (digest of the weight's bytes, dtype, k, shape, device) -> table, for a weight tensor not seen before whose
+# values are: each seed of a comparison loads the same pretrained embeddings into a new tensor, and a MiniLM
+# table costs about a minute on a CPU. Hashing runs once per new tensor, never per step. Newest last, bounded.
+_NEIGHBOR_BY_CONTENT: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_NEIGHBOR_BY_CONTENT_SIZE = 4
+
+
+def _content_digest(weight: torch.Tensor) -> str:
+    data = weight.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy()
+    return hashlib.blake2b(memoryview(data), digest_size=16).hexdigest()
 
 
 def _check_k(k, vocab: int) -> int:
@@ -448,7 +460,9 @@ def neighbor_table(embedding_weight: torch.Tensor, k: int = DEFAULT_K, refresh: 
 
     The cache holds the table as long as the weight tensor lives; it does not follow updates of the weight's
     values during fine-tuning (the journal builds its k-NN index once): pass ``refresh=True`` (or call
-    :func:`clear_neighbor_cache`) to recompute from the current values.
+    :func:`clear_neighbor_cache`) to recompute from the current values. A new tensor holding the same values as
+    one seen before (the same pretrained model loaded again, say for another seed) reuses that table: the last
+    few tables are also kept by a digest of the weight's bytes.
     """
     _check_embedding(embedding_weight)
     k = _check_k(k, embedding_weight.shape[0])
@@ -465,13 +479,22 @@ def neighbor_table(embedding_weight: torch.Tensor, k: int = DEFAULT_K, refresh: 
     tables = entry[1]
     signature = (k, tuple(embedding_weight.shape), embedding_weight.device)
     if refresh or signature not in tables:
-        tables[signature] = nearest_neighbors(embedding_weight, k)
+        content_key = (_content_digest(embedding_weight), embedding_weight.dtype) + signature
+        table = None if refresh else _NEIGHBOR_BY_CONTENT.get(content_key)
+        if table is None:
+            table = nearest_neighbors(embedding_weight, k)
+        _NEIGHBOR_BY_CONTENT[content_key] = table
+        _NEIGHBOR_BY_CONTENT.move_to_end(content_key)
+        while len(_NEIGHBOR_BY_CONTENT) > _NEIGHBOR_BY_CONTENT_SIZE:
+            _NEIGHBOR_BY_CONTENT.popitem(last=False)
+        tables[signature] = table
     return tables[signature]
 
 
 def clear_neighbor_cache() -> None:
     """Forget every cached neighbour table."""
     _NEIGHBOR_CACHE.clear()
+    _NEIGHBOR_BY_CONTENT.clear()
 
 
 def in_manifold_noise(x: torch.Tensor, token_ids: torch.Tensor, embedding_weight: torch.Tensor,

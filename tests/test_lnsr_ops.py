@@ -310,6 +310,22 @@ def test_neighbor_table_is_cached_and_refreshable():
     assert ops_lnsr.neighbor_table(weight, k=5) is not refreshed
 
 
+def test_neighbor_table_is_shared_by_tensors_with_the_same_values():
+    ops_lnsr.clear_neighbor_cache()
+    pretrained = _vocab(V=40, D=8, seed=5)
+    first = ops_lnsr.neighbor_table(torch.nn.Parameter(pretrained.clone()), k=5)
+    reloaded = torch.nn.Parameter(pretrained.clone())  # the same model loaded again (another seed)
+    assert ops_lnsr.neighbor_table(reloaded, k=5) is first
+    other = torch.nn.Parameter(_vocab(V=40, D=8, seed=6))
+    assert torch.equal(ops_lnsr.neighbor_table(other, k=5), ref.nearest_neighbors_bruteforce(other, 5))
+    assert not torch.equal(ops_lnsr.neighbor_table(other, k=5), first)
+    as_half = torch.nn.Parameter(pretrained.clone().half())  # other bytes: a table of its own
+    assert ops_lnsr.neighbor_table(as_half, k=5) is not first
+    fresh = ops_lnsr.neighbor_table(reloaded, k=5, refresh=True)
+    assert fresh is not first and torch.equal(fresh, first)
+    ops_lnsr.clear_neighbor_cache()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_in_manifold_kernel_matches_reference(dtype):
     weight = _vocab(V=60, D=20, seed=4).to(device=KERNEL_DEVICE, dtype=dtype)
