@@ -14,8 +14,8 @@ import numpy as np
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 from fusednoise.glue import compute_metrics, load_glue, tokenize
-from fusednoise.integrations.trainer import (FusedNoiseTrainer, HyPeConfig, LNSRConfig,  # fusednoise
-                                             NoisyTuneConfig, PATSConfig, warmup_steps_for)
+from fusednoise.integrations.transformers import (FusedNoiseTrainer, HyPeConfig, LNSRConfig,  # fusednoise
+                                                  NoisyTuneConfig, PATSConfig, warmup_steps_for)
 from fusednoise.models import load_classifier
 
 

@@ -280,3 +280,14 @@ def test_attention_dropout_is_not_in_the_list(name):
         module.p = 0.0
     first, second = _train_outputs_for_seeds(model, name)
     assert not torch.equal(first, second)
+
+
+def test_the_trainer_integration_is_importable_from_the_transformers_module():
+    import fusednoise.integrations.transformers as integration
+    from fusednoise.integrations import trainer
+
+    for name in trainer.__all__:
+        assert getattr(integration, name) is getattr(trainer, name)
+        assert name in integration.__all__ and name in dir(integration)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        integration.not_a_name

@@ -31,7 +31,9 @@ returns the *distinct* layer modules (1 for ``albert-base-v2``), and a hook on t
 depth (12 times per forward for ``albert-base-v2``). For HyPe that is the paper's rule: noise enters the hidden
 states at every depth. A subset of *depths* cannot be chosen by module for ALBERT.
 
-No import of ``transformers`` is needed: the rule reads module names and classes only.
+No import of ``transformers`` is needed: the rule reads module names and classes only. The Trainer integration
+(:mod:`fusednoise.integrations.trainer`: ``FusedNoiseTrainer``, the callbacks and configs) is re-exported from
+here too, imported on first use.
 """
 from __future__ import annotations
 
@@ -149,4 +151,23 @@ def hidden_dropout_modules(model: nn.Module) -> List[nn.Module]:
             if isinstance(module, _DROPOUT_CLASSES) and not _is_attention_dropout(name)]
 
 
-__all__ = ["STACK_NAMES", "find_layer_stacks", "find_layers", "hidden_dropout_modules"]
+# The Trainer integration lives in .trainer, which imports transformers; these names are re-exported lazily so
+# that `from fusednoise.integrations.transformers import FusedNoiseTrainer` works (the module the issue names)
+# while the layer finder above, which HyPe imports at start-up, stays free of that import.
+_TRAINER_NAMES = ("FusedNoiseMixin", "FusedNoiseTrainer", "HyPeCallback", "HyPeConfig", "LNSRConfig",
+                  "NoisyTuneCallback", "NoisyTuneConfig", "PATSConfig", "pats_optimizer", "warmup_steps_for")
+
+
+def __getattr__(name: str):
+    if name in _TRAINER_NAMES:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_TRAINER_NAMES))
+
+
+__all__ = ["STACK_NAMES", "find_layer_stacks", "find_layers", "hidden_dropout_modules", *_TRAINER_NAMES]
