@@ -80,6 +80,7 @@ def test_report_rewrites_table_and_plot(tmp_path, capsys):
     assert "| vanilla | 0,1 | 35.00 ± 7.07 | — |" in table
     # PATS runs at its own learning rate (Adamax 1e-4 on CoLA) and is compared with vanilla all the same.
     assert "| pats | 0,1 | 45.00 ± 0.00 | +10.00 |" in table and "| 0.0001 |" in table
+    assert "## Per seed" in table and "| recipe | seed 0 | seed 1 | paired Δ vs vanilla |" in table
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert "wrote" in capsys.readouterr().out
 

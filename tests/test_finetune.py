@@ -249,11 +249,22 @@ def test_summary_table_by_hand(tmp_path):
             _fake_run("rte", "hype-n", 0, 0.56), _fake_run("rte", "hype-n", 1, 0.58)]
     table = summary_table(runs)
     # vanilla: mean 55, sample std sqrt(50) = 7.07; hype-n: mean 57, std sqrt(2) = 1.41, +2.00 over vanilla
-    assert "| vanilla | 0,1 | 55.00 ± 7.07 | — | 56.00 ± 7.07 | 100/277 | 3 | 2e-05 | 10 | 100 |" in table
-    assert "| hype-n | 0,1 | 57.00 ± 1.41 | +2.00 |" in table
+    assert "| vanilla | 0,1 | 55.00 ± 7.07 | — | 60.00 | 56.00 ± 7.07 | 100/277 | 3 | 2e-05 | 10 | 100 |" in table
+    assert "| hype-n | 0,1 | 57.00 ± 1.41 | +2.00 | 58.00 |" in table
     assert table.index("| vanilla |") < table.index("| hype-n |")
     path = finetune.plot_curves(runs, tmp_path / "curves.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_per_seed_table_pairs_each_seed_with_vanilla():
+    runs = [_fake_run("rte", "vanilla", 0, 0.50), _fake_run("rte", "vanilla", 1, 0.60),
+            _fake_run("rte", "hype-n", 0, 0.56), _fake_run("rte", "hype-n", 1, 0.58), _fake_run("rte", "pats", 2, 0.7)]
+    table = finetune.per_seed_table(runs)
+    assert "| recipe | seed 0 | seed 1 | seed 2 | paired Δ vs vanilla |" in table
+    assert "| vanilla | 50.00 | 60.00 |  | — |" in table
+    assert "| hype-n | 56.00 | 58.00 |  | +6.00, -2.00 |" in table  # a mean gain of +2 that changes sign
+    assert "| pats |  |  | 70.00 | no vanilla run with these seeds |" in table
+
 
 
 # --------------------------------------------------------------------------------------------- end to end
