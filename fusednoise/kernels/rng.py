@@ -16,8 +16,12 @@ def philox_words_kernel(out_ptr, n, seed, first_counter, stream, purpose, BLOCK:
     counter = index + first_counter
     c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
     c_hi = (counter >> 32).to(tl.uint32)
-    zero = c_lo * 0
-    w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, zero + stream, zero + purpose)
+    # stream and purpose arrive as i32 or i64 scalars (Triton specialises ints by size); tl.philox needs every
+    # counter word as uint32: widen to an int64 tensor, then truncate (`zero + stream` fails to compile for i64).
+    wide_zero = index * 0
+    c_stream = (wide_zero + stream).to(tl.uint32)
+    c_purpose = (wide_zero + purpose).to(tl.uint32)
+    w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, c_stream, c_purpose)
     tl.store(out_ptr + index, w0.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
     tl.store(out_ptr + n + index, w1.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
     tl.store(out_ptr + 2 * n + index, w2.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
