@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from .glue import TASKS, compute_metrics, get_task, load_glue, tokenize
+from .glue import TASKS, GlueTask, compute_metrics, get_task, load_glue, tokenize
 
 # name -> what it is (the paper's defaults are the FinetuneConfig fields' defaults)
 METHODS: Dict[str, str] = {
@@ -494,6 +494,14 @@ def _groups(runs: Sequence[dict]) -> Dict[tuple, List[dict]]:
                                                        str(kv[0][2]))))
 
 
+def _rows_by_task(runs: Sequence[dict]) -> List[Tuple[GlueTask, List[tuple]]]:
+    """The groups of :func:`_groups` split by task, in task order: ``[(task, [((task, recipe, settings), runs)])]``."""
+    by_task: Dict[str, List[tuple]] = {}
+    for key, group in _groups(runs).items():
+        by_task.setdefault(key[0], []).append((key, group))
+    return [(get_task(name), rows) for name, rows in by_task.items()]
+
+
 def summary_table(runs: Sequence[dict]) -> str:
     """Markdown: one row per (task, recipe, settings) with the mean +- sample std over seeds of the final-epoch
     dev metrics (x100), the difference to vanilla, the best seed's main metric (the papers' "max"), the best
@@ -501,11 +509,7 @@ def summary_table(runs: Sequence[dict]) -> str:
     if not runs:
         return "_no runs yet_\n"
     lines = []
-    by_task: Dict[str, List[tuple]] = {}
-    for key, group in _groups(runs).items():
-        by_task.setdefault(key[0], []).append((key, group))
-    for task_name, rows in by_task.items():
-        task = get_task(task_name)
+    for task, rows in _rows_by_task(runs):
         vanilla = {key[2]: _mean_std([r["metrics"][task.main_metric] for r in group])[0]
                    for key, group in rows if key[1] == "vanilla"}
         lines.append(f"### {task.folder}: dev {', '.join(task.metrics)} (x100), final epoch, mean ± std over seeds\n")
@@ -550,11 +554,7 @@ def per_seed_table(runs: Sequence[dict]) -> str:
     if not runs:
         return "_no runs yet_\n"
     lines = []
-    by_task: Dict[str, List[tuple]] = {}
-    for key, group in _groups(runs).items():
-        by_task.setdefault(key[0], []).append((key, group))
-    for task_name, rows in by_task.items():
-        task = get_task(task_name)
+    for task, rows in _rows_by_task(runs):
         seeds = sorted({r["seed"] for _, group in rows for r in group})
         vanilla = {(key[2], r["seed"]): r["metrics"][task.main_metric]
                    for key, group in rows if key[1] == "vanilla" for r in group}
