@@ -3,6 +3,7 @@
 The Hugging Face Trainer needs ``accelerate``: a missing install fails here rather than being skipped."""
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -162,6 +163,7 @@ def test_pats_builds_the_optimizer_from_the_training_arguments(tmp_path):
     assert {g["lr"] for g in built.param_groups} == {1e-5} and {g["noise_lambda"] for g in built.param_groups} == {0}
 
 
+@pytest.mark.filterwarnings("ignore:LNSR's penalty")  # scale 0.5 on a random model: it does dominate
 def test_lnsr_penalty_is_added_in_training_only(tmp_path):
     model = tiny_bert()
     data = tiny_data()
@@ -181,6 +183,27 @@ def test_lnsr_penalty_is_added_in_training_only(tmp_path):
     model.train()
     with pytest.raises(ValueError, match="labels"):
         trainer.compute_loss(model, without_labels)
+
+
+def test_lnsr_warns_once_when_its_penalty_dominates_the_task_loss(tmp_path):
+    data = tiny_data()
+    batch = batch_of(data)
+
+    def first_steps(weight):
+        model = tiny_bert().train()
+        trainer = FusedNoiseTrainer(model=model, args=tiny_args(tmp_path), train_dataset=data,
+                                    lnsr=LNSRConfig(scale=0.5, weights=weight))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.compute_loss(model, batch)
+            trainer.compute_loss(model, batch)
+        penalty = float(trainer._lnsr_sum) / 2
+        return [w for w in caught if "LNSR's penalty" in str(w.message)], penalty
+
+    caught, penalty = first_steps(1e4)
+    assert penalty > 100 and len(caught) == 1 and "docs/lnsr.md" in str(caught[0].message)  # once, not per step
+    caught, penalty = first_steps(1e-3)
+    assert caught == [] and 0 < penalty < 1  # the task loss is about ln 2
 
 
 def test_trainer_argument_errors(tmp_path):

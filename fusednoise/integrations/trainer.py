@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -210,6 +211,19 @@ def pats_optimizer(model: nn.Module, args=None, config: Union[PATSConfig, dict, 
 
 
 # --------------------------------------------------------------------------------------------- the trainer
+# At the first step, an LNSR penalty this many times the task loss gets a warning: measured on all-MiniLM-L6-v2
+# (docs/lnsr.md), a penalty 15x the loss came with a gradient 64x the task's, and fine-tuning collapsed to one class.
+LNSR_DOMINANCE_RATIO = 10.0
+
+
+def _warn_if_penalty_dominates(penalty: float, task_loss: float) -> None:
+    if task_loss > 0 and penalty > LNSR_DOMINANCE_RATIO * task_loss:
+        warnings.warn(f"LNSR's penalty ({penalty:.3g}) is {penalty / task_loss:.0f}x the task loss ({task_loss:.3g}) "
+                      "at the first step: the optimiser will mostly minimise the penalty, which on small models "
+                      "collapses fine-tuning to one class (docs/lnsr.md). Compare with a vanilla run, or lower "
+                      "LNSRConfig(weights=...).", UserWarning, stacklevel=3)
+
+
 class FusedNoiseMixin:
     """Adds ``hype=``, ``lnsr=``, ``noisytune=`` and ``pats=`` to a ``transformers.Trainer`` (sub)class.
 
@@ -235,8 +249,9 @@ class FusedNoiseMixin:
         ours = [cb for cb in (self.noisytune_callback, self.hype_callback) if cb is not None]
         super().__init__(*args, callbacks=ours + callbacks, **kwargs)
         self._lnsr = None
-        self._lnsr_sum = 0.0
+        self._lnsr_sum = None  # a detached tensor: adding floats would synchronise with the GPU every step
         self._lnsr_count = 0
+        self._lnsr_checked = False
 
     # PATS ------------------------------------------------------------------------------------------------
     def create_optimizer(self, *args, **kwargs):
@@ -263,15 +278,18 @@ class FusedNoiseMixin:
                              "the task loss the penalty is added to")
         outputs, penalty = self._lnsr_for(model)(**inputs)
         task_loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
-        self._lnsr_sum += float(penalty.detach())
+        if not self._lnsr_checked:
+            self._lnsr_checked = True
+            _warn_if_penalty_dominates(float(penalty.detach()), float(task_loss.detach()))
+        self._lnsr_sum = penalty.detach() if self._lnsr_sum is None else self._lnsr_sum + penalty.detach()
         self._lnsr_count += 1
         loss = task_loss + penalty
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
         if self._lnsr_count and "loss" in logs:
-            logs["lnsr_penalty"] = self._lnsr_sum / self._lnsr_count
-            self._lnsr_sum, self._lnsr_count = 0.0, 0
+            logs["lnsr_penalty"] = float(self._lnsr_sum) / self._lnsr_count
+            self._lnsr_sum, self._lnsr_count = None, 0
         return super().log(logs, *args, **kwargs)
 
     @property
