@@ -19,21 +19,23 @@ import sys
 from typing import Dict, Iterator, List, Tuple
 
 DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+# The first three arguments of every multi-tensor kernel (NoisyTune, PATS): see kernels/chunks.py.
+TABLE_ARGS = {"meta_ptr": "*i64", "chunks_ptr": "*i32", "partial_ptr": "*fp32"}
 
 
 def _cases() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, object]]]:
     """Every case of :func:`_launch_cases`, and for float32 each again with its integer scalars as i32: the JIT
     specialises an int argument to i32 when it fits (a small user seed, a tensor under 2**31 elements) and to
     i64 otherwise, so both must compile."""
-    for name, kernel, signature, constexprs in _launch_cases():
-        yield name, kernel, signature, constexprs
-        if "fp32" in name and "i64" in signature.values():
-            narrow = {arg: "i32" if kind == "i64" else kind for arg, kind in signature.items()}
+    for name, kernel, runtime_types, constexprs in _launch_cases():
+        yield name, kernel, runtime_types, constexprs
+        if "fp32" in name and "i64" in runtime_types.values():
+            narrow = {arg: "i32" if kind == "i64" else kind for arg, kind in runtime_types.items()}
             yield f"{name}[int scalars i32]", kernel, narrow, constexprs
 
 
 def _launch_cases() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, object]]]:
-    """(name, kernel, signature {arg: type}, constexprs {arg: value}) for each specialisation to compile."""
+    """(name, kernel, runtime argument types {arg: type}, constexprs {arg: value}) per specialisation to compile."""
     import triton.language as tl
 
     from . import diff_norm, lnsr_noise, noise, noisytune, pats, rng
@@ -41,16 +43,14 @@ def _launch_cases() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, obj
     tl_dtypes = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
     for ints in ("i32", "i64"):  # small stream/purpose values specialise to i32, large ones to i64
         yield (f"rng.philox_words[fp32,stream {ints}]", rng.philox_words_kernel,
-               {"out_ptr": "*i64", "n": "i64", "seed": "i64", "first_counter": "i64", "stream": ints, "purpose": ints,
-                "BLOCK": "constexpr"}, {"BLOCK": rng.BLOCK_SIZE})
+               {"out_ptr": "*i64", "n": "i64", "seed": "i64", "first_counter": "i64", "stream": ints, "purpose": ints},
+               {"BLOCK": rng.BLOCK_SIZE})
     for name, t in DTYPES.items():
         for residual in (False, True):
             for distribution in (noise.DIST_NORMAL, noise.DIST_UNIFORM):
                 yield (f"noise[{name},residual={residual},dist={distribution}]", noise.noise_kernel,
                        {"x_ptr": f"*{t}", "residual_ptr": f"*{t}", "out_ptr": f"*{t}", "numel": "i64",
-                        "sigma": "fp32", "seed": "i64", "first_block": "i64", "HAS_RESIDUAL": "constexpr",
-                        "DISTRIBUTION": "constexpr", "STOCHASTIC": "constexpr", "BF16_BY_BITS": "constexpr",
-                        "BLOCK": "constexpr"},
+                        "sigma": "fp32", "seed": "i64", "first_block": "i64"},
                        {"HAS_RESIDUAL": residual, "DISTRIBUTION": distribution, "STOCHASTIC": name != "fp32",
                         "BF16_BY_BITS": False, "BLOCK": noise.BLOCK_SIZE})
         # LNSR at BERT-base width: D = 768 -> BLOCK_D 1024 (capped), BLOCK_R = TILE_GPU // BLOCK_D.
@@ -60,50 +60,36 @@ def _launch_cases() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, obj
         for has_mask in (False, True):
             yield (f"diff_norm.forward[{name},mask={has_mask}]", diff_norm._diff_norm_fwd_kernel,
                    {"clean_tab": "*i64", "noisy_tab": "*i64", "mask_ptr": "*u8" if has_mask else "*fp32",
-                    "partial_ptr": "*fp32", "ref_ptr": f"*{t}", **ints, "n_chunks": "i64",
-                    "HAS_MASK": "constexpr", "BLOCK_R": "constexpr", "BLOCK_D": "constexpr"},
+                    "partial_ptr": "*fp32", "ref_ptr": f"*{t}", **ints, "n_chunks": "i64"},
                    {"HAS_MASK": has_mask, "BLOCK_R": block_r, "BLOCK_D": block_d})
             yield (f"diff_norm.backward[{name},mask={has_mask}]", diff_norm._diff_norm_bwd_kernel,
                    {"clean_tab": "*i64", "noisy_tab": "*i64", "gclean_tab": "*i64", "gnoisy_tab": "*i64",
-                    "coef_ptr": "*fp32", "mask_ptr": "*u8" if has_mask else "*fp32", "ref_ptr": f"*{t}", **ints,
-                    "HAS_MASK": "constexpr", "BF16_BY_BITS": "constexpr", "BLOCK_R": "constexpr",
-                    "BLOCK_D": "constexpr"},
+                    "coef_ptr": "*fp32", "mask_ptr": "*u8" if has_mask else "*fp32", "ref_ptr": f"*{t}", **ints},
                    {"HAS_MASK": has_mask, "BF16_BY_BITS": False, "BLOCK_R": block_r, "BLOCK_D": block_d})
         for backward in (False, True):
             for one_block, D in ((True, 768), (False, 8192)):
                 block_d = max(4, min(1 << (D - 1).bit_length(), lnsr_noise.MAX_BLOCK_D))
                 yield (f"lnsr.scaled_noise[{name},backward={backward},D={D}]", lnsr_noise._scaled_noise_kernel,
                        {"x_ptr": f"*{t}", "g_ptr": f"*{t}", "out_ptr": f"*{t}", "n_rows": "i64", "D": "i64",
-                        "G": "i64", "scale": "fp32", "seed": "i64", "BACKWARD": "constexpr",
-                        "ONE_BLOCK": "constexpr", "BF16_BY_BITS": "constexpr", "BLOCK_R": "constexpr",
-                        "BLOCK_D": "constexpr"},
+                        "G": "i64", "scale": "fp32", "seed": "i64"},
                        {"BACKWARD": backward, "ONE_BLOCK": one_block, "BF16_BY_BITS": False,
                         "BLOCK_R": max(1, lnsr_noise.TILE // block_d), "BLOCK_D": block_d})
         yield (f"lnsr.in_manifold[{name},k=10,D=768]", lnsr_noise._in_manifold_kernel,
                {"x_ptr": f"*{t}", "ids_ptr": "*i64", "w_ptr": f"*{t}", "nb_ptr": "*i64", "out_ptr": f"*{t}",
                 "V": "i64", "D": "i64", "s_w": "i64", "GK": "i64", "mix_ratio": "fp32", "seed": "i64",
-                "rtol2": "fp32", "K": "constexpr", "KP": "constexpr", "BF16_BY_BITS": "constexpr",
-                "BLOCK_D": "constexpr"},
+                "rtol2": "fp32"},
                {"K": 10, "KP": 16, "BF16_BY_BITS": False, "BLOCK_D": 1024})
-        yield (f"noisytune.stats[{name}]", noisytune._stats_kernel,
-               {"meta_ptr": "*i64", "chunks_ptr": "*i32", "partial_ptr": "*fp32", "DTYPE": "constexpr",
-                "META": "constexpr", "SUB": "constexpr", "ITERS": "constexpr"},
+        yield (f"noisytune.stats[{name}]", noisytune._stats_kernel, dict(TABLE_ARGS),
                {"DTYPE": tl_dtypes[name], "META": noisytune.META_FIELDS, "SUB": noisytune.STATS_SUB,
                 "ITERS": noisytune.STATS_ITERS})
         yield (f"noisytune.noise[{name}]", noisytune._noise_kernel,
-               {"meta_ptr": "*i64", "chunks_ptr": "*i32", "partial_ptr": "*fp32", "std_ptr": "*fp32",
-                "noise_lambda": "fp32", "seed": "i64", "DTYPE": "constexpr", "META": "constexpr",
-                "BLOCK": "constexpr", "CHUNK": "constexpr", "PBLOCK": "constexpr", "BF16_BY_BITS": "constexpr"},
+               {**TABLE_ARGS, "std_ptr": "*fp32", "noise_lambda": "fp32", "seed": "i64"},
                {"DTYPE": tl_dtypes[name], "META": noisytune.META_FIELDS, "BLOCK": noisytune.BLOCK_SIZE,
                 "CHUNK": noisytune.STATS_CHUNK, "PBLOCK": noisytune.PARTIAL_BLOCK, "BF16_BY_BITS": False})
-        yield (f"pats.sensitivity[{name}]", pats._sensitivity_kernel,
-               {"meta_ptr": "*i64", "chunks_ptr": "*i32", "partial_ptr": "*fp32", "PARAM_DTYPE": "constexpr",
-                "META": "constexpr", "SUB": "constexpr", "ITERS": "constexpr"},
+        yield (f"pats.sensitivity[{name}]", pats._sensitivity_kernel, dict(TABLE_ARGS),
                {"PARAM_DTYPE": tl_dtypes[name], "META": pats.META_FIELDS, "SUB": pats.SENS_SUB,
                 "ITERS": pats.SENS_ITERS})
-        yield (f"pats.update[{name}]", pats._update_kernel,
-               {"meta_ptr": "*i64", "chunks_ptr": "*i32", "partial_ptr": "*fp32", "PARAM_DTYPE": "constexpr",
-                "META": "constexpr", "BLOCK": "constexpr", "PBLOCK": "constexpr", "BF16_BY_BITS": "constexpr"},
+        yield (f"pats.update[{name}]", pats._update_kernel, dict(TABLE_ARGS),
                {"PARAM_DTYPE": tl_dtypes[name], "META": pats.META_FIELDS, "BLOCK": pats.BLOCK_SIZE,
                 "PBLOCK": pats.PARTIAL_BLOCK, "BF16_BY_BITS": False})
 
@@ -121,7 +107,8 @@ def compile_all(arch: int = 90, warp_size: int = 32) -> List[Tuple[str, str]]:
 
     target = GPUTarget("cuda", arch, warp_size)
     results = []
-    for name, kernel, signature, constexprs in _cases():
+    for name, kernel, runtime_types, constexprs in _cases():
+        signature = {**runtime_types, **{arg: "constexpr" for arg in constexprs}}
         missing = set(kernel.arg_names) ^ set(signature)
         if missing:  # the case table is out of date with the kernel's arguments: a bug here, say so
             results.append((name, f"signature does not match the kernel's arguments: {sorted(missing)}"))
