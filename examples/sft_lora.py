@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     config = SFTConfig(
         output_dir=output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
-        max_length=args.max_length, bf16=bf16, use_cpu=not cuda, seed=args.seed, disable_tqdm=True)
+        max_length=args.max_length, bf16=bf16, use_cpu=not cuda, seed=args.seed, disable_tqdm=args.tiny)
     trainer = Trainer(
         model=model, args=config, train_dataset=data, processing_class=tokenizer,
         peft_config=LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, task_type="CAUSAL_LM"),

@@ -41,7 +41,7 @@ METHODS: Dict[str, str] = {
     "noisytune": "NoisyTune: U(-lambda/2, lambda/2) * std(W) on every matrix before training (lambda 0.15)",
     "pats": "PATS: Adamax with sensitivity-aware noise (lambda 2e-6, gamma 2e-3, beta 0.75, p 0.2)",
     "adamax": "Adamax at the PATS learning rate without noise (PATS's baseline optimizer, for a fair PATS ablation)",
-    "neftune": "NEFTune: U(-1, 1) * alpha / sqrt(L * d) noise on the embedding output, L each example's length (alpha 5)",
+    "neftune": "NEFTune: U(-1, 1) * alpha / sqrt(L * d) on the embedding output, L each example's length (alpha 5)",
 }
 # Methods that cannot share a recipe: one of each group at most.
 _EXCLUSIVE = (("hype-n", "hype-u"), ("lnsr", "lnsr-manifold"), ("pats", "adamax"))

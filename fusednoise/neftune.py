@@ -128,16 +128,13 @@ class NEFTuneHandle:
         return add_neftune_noise(output, self.alpha, mask, seed)
 
     def _install(self) -> None:
-        try:
-            self._hook_handles.append(self.model.register_forward_pre_hook(self._record_mask, with_kwargs=True))
-            self._hook_handles.append(self.model.register_forward_hook(self._forget_mask, with_kwargs=True,
-                                                                       always_call=True))
-            self._hook_handles.append(self.embeddings.register_forward_hook(self._add_noise))
-            _HOOKED.add(self.embeddings)
-        except BaseException:
-            self._active = True
-            self.remove()
-            raise
+        # always_call: the mask is forgotten even when the forward raises (LNSR stops its noisy pass that way).
+        self._hook_handles = [
+            self.model.register_forward_pre_hook(self._record_mask, with_kwargs=True),
+            self.model.register_forward_hook(self._forget_mask, with_kwargs=True, always_call=True),
+            self.embeddings.register_forward_hook(self._add_noise),
+        ]
+        _HOOKED.add(self.embeddings)
         self._active = True
 
     def remove(self) -> None:

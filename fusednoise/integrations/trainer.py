@@ -38,7 +38,7 @@ What each one does inside the Trainer:
 
 With a plain ``Trainer`` (or a subclass of your own): the two callbacks work on any Trainer
 (``callbacks=[HyPeCallback(), NoisyTuneCallback()]``), :func:`pats_optimizer` gives an optimizer for
-``Trainer(optimizers=(pats_optimizer(model, args), None))``, and :class:`FusedNoiseMixin` adds all four to a
+``Trainer(optimizers=(pats_optimizer(model, args), None))``, and :class:`FusedNoiseMixin` adds them all to a
 Trainer subclass of your own (``class MyTrainer(FusedNoiseMixin, MyBaseTrainer)``), TRL's ``SFTTrainer`` included
 (``class Trainer(FusedNoiseMixin, SFTTrainer)``; ``examples/sft_lora.py``).
 """
