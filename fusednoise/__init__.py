@@ -1,4 +1,4 @@
-"""fusednoise: fused noise-based fine-tuning regularisers (HyPe, LNSR, NoisyTune, PATS) for PyTorch."""
+"""fusednoise: fused noise-based fine-tuning regularisers (HyPe, LNSR, NoisyTune, PATS, NEFTune) for PyTorch."""
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -6,9 +6,11 @@ __version__ = "0.1.0"
 from .backends import backend, get_backend, set_backend
 from .ops import add_noise, add_noise_, add_residual_noise
 from .ops_lnsr import layerwise_diff_norm
-from . import hype, lnsr, noisytune, optim, rng
+from .ops_neftune import add_neftune_noise
+from . import hype, lnsr, neftune, noisytune, optim, rng
 
 __all__ = [
     "__version__", "add_noise", "add_noise_", "add_residual_noise", "backend", "get_backend", "layerwise_diff_norm",
     "set_backend", "hype", "lnsr", "noisytune", "optim", "rng",
+    "add_neftune_noise", "neftune",
 ]

@@ -99,6 +99,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser, demo: bool) -> None
                       help="Bernoulli probability of noise per element and step (default 0.2)")
     pats.add_argument("--pats-noise-eps", type=float, default=None,
                       help="eps bounding s_bar / (s~ + eps) (default: PATSAdamax's)")
+    neftune = parser.add_argument_group("NEFTune")
+    neftune.add_argument("--neftune-alpha", type=float, default=defaults.neftune_alpha,
+                         help="noise scale alpha (default 5; the paper's grid 5, 10, 15)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -188,7 +191,7 @@ def _config(args, task: str, recipes) -> FinetuneConfig:
         lnsr_inject_layer=args.lnsr_inject_layer, lnsr_k=args.lnsr_k, lnsr_mix_ratio=args.lnsr_mix_ratio,
         noisytune_lambda=args.noisytune_lambda, pats_lr=args.pats_lr, pats_noise_lambda=args.pats_noise_lambda,
         pats_gamma=args.pats_gamma, pats_beta=args.pats_beta, pats_prob=args.pats_prob,
-        pats_noise_eps=args.pats_noise_eps)
+        pats_noise_eps=args.pats_noise_eps, neftune_alpha=args.neftune_alpha)
 
 
 def _finetune(args, command: str, plans) -> int:

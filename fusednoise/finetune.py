@@ -41,6 +41,7 @@ METHODS: Dict[str, str] = {
     "noisytune": "NoisyTune: U(-lambda/2, lambda/2) * std(W) on every matrix before training (lambda 0.15)",
     "pats": "PATS: Adamax with sensitivity-aware noise (lambda 2e-6, gamma 2e-3, beta 0.75, p 0.2)",
     "adamax": "Adamax at the PATS learning rate without noise (PATS's baseline optimizer, for a fair PATS ablation)",
+    "neftune": "NEFTune: U(-1, 1) * alpha / sqrt(L * d) on the embedding output, L each example's length (alpha 5)",
 }
 # Methods that cannot share a recipe: one of each group at most.
 _EXCLUSIVE = (("hype-n", "hype-u"), ("lnsr", "lnsr-manifold"), ("pats", "adamax"))
@@ -118,6 +119,8 @@ class FinetuneConfig:
     pats_beta: float = 0.75
     pats_prob: float = 0.2
     pats_noise_eps: Optional[float] = None  # None: PATSAdamax's default
+    # NEFTune (Jain et al. 2023): alpha 5 (grid 5, 10, 15)
+    neftune_alpha: float = 5.0
 
     def __post_init__(self):
         self.task = get_task(self.task).name
@@ -138,7 +141,7 @@ class FinetuneConfig:
         if self.pats_lr is not None:
             _check_positive(self.pats_lr, "pats_lr")
         for name in ("weight_decay", "hype_sigma", "lnsr_scale", "lnsr_weight", "lnsr_mix_ratio",
-                     "noisytune_lambda", "pats_noise_lambda", "pats_gamma"):
+                     "noisytune_lambda", "pats_noise_lambda", "pats_gamma", "neftune_alpha"):
             _check_nonnegative(getattr(self, name), name)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
@@ -163,7 +166,8 @@ class FinetuneConfig:
         return self.lr
 
     def trainer_kwargs(self) -> dict:
-        """The ``hype=``, ``lnsr=``, ``noisytune=``, ``pats=`` arguments of FusedNoiseTrainer for this recipe."""
+        """The ``hype=``, ``lnsr=``, ``noisytune=``, ``pats=`` arguments of FusedNoiseTrainer for this recipe (and
+        ``neftune=`` when the recipe has NEFTune)."""
         from .integrations.trainer import HyPeConfig, LNSRConfig, NoisyTuneConfig, PATSConfig
 
         methods = set(self.methods)
@@ -185,6 +189,10 @@ class FinetuneConfig:
                                         noise_lambda=0.0 if "adamax" in methods else self.pats_noise_lambda,
                                         gamma=self.pats_gamma, sensitivity_beta=self.pats_beta,
                                         noise_prob=self.pats_prob, noise_eps=self.pats_noise_eps)
+        if "neftune" in methods:
+            from .integrations.trainer import NEFTuneConfig
+
+            kwargs["neftune"] = NEFTuneConfig(alpha=self.neftune_alpha)
         return kwargs
 
     def to_dict(self) -> dict:

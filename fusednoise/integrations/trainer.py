@@ -1,4 +1,4 @@
-"""Hugging Face ``Trainer`` integration: HyPe, LNSR, NoisyTune and PATS in an existing Trainer script.
+"""Hugging Face ``Trainer`` integration: HyPe, LNSR, NoisyTune, PATS and NEFTune in an existing Trainer script.
 
 The few lines a user adds::
 
@@ -11,6 +11,7 @@ The few lines a user adds::
         noisytune=NoisyTuneConfig(0.15),
         pats=PATSConfig(),                      # PATSAdamax replaces the optimizer
         lnsr=None,                              # LNSRConfig() adds the LNSR penalty to the loss
+        neftune=None,                           # NEFTuneConfig(alpha=5.0): noise on the embeddings
     )
     trainer.train()
 
@@ -27,14 +28,19 @@ What each one does inside the Trainer:
   :func:`fusednoise.optim.pats_param_groups` (noise on the encoder layers' weights only), with the Trainer's
   learning rate, betas, epsilon and weight decay unless :class:`PATSConfig` sets them. The Trainer's scheduler
   (linear decay, ``warmup_steps``) drives its learning rate as for any optimizer.
+* **NEFTune** (:class:`NEFTuneCallback`): ``neftune.apply`` at ``on_train_begin``, ``handle.remove()`` at
+  ``on_train_end``; noise on the input embeddings scaled by each example's own length (the attention mask of
+  each training batch), inert in eval mode. Use it instead of ``TrainingArguments(neftune_noise_alpha=...)``
+  (which scales by the padded length); setting both is an error.
 * **LNSR**: ``compute_loss`` runs :class:`fusednoise.lnsr.LNSR` (a clean and a noisy pass) and returns
   ``task loss + penalty``; the mean penalty since the last log is logged as ``lnsr_penalty``. In evaluation the
   loss is the task loss alone.
 
 With a plain ``Trainer`` (or a subclass of your own): the two callbacks work on any Trainer
 (``callbacks=[HyPeCallback(), NoisyTuneCallback()]``), :func:`pats_optimizer` gives an optimizer for
-``Trainer(optimizers=(pats_optimizer(model, args), None))``, and :class:`FusedNoiseMixin` adds all four to a
-Trainer subclass of your own (``class MyTrainer(FusedNoiseMixin, MyBaseTrainer)``).
+``Trainer(optimizers=(pats_optimizer(model, args), None))``, and :class:`FusedNoiseMixin` adds them all to a
+Trainer subclass of your own (``class MyTrainer(FusedNoiseMixin, MyBaseTrainer)``), TRL's ``SFTTrainer`` included
+(``class Trainer(FusedNoiseMixin, SFTTrainer)``; ``examples/sft_lora.py``).
 """
 from __future__ import annotations
 
@@ -62,6 +68,7 @@ class HyPeConfig:
     distribution: str = "normal"  # "normal" (HyPe-N) or "uniform" (HyPe-U)
     layers: Any = None            # None / "all", "lower", "upper", indices or modules
     disable_dropout: bool = True  # the paper turns hidden dropout off when HyPe is on
+    rounding: str = "nearest"     # "stochastic" keeps sigma 1e-5 alive in a bf16/fp16 residual stream
 
 
 @dataclass
@@ -104,6 +111,14 @@ class PATSConfig:
     eps: Optional[float] = None
     weight_decay: Optional[float] = None
     seed: Optional[int] = None
+
+
+@dataclass
+class NEFTuneConfig:
+    """Arguments of :func:`fusednoise.neftune.apply`. Paper default: alpha 5 (grid 5, 10, 15)."""
+
+    alpha: float = 5.0
+    seed: Optional[int] = None    # None: drawn from torch's CPU generator at every noisy call
 
 
 def _as_config(value, cls, name: str):
@@ -181,6 +196,34 @@ class NoisyTuneCallback(TrainerCallback):
         self._perturbed_ids.add(id(model))
 
 
+class NEFTuneCallback(TrainerCallback):
+    """NEFTune on at the start of training, off at its end; inert during the Trainer's evaluations (eval mode).
+
+    Works on any ``Trainer``: ``Trainer(..., callbacks=[NEFTuneCallback(NEFTuneConfig(alpha=5.0))])``.
+    """
+
+    def __init__(self, config: Union[NEFTuneConfig, dict, bool, None] = True):
+        self.config = _as_config(config, NEFTuneConfig, "config")
+        if self.config is None:
+            raise ValueError("config must describe NEFTune (True, a dict or a NEFTuneConfig), got None/False")
+        self.handle = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        from .. import neftune
+
+        if model is None:
+            raise RuntimeError("NEFTuneCallback needs the model: the Trainer passes it to on_train_begin")
+        if getattr(args, "neftune_noise_alpha", None) is not None:
+            raise ValueError("NEFTuneCallback and TrainingArguments.neftune_noise_alpha are both set: use one")
+        if self.handle is None:
+            self.handle = neftune.apply(model, **_kwargs(self.config))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
 def pats_optimizer(model: nn.Module, args=None, config: Union[PATSConfig, dict, bool, None] = True):
     """A :class:`fusednoise.optim.PATSAdamax` for ``model`` over :func:`fusednoise.optim.pats_param_groups`.
 
@@ -225,17 +268,24 @@ def _warn_if_penalty_dominates(penalty: float, task_loss: float) -> None:
 
 
 class FusedNoiseMixin:
-    """Adds ``hype=``, ``lnsr=``, ``noisytune=`` and ``pats=`` to a ``transformers.Trainer`` (sub)class.
+    """Adds ``hype=``, ``lnsr=``, ``noisytune=``, ``pats=`` and ``neftune=`` to a ``transformers.Trainer``
+    (sub)class, TRL's ``SFTTrainer`` included.
 
     Each takes ``None`` (off, the default), ``True`` (the paper's defaults), a dict of arguments or its config
-    dataclass (:class:`HyPeConfig`, :class:`LNSRConfig`, :class:`NoisyTuneConfig`, :class:`PATSConfig`).
+    dataclass (:class:`HyPeConfig`, :class:`LNSRConfig`, :class:`NoisyTuneConfig`, :class:`PATSConfig`,
+    :class:`NEFTuneConfig`).
     """
 
-    def __init__(self, *args, hype=None, lnsr=None, noisytune=None, pats=None, **kwargs):
+    def __init__(self, *args, hype=None, lnsr=None, noisytune=None, pats=None, neftune=None, **kwargs):
         self.hype_config = _as_config(hype, HyPeConfig, "hype")
         self.lnsr_config = _as_config(lnsr, LNSRConfig, "lnsr")
         self.noisytune_config = _as_config(noisytune, NoisyTuneConfig, "noisytune")
         self.pats_config = _as_config(pats, PATSConfig, "pats")
+        self.neftune_config = _as_config(neftune, NEFTuneConfig, "neftune")
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if self.neftune_config is not None and getattr(training_args, "neftune_noise_alpha", None) is not None:
+            raise ValueError("neftune= and TrainingArguments.neftune_noise_alpha are both set: use one (neftune= "
+                             "scales by each example's length, the built-in by the padded length)")
         optimizers = kwargs.get("optimizers", (None, None))
         if self.pats_config is not None and optimizers is not None and optimizers[0] is not None:
             raise ValueError("pats= builds the optimizer: do not also pass optimizers=(optimizer, ...)")
@@ -245,8 +295,9 @@ class FusedNoiseMixin:
         self.hype_callback = HyPeCallback(self.hype_config) if self.hype_config is not None else None
         self.noisytune_callback = (NoisyTuneCallback(self.noisytune_config)
                                    if self.noisytune_config is not None else None)
+        self.neftune_callback = NEFTuneCallback(self.neftune_config) if self.neftune_config is not None else None
         # NoisyTune first: it perturbs the weights before anything else looks at them.
-        ours = [cb for cb in (self.noisytune_callback, self.hype_callback) if cb is not None]
+        ours = [cb for cb in (self.noisytune_callback, self.hype_callback, self.neftune_callback) if cb is not None]
         super().__init__(*args, callbacks=ours + callbacks, **kwargs)
         self._lnsr = None
         self._lnsr_sum = None  # a detached tensor: adding floats would synchronise with the GPU every step
@@ -299,7 +350,8 @@ class FusedNoiseMixin:
 
 
 class FusedNoiseTrainer(FusedNoiseMixin, Trainer):
-    """``transformers.Trainer`` with ``hype=``, ``lnsr=``, ``noisytune=`` and ``pats=`` (see the module docs)."""
+    """``transformers.Trainer`` with ``hype=``, ``lnsr=``, ``noisytune=``, ``pats=`` and ``neftune=`` (see the module
+    docs)."""
 
 
 def warmup_steps_for(num_examples: int, batch_size: int, epochs: float, ratio: float = 0.1,
@@ -316,4 +368,4 @@ def warmup_steps_for(num_examples: int, batch_size: int, epochs: float, ratio: f
 
 
 __all__ = ["FusedNoiseMixin", "FusedNoiseTrainer", "HyPeCallback", "HyPeConfig", "LNSRConfig", "NoisyTuneCallback",
-           "NoisyTuneConfig", "PATSConfig", "pats_optimizer", "warmup_steps_for"]
+           "NoisyTuneConfig", "PATSConfig", "pats_optimizer", "warmup_steps_for", "NEFTuneCallback", "NEFTuneConfig"]

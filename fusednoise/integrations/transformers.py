@@ -155,7 +155,8 @@ def hidden_dropout_modules(model: nn.Module) -> List[nn.Module]:
 # that `from fusednoise.integrations.transformers import FusedNoiseTrainer` works (the module the issue names)
 # while the layer finder above, which HyPe imports at start-up, stays free of that import.
 _TRAINER_NAMES = ("FusedNoiseMixin", "FusedNoiseTrainer", "HyPeCallback", "HyPeConfig", "LNSRConfig",
-                  "NoisyTuneCallback", "NoisyTuneConfig", "PATSConfig", "pats_optimizer", "warmup_steps_for")
+                  "NoisyTuneCallback", "NoisyTuneConfig", "PATSConfig", "pats_optimizer", "warmup_steps_for",
+                  "NEFTuneCallback", "NEFTuneConfig")
 
 
 def __getattr__(name: str):

@@ -38,7 +38,7 @@ def _launch_cases() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, obj
     """(name, kernel, runtime argument types {arg: type}, constexprs {arg: value}) per specialisation to compile."""
     import triton.language as tl
 
-    from . import diff_norm, lnsr_noise, noise, noisytune, pats, rng
+    from . import diff_norm, lnsr_noise, neftune, noise, noisytune, pats, rng
 
     tl_dtypes = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
     for ints in ("i32", "i64"):  # small stream/purpose values specialise to i32, large ones to i64
@@ -79,6 +79,13 @@ def _launch_cases() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, obj
                 "V": "i64", "D": "i64", "s_w": "i64", "GK": "i64", "mix_ratio": "fp32", "seed": "i64",
                 "rtol2": "fp32"},
                {"K": 10, "KP": 16, "BF16_BY_BITS": False, "BLOCK_D": 1024})
+        for has_mask in (False, True):  # NEFTune at LLaMA width (D = 4096), HF's int64 attention mask
+            yield (f"neftune[{name},mask={has_mask}]", neftune._neftune_kernel,
+                   {"x_ptr": f"*{t}", "mask_ptr": "*i64" if has_mask else f"*{t}", "len_ptr": "*i64" if has_mask
+                    else f"*{t}", "out_ptr": f"*{t}", "n_rows": "i64", "T": "i64", "D": "i64", "G": "i64",
+                    "alpha": "fp32", "seed": "i64"},
+                   {"HAS_MASK": has_mask, "BF16_BY_BITS": False, "BLOCK_R": neftune.TILE // neftune.MAX_BLOCK_D,
+                    "BLOCK_D": neftune.MAX_BLOCK_D})
         yield (f"noisytune.stats[{name}]", noisytune._stats_kernel, dict(TABLE_ARGS),
                {"DTYPE": tl_dtypes[name], "META": noisytune.META_FIELDS, "SUB": noisytune.STATS_SUB,
                 "ITERS": noisytune.STATS_ITERS})

@@ -1,0 +1,67 @@
+"""Eager reference for NEFTune's noise (SPEC section 4b): the executable spec of ``fusednoise/kernels/neftune.py``.
+
+For embeddings ``x`` of shape (..., T, D) (rows of D features, T tokens per example) and an optional attention
+mask ``m`` of shape x.shape[:-1] (nonzero keeps a token, 0 marks padding; all ones when absent)::
+
+    L_b   = number of kept tokens of example b                     (the paper's L, per example)
+    s_b   = alpha / sqrt(L_b * D)                                   (0 when L_b = 0)
+    out   = x + s_b * U(-1, 1)   on kept tokens,   out = x   on padded tokens (bit for bit)
+
+``s_b`` is float32 arithmetic with IEEE rounding at each step: ``float32(L_b * D)``, its correctly rounded square
+root, then the correctly rounded quotient (numpy's float32 ``sqrt`` and ``/``; torch's CPU ``sqrt`` is not always
+correctly rounded, and the kernel uses ``sqrt_rn``/``div_rn``, so both backends get the same bits).
+
+Counter rule (the same as LNSR's scaled noise): the token rows ``n`` of ``x`` (flattened to (N, D)) start each on
+a fresh philox block; element ``(n, d)`` takes word ``d % 4`` of ``philox(seed, j_lo, j_hi, 0, 0)`` with block
+``j = n * ceil(D / 4) + d // 4``, as ``U(-1, 1) = 2 u - 1`` of Triton's ``uint_to_uniform_float``. For D a multiple
+of 4 (every real model) this is the flat layout of :func:`fusednoise.add_noise`'s uniform noise: the NEFTune noise
+of a tensor is HyPe-U's noise with sigma 1, scaled per example.
+
+The sum is taken in float32 and rounded to nearest in x's dtype.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .noise import standard_noise
+
+
+def kept_tokens(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The (N,) bool keep flag of every token row of ``x`` (all True without a mask)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if mask is None:
+        return torch.ones(rows, dtype=torch.bool, device=x.device)
+    return mask.reshape(-1) != 0
+
+
+def row_scales(lengths: torch.Tensor, alpha: float, D: int) -> torch.Tensor:
+    """``alpha / sqrt(L * D)`` per example in IEEE float32 (0 where ``L == 0``), from int lengths (B,)."""
+    product = (lengths.detach().cpu().numpy().astype(np.int64) * D).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        scales = np.float32(alpha) / np.sqrt(product)
+    scales = np.where(product > 0, scales, np.float32(0.0)).astype(np.float32)
+    return torch.from_numpy(scales).to(lengths.device)
+
+
+def uniform_rows(n_rows: int, D: int, seed: int, device="cpu") -> torch.Tensor:
+    """The (n_rows, D) U(-1, 1) float32 noise of the counter rule above."""
+    padded = 4 * -(-D // 4)
+    return standard_noise(n_rows * padded, "uniform", seed, device).view(n_rows, padded)[:, :D]
+
+
+def neftune_noise(x: torch.Tensor, alpha: float, mask: Optional[torch.Tensor], seed: int) -> torch.Tensor:
+    """``x + alpha / sqrt(L_b * D) * U(-1, 1)`` on kept tokens, ``x`` on padded ones; a new tensor of x's dtype
+    and shape."""
+    D, T = x.shape[-1], x.shape[-2]
+    if x.numel() == 0:
+        return x.clone()
+    rows = x.reshape(-1, D)
+    keep = kept_tokens(x, mask)
+    lengths = keep.view(-1, T).sum(dim=1)
+    scale = row_scales(lengths, alpha, D).repeat_interleave(T)
+    noisy = rows.to(torch.float32) + uniform_rows(rows.shape[0], D, seed, x.device) * scale[:, None]
+    out = torch.where(keep[:, None], noisy.to(x.dtype), rows)
+    return out.reshape(x.shape)
