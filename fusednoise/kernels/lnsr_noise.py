@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ..backends import interpreter_enabled
 from ..reference.lnsr import DEPENDENT_RTOL2
+from .launch import Launch
 from .noise import _pick4, _round_nearest, _uniform
 
 # Elements per tile: rows * padded columns.
@@ -125,19 +126,26 @@ def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, n_rows, D, G, scale, seed,
             tl.store(out_ptr + offs, _round_nearest(result, dtype, BF16_BY_BITS), mask=m)
 
 
+def scaled_noise_launch(x, grad, out, scale: float, seed: int) -> Launch:
+    """The launch :func:`launch_scaled_noise` runs (also built from ``meta`` tensors by ``specialisations``)."""
+    n_rows, D = x.shape
+    tile = TILE_INTERPRETER if interpreter_enabled() else TILE
+    block_d = max(4, min(triton.next_power_of_2(D), MAX_BLOCK_D))
+    block_r = max(1, min(tile // block_d, triton.next_power_of_2(n_rows)))
+    return Launch(
+        _scaled_noise_kernel, (triton.cdiv(n_rows, block_r),),
+        (x, grad if grad is not None else x, out, n_rows, D, triton.cdiv(D, 4), float(scale), seed),
+        dict(BACKWARD=grad is not None, ONE_BLOCK=D <= block_d, BF16_BY_BITS=interpreter_enabled(),
+             BLOCK_R=block_r, BLOCK_D=block_d),
+        4 if block_r * block_d <= 2048 else 8)
+
+
 def launch_scaled_noise(x, grad, out, scale: float, seed: int) -> None:
     """Forward (``grad is None``: ``out = x + noise``) or backward (``out = dx``) over contiguous (N, D) tensors."""
     n_rows, D = x.shape
     if n_rows == 0 or D == 0:
         return
-    tile = TILE_INTERPRETER if interpreter_enabled() else TILE
-    block_d = max(4, min(triton.next_power_of_2(D), MAX_BLOCK_D))
-    block_r = max(1, min(tile // block_d, triton.next_power_of_2(n_rows)))
-    grid = (triton.cdiv(n_rows, block_r),)
-    _scaled_noise_kernel[grid](
-        x, grad if grad is not None else x, out, n_rows, D, triton.cdiv(D, 4), float(scale), seed,
-        BACKWARD=grad is not None, ONE_BLOCK=D <= block_d, BF16_BY_BITS=interpreter_enabled(),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4 if block_r * block_d <= 2048 else 8)
+    scaled_noise_launch(x, grad, out, scale, seed).run()
 
 
 @triton.jit
@@ -188,16 +196,24 @@ def manifold_tile_fits(k: int, D: int) -> bool:
     return triton.next_power_of_2(max(k, 1)) * triton.next_power_of_2(max(D, 1)) <= MAX_MANIFOLD_TILE
 
 
+def in_manifold_launch(x, token_ids, weight, neighbors, out, mix_ratio: float, seed: int) -> Launch:
+    """The launch :func:`launch_in_manifold` runs (also built from ``meta`` tensors by ``specialisations``)."""
+    n_rows, D = x.shape
+    k = neighbors.shape[1]
+    kp = triton.next_power_of_2(k)
+    block_d = triton.next_power_of_2(D)
+    return Launch(
+        _in_manifold_kernel, (n_rows,),
+        (x, token_ids, weight, neighbors, out, weight.shape[0], D, weight.stride(0), triton.cdiv(k, 4),
+         float(mix_ratio), seed, DEPENDENT_RTOL2),
+        dict(K=k, KP=kp, BF16_BY_BITS=interpreter_enabled(), BLOCK_D=block_d),
+        4 if kp * block_d <= 8192 else (8 if kp * block_d <= 32768 else 16))
+
+
 def launch_in_manifold(x, token_ids, weight, neighbors, out, mix_ratio: float, seed: int) -> None:
     """``out = x + eps`` for contiguous x/out (N, D), token_ids (N,), weight (V, D) with unit column stride and
     a contiguous neighbour table (V, k)."""
     n_rows, D = x.shape
-    k = neighbors.shape[1]
     if n_rows == 0 or D == 0:
         return
-    kp = triton.next_power_of_2(k)
-    block_d = triton.next_power_of_2(D)
-    _in_manifold_kernel[(n_rows,)](
-        x, token_ids, weight, neighbors, out, weight.shape[0], D, weight.stride(0), triton.cdiv(k, 4),
-        float(mix_ratio), seed, DEPENDENT_RTOL2, K=k, KP=kp, BF16_BY_BITS=interpreter_enabled(), BLOCK_D=block_d,
-        num_warps=4 if kp * block_d <= 8192 else (8 if kp * block_d <= 32768 else 16))
+    in_manifold_launch(x, token_ids, weight, neighbors, out, mix_ratio, seed).run()

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
+from .launch import Launch
 
 DIST_NORMAL = 0
 DIST_UNIFORM = 1
@@ -108,6 +109,20 @@ def noise_kernel(x_ptr, residual_ptr, out_ptr, numel, sigma, seed, first_block,
     tl.store(out_ptr + offsets, result, mask=in_bounds)
 
 
+def noise_launch(x, residual, out, sigma: float, distribution: str, seed: int, stochastic: bool,
+                 first_index: int = 0) -> Launch:
+    """The launch :func:`launch_noise` runs (also built from ``meta`` tensors by ``specialisations``)."""
+    numel = x.numel()
+    return Launch(
+        noise_kernel, (triton.cdiv(numel, BLOCK_SIZE),),
+        (x, residual if residual is not None else x, out, numel, float(sigma), seed, first_index // 4),
+        dict(HAS_RESIDUAL=residual is not None,
+             DISTRIBUTION=DIST_NORMAL if distribution == "normal" else DIST_UNIFORM,
+             STOCHASTIC=bool(stochastic) and out.dtype.itemsize == 2,
+             BF16_BY_BITS=interpreter_enabled(), BLOCK=BLOCK_SIZE),
+        NUM_WARPS)
+
+
 def launch_noise(x, residual, out, sigma: float, distribution: str, seed: int, stochastic: bool,
                  first_index: int = 0) -> None:
     """Run the kernel over contiguous ``x`` (and ``residual``) into contiguous ``out`` (which may be ``x``).
@@ -117,13 +132,6 @@ def launch_noise(x, residual, out, sigma: float, distribution: str, seed: int, s
     """
     if first_index % 4:
         raise ValueError(f"first_index must be a multiple of 4, got {first_index}")
-    numel = x.numel()
-    if numel == 0:
+    if x.numel() == 0:
         return
-    grid = (triton.cdiv(numel, BLOCK_SIZE),)
-    noise_kernel[grid](
-        x, residual if residual is not None else x, out, numel, float(sigma), seed, first_index // 4,
-        HAS_RESIDUAL=residual is not None,
-        DISTRIBUTION=DIST_NORMAL if distribution == "normal" else DIST_UNIFORM,
-        STOCHASTIC=bool(stochastic) and out.dtype.itemsize == 2,
-        BF16_BY_BITS=interpreter_enabled(), BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    noise_launch(x, residual, out, sigma, distribution, seed, stochastic, first_index).run()

@@ -13,7 +13,7 @@ a ``(row, chunk)`` table. The arithmetic and random numbers are those of ``fused
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ..backends import interpreter_enabled
 from .chunks import cdiv, chunk_of_program, tensor_ptr
+from .launch import Launch
 from .noise import _pick4, _round_nearest, _uniform
 
 BLOCK_SIZE = 4096
@@ -118,12 +119,10 @@ def _noise_kernel(meta_ptr, chunks_ptr, partial_ptr, std_ptr, noise_lambda, seed
     tl.store(x_ptr + offs, _round_nearest(x, DTYPE, BF16_BY_BITS), mask=in_bounds)
 
 
-def launch_perturb(tensors: Sequence[torch.Tensor], streams: Sequence[int], noise_lambda: float,
-                   seed: int) -> torch.Tensor:
-    """Perturb contiguous ``tensors`` (one device and dtype, each >= 2 elements) in place; returns their stds
-    (float32, on their device) in order. Two launches whatever the number of tensors."""
-    if not tensors:
-        return torch.empty(0, dtype=torch.float32)
+def perturb_launches(tensors: Sequence[torch.Tensor], streams: Sequence[int], noise_lambda: float,
+                     seed: int) -> Tuple[torch.Tensor, List[Launch]]:
+    """The two launches :func:`launch_perturb` runs and the std tensor they fill (also built from ``meta``
+    tensors by ``specialisations``)."""
     device = tensors[0].device
     stats_chunks: List[tuple] = []
     noise_chunks: List[tuple] = []
@@ -139,10 +138,22 @@ def launch_perturb(tensors: Sequence[torch.Tensor], streams: Sequence[int], nois
     partial = torch.empty(2 * len(stats_chunks), dtype=torch.float32, device=device)
     std = torch.empty(len(tensors), dtype=torch.float32, device=device)
     dtype = _TL_DTYPES[tensors[0].dtype]
-    _stats_kernel[(len(stats_chunks),)](meta, chunks, partial, DTYPE=dtype, META=META_FIELDS, SUB=STATS_SUB,
-                                        ITERS=STATS_ITERS, num_warps=NUM_WARPS)
-    _noise_kernel[(len(noise_chunks),)](meta, chunks[len(stats_chunks):], partial, std, float(noise_lambda),
-                                        int(seed), DTYPE=dtype, META=META_FIELDS, BLOCK=BLOCK_SIZE,
-                                        CHUNK=STATS_CHUNK, PBLOCK=PARTIAL_BLOCK,
-                                        BF16_BY_BITS=interpreter_enabled(), num_warps=NUM_WARPS)
+    stats = Launch(_stats_kernel, (len(stats_chunks),), (meta, chunks, partial),
+                   dict(DTYPE=dtype, META=META_FIELDS, SUB=STATS_SUB, ITERS=STATS_ITERS), NUM_WARPS)
+    noise = Launch(_noise_kernel, (len(noise_chunks),),
+                   (meta, chunks[len(stats_chunks):], partial, std, float(noise_lambda), int(seed)),
+                   dict(DTYPE=dtype, META=META_FIELDS, BLOCK=BLOCK_SIZE, CHUNK=STATS_CHUNK, PBLOCK=PARTIAL_BLOCK,
+                        BF16_BY_BITS=interpreter_enabled()), NUM_WARPS)
+    return std, [stats, noise]
+
+
+def launch_perturb(tensors: Sequence[torch.Tensor], streams: Sequence[int], noise_lambda: float,
+                   seed: int) -> torch.Tensor:
+    """Perturb contiguous ``tensors`` (one device and dtype, each >= 2 elements) in place; returns their stds
+    (float32, on their device) in order. Two launches whatever the number of tensors."""
+    if not tensors:
+        return torch.empty(0, dtype=torch.float32)
+    std, launches = perturb_launches(tensors, streams, noise_lambda, seed)
+    for launch in launches:
+        launch.run()
     return std

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from ..backends import interpreter_enabled
 from .chunks import cdiv, chunk_of_program, tensor_ptr
+from .launch import Launch
 from .noise import _round_nearest, _uniform
 
 # Pass 2: elements per program. Pass 1: SENS_SUB elements per iteration, up to SENS_ITERS iterations.
@@ -208,16 +209,12 @@ class PatsLauncher:
             hit = self._chunks[key] = _chunk_table(numels, noise, device)
         return hit
 
-    def step(self, jobs: Sequence[tuple]) -> None:
-        """One step for ``jobs``: ``(param, grad, exp_avg, exp_inf, sensitivity_or_None, scalars, stream)``.
-
-        Every param must be contiguous, of one device and one dtype (float32, float16 or bfloat16); grads
-        contiguous with the param's dtype; state contiguous float32. ``scalars`` is a
-        :class:`fusednoise.reference.pats.StepScalars`.
-        """
+    def launches(self, jobs: Sequence[tuple]) -> List[Launch]:
+        """The launches :meth:`step` runs for ``jobs`` (also built from ``meta`` tensors by
+        ``specialisations``)."""
         jobs = [j for j in jobs if j[0].numel() > 0]
         if not jobs:
-            return
+            return []
         jobs.sort(key=lambda j: not j[5].noise)  # noise rows first: pass 1's chunks are a prefix
         device = jobs[0][0].device
         dtype = jobs[0][0].dtype
@@ -228,9 +225,22 @@ class PatsLauncher:
         meta = _to_device(_meta_table(jobs, starts), device)
         partial = torch.empty(max(n_pass1, 1), dtype=torch.float32, device=device)
         tl_dtype = _TL_DTYPES[dtype]
+        launches = []
         if n_pass1:
-            _sensitivity_kernel[(n_pass1,)](meta, chunks, partial, PARAM_DTYPE=tl_dtype, META=META_FIELDS,
-                                            SUB=SENS_SUB, ITERS=SENS_ITERS, num_warps=NUM_WARPS)
-        _update_kernel[(n_pass2,)](meta, chunks[n_pass1:], partial, PARAM_DTYPE=tl_dtype, META=META_FIELDS,
-                                   BLOCK=BLOCK_SIZE, PBLOCK=PARTIAL_BLOCK, BF16_BY_BITS=interpreter_enabled(),
-                                   num_warps=NUM_WARPS)
+            launches.append(Launch(_sensitivity_kernel, (n_pass1,), (meta, chunks, partial),
+                                   dict(PARAM_DTYPE=tl_dtype, META=META_FIELDS, SUB=SENS_SUB, ITERS=SENS_ITERS),
+                                   NUM_WARPS))
+        launches.append(Launch(_update_kernel, (n_pass2,), (meta, chunks[n_pass1:], partial),
+                               dict(PARAM_DTYPE=tl_dtype, META=META_FIELDS, BLOCK=BLOCK_SIZE, PBLOCK=PARTIAL_BLOCK,
+                                    BF16_BY_BITS=interpreter_enabled()), NUM_WARPS))
+        return launches
+
+    def step(self, jobs: Sequence[tuple]) -> None:
+        """One step for ``jobs``: ``(param, grad, exp_avg, exp_inf, sensitivity_or_None, scalars, stream)``.
+
+        Every param must be contiguous, of one device and one dtype (float32, float16 or bfloat16); grads
+        contiguous with the param's dtype; state contiguous float32. ``scalars`` is a
+        :class:`fusednoise.reference.pats.StepScalars`.
+        """
+        for launch in self.launches(jobs):
+            launch.run()

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launch
+
 BLOCK_SIZE = 1024
 
 
@@ -28,10 +30,15 @@ def philox_words_kernel(out_ptr, n, seed, first_counter, stream, purpose, BLOCK:
     tl.store(out_ptr + 3 * n + index, w3.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
 
 
+def philox_words_launch(out, seed: int, n: int, first_counter: int = 0, stream: int = 0,
+                        purpose: int = 0) -> Launch:
+    return Launch(philox_words_kernel, (triton.cdiv(n, BLOCK_SIZE),), (out, n, seed, first_counter, stream, purpose),
+                  dict(BLOCK=BLOCK_SIZE))
+
+
 def philox_words(seed: int, n: int, first_counter: int = 0, stream: int = 0, purpose: int = 0,
                  device="cuda") -> torch.Tensor:
     """The four uint32 philox words (as int64, shape (4, n)) of counters ``first_counter + arange(n)``."""
     out = torch.empty(4, n, dtype=torch.int64, device=device)
-    philox_words_kernel[(triton.cdiv(n, BLOCK_SIZE),)](out, n, seed, first_counter, stream, purpose,
-                                                        BLOCK=BLOCK_SIZE)
+    philox_words_launch(out, seed, n, first_counter, stream, purpose).run()
     return out

@@ -1,0 +1,498 @@
+"""A static roofline model of every fusednoise kernel on an H100 (sm_90), from its SASS, without a GPU.
+
+    python benchmarks/sass_roofline.py                      # table on stdout, benchmarks/results/static-sm90.md
+    python benchmarks/sass_roofline.py --json model.json    # and one JSON record per case
+    python benchmarks/sass_roofline.py --only 'hype.*bf16' --path    # a subset, with each hot path's blocks
+
+Run it in a process without ``TRITON_INTERPRET``. Each case of ``fusednoise/kernels/specialisations.py`` (the
+launches the launchers build for large inputs, compiled with the JIT's argument specialisation by
+``fusednoise.kernels.compile_check``) is compiled for sm_90 with the ptxas Triton ships, disassembled with its
+nvdisasm, and the instructions one thread executes per element on the hot path are counted.
+
+The model (an H100 SXM; constants below). Issue: 132 SMs x 4 schedulers x 1 warp-instruction per clock at
+1.98 GHz = 33.4e12 thread-instructions/s, IMAD.WIDE and IMAD.HI counting two issue slots. MUFU (lg2, ex2, sin,
+cos, rsq, rcp, sqrt): 16 per clock per SM = 4.2e12/s. Memory: 3.0e12 B/s, a measured copy. The predicted
+fraction of the memory roofline is memory time / max(memory, issue, MUFU time) for the DRAM bytes the kernel must
+move per element; the issue budget per element is 11.1 x those bytes.
+
+It is a model, not a measurement; a GPU timing outranks it. Left out: the real issue efficiency (0.6-0.9 for
+mixed integer/float code, which is why the HyPe targets keep 15% of the budget free), pipe limits (reported, not
+binding: ALU and FMA pipes at 64 lanes per SM, conversions on the MUFU pipe), latency and occupancy beyond the
+resident-warp count (a kernel with few warps per SM may not hide DRAM latency), barriers, caches (every byte is a
+DRAM byte; gathers that hit L2 are charged in full), tails (the last partial program of a tensor), launch
+overhead, and whether narrow (16-bit) accesses reach the copy bandwidth at all (reported as the narrowest bulk
+access).
+
+The hot path (what one thread executes per element in steady state), from the control-flow graph:
+* predicated EXITs are not taken (in-bounds threads); a conditional branch takes the cheaper side unless a
+  waypoint forces the other, so libdevice slow paths and per-tensor tail code are off the path;
+* element accesses are the global loads/stores whose address depends on the thread index (a taint from
+  ``S2R SR_TID``); loads of one address by every thread (pointer tables, hyperparameters) are not;
+* waypoints: every bulk block (element accesses moving more than half the bytes of the thread's elements of the
+  kernel's element type) in address order, and one block of each group of other global accesses inside a small
+  loop (a per-program loop over partial sums runs once); a CALL costs its callee's cheapest path;
+* loop kernels: one iteration of the outermost loop holding a bulk block, per element of one iteration, plus the
+  rest of the program amortised over the case's trip count.
+The bulk bytes on the path must equal the bytes per element the case declares: a mismatch is reported as an
+error (a wrong path or a wrong declaration).
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, Optional, Set, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Triton 3.9 warns that its default (FP fusion on, as in the 3.6 a GPU machine runs) will change: keep it.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import sass_cfg  # noqa: E402
+from sass_cfg import Block, Ins  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MD = os.path.join(REPO, "benchmarks", "results", "static-sm90.md")
+ARCH = 90
+
+# ---- H100 SXM
+SMS, CLOCK = 132, 1.98e9
+ISSUE_RATE = SMS * 4 * 32 * CLOCK     # thread-instructions/s: 4 schedulers x 1 warp-instruction/clock = 33.4e12
+MUFU_RATE = SMS * 16 * CLOCK          # 16/clock/SM                                                   = 4.18e12
+ALU_RATE = SMS * 64 * CLOCK           # integer/logic/compare pipe
+FMA_HEAVY_RATE = SMS * 64 * CLOCK     # the IMAD family, on the heavy FMA pipe
+FP32_RATE = SMS * 128 * CLOCK         # FFMA/FMUL/FADD on the heavy and lite FMA pipes
+MEM_BW = 3.0e12                       # bytes/s, a measured copy
+REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM, SHARED_PER_SM = 65536, 64, 32, 228 * 1024
+
+_WIDE = re.compile(r"^IMAD\.(WIDE|HI)")
+_CLASSES = {
+    "mem": ("LDG", "STG", "LDS", "STS", "LDL", "STL", "LDC", "ULDC", "LDGSTS", "RED", "ATOMG", "REDG", "LD", "ST"),
+    "mufu": ("MUFU",),
+    "cvt": ("F2I", "I2F", "F2F", "FRND", "I2I"),  # on the MUFU pipe; I2FP/F2FP run on the ALU pipe
+    "imad": ("IMAD", "VIADD", "IMUL"),
+    "fp32": ("FFMA", "FMUL", "FADD", "FMUL2", "FFMA2", "FADD2", "HFMA2", "HADD2", "HMUL2", "FMNMX"),
+    "fp64": ("DMUL", "DFMA", "DADD"),
+    "ctrl": ("BRA", "BSSY", "BSYNC", "EXIT", "CALL", "RET", "WARPSYNC", "BAR", "NOP", "YIELD", "BMOV"),
+    "shfl": ("SHFL",),
+}
+
+
+def classify(ins: Ins) -> str:
+    if _WIDE.match(ins.op):
+        return "imad_wide"
+    for name, bases in _CLASSES.items():
+        if ins.base in bases:
+            return name
+    if ins.base.startswith("U") or ins.base in ("S2UR", "R2UR", "VOTEU"):
+        return "uniform"
+    return "alu"
+
+
+def issue_slots(ins: Ins) -> float:
+    return 2.0 if _WIDE.match(ins.op) else 1.0
+
+
+def global_bytes(ins: Ins) -> int:
+    """Bytes one thread moves with a global load/store (0 for anything else, and for the constant-cache loads of
+    libdevice's tables)."""
+    if ins.base not in ("LDG", "STG") or "CONSTANT" in ins.op:
+        return 0
+    for width, size in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if f".{width}" in ins.op:
+            return size
+    return 4
+
+
+# ------------------------------------------------------------------------------------------------ hot path
+class HotPath:
+    """The per-element hot path of one compiled case (see the module docstring for the rules)."""
+
+    def __init__(self, sass: str, elements_per_thread: float, itemsize: int, loop: bool, skip_noise: bool):
+        self.blocks: List[Block] = sass_cfg.blocks_of(sass_cfg.parse(sass))
+        self.labels = sass_cfg.label_index(self.blocks)
+        self.live = sass_cfg.reachable(self.blocks)
+        self.ept = elements_per_thread
+        self.bulk_threshold = elements_per_thread * itemsize / 2
+        self._callee: Dict[str, Counter] = {}
+        self.element_accesses = sass_cfg.thread_indexed_accesses(self.blocks)
+        self._loops = self._natural_loops()
+        # In a straight-line kernel every loop is a small per-program loop (over partial sums); in a loop kernel
+        # the loops holding element accesses are the bulk loop, the others are small.
+        in_loops = {b for _, _, body in self._loops for b in body}
+        if loop:
+            bulk_loops = [body for _, _, body in self._loops if any(self._bytes(b) > self.bulk_threshold for b in body)]
+            self._small_loop_blocks = in_loops - set().union(set(), *bulk_loops)
+        else:
+            self._small_loop_blocks = in_loops
+        groups = self._waypoints(self.live)
+        bulk = [g for g in groups if self._is_bulk_group(g)]
+        if skip_noise:  # only the stores are forced: the noise branch (its extra load) is skipped
+            groups = [g for g in bulk if any(i.base == "STG" for b in g for i in self.blocks[b].ins)]
+        exits = {b.idx for b in self.blocks if b.idx in self.live and b.ins[-1].base == "EXIT"
+                 and b.ins[-1].pred is None}
+        if loop:
+            bulk_blocks = {next(iter(g)) for g in bulk}
+            candidates = [(h, u, body) for h, u, body in self._loops if body & bulk_blocks]
+            if not candidates:
+                raise RuntimeError("a loop kernel without a loop around its bulk accesses")
+            header, latch, body = max(candidates, key=lambda t: len(t[2]))
+            self.path = self._chain(header, self._waypoints(body), {latch})
+            before = [g for g in groups if not g & body and self._start(g) < self.blocks[header].start]
+            after = [g for g in groups if not g & body and self._start(g) > self.blocks[header].start]
+            self.prologue = self._chain(0, before, {header})[:-1]
+            leaving = [s for b in body for s in self.blocks[b].succ if s not in body]
+            if leaving:
+                self.epilogue = self._chain(min(leaving, key=lambda s: self.blocks[s].start), after, exits)
+            else:  # the loop ends the program through a predicated EXIT
+                self.epilogue = []
+        else:
+            self.path = self._chain(0, groups, exits)
+            self.prologue, self.epilogue = [], []
+
+    # ---- costs
+    def counts(self, b: int) -> Counter:
+        block = self.blocks[b]
+        counts = Counter(block.ins)
+        if block.call:
+            counts.update(self._callee_counts(block.call))
+        return counts
+
+    def cost(self, b: int) -> float:
+        return sum(issue_slots(i) * n for i, n in self.counts(b).items())
+
+    def _bytes(self, b: int) -> int:
+        return sum(global_bytes(i) for i in self.blocks[b].ins if i.addr in self.element_accesses)
+
+    def gbytes(self, b: int) -> int:
+        """Bytes the block's bulk accesses (thread-indexed global loads/stores outside small loops) move per
+        thread."""
+        return 0 if b in self._small_loop_blocks else self._bytes(b)
+
+    def small_loop_bytes(self, b: int) -> int:
+        return self._bytes(b) if b in self._small_loop_blocks else 0
+
+    def _callee_counts(self, label: str) -> Counter:
+        if label not in self._callee:
+            start = self.labels[label]
+            ends = {b.idx for b in self.blocks if b.ins[-1].base == "RET" and b.idx >= start}
+            counts = Counter()
+            for b in self._shortest(start, ends):
+                counts.update(self.counts(b))
+            self._callee[label] = counts
+        return self._callee[label]
+
+    # ---- graph search
+    def _start(self, group: Set[int]) -> int:
+        return self.blocks[min(group, key=lambda b: self.blocks[b].start)].start
+
+    def _shortest(self, src: int, targets: Set[int]) -> List[int]:
+        """The cheapest block path from ``src`` to any of ``targets`` (both ends included), by issue cost."""
+        dist = {src: self.cost(src)}
+        prev: Dict[int, Optional[int]] = {src: None}
+        heap = [(dist[src], src)]
+        while heap:
+            d, b = heapq.heappop(heap)
+            if d > dist.get(b, math.inf):
+                continue
+            if b in targets:
+                path = []
+                while b is not None:
+                    path.append(b)
+                    b = prev[b]
+                return path[::-1]
+            for s in self.blocks[b].succ:
+                nd = d + self.cost(s)
+                if nd < dist.get(s, math.inf):
+                    dist[s], prev[s] = nd, b
+                    heapq.heappush(heap, (nd, s))
+        raise RuntimeError(f"no path from block B{src} to {sorted(targets)}")
+
+    def _chain(self, start: int, groups: List[Set[int]], end: Set[int]) -> List[int]:
+        path = [start]
+        for group in groups + [end]:
+            if path[-1] not in group:
+                path.extend(self._shortest(path[-1], group)[1:])
+        return path
+
+    def _natural_loops(self) -> List[Tuple[int, int, Set[int]]]:
+        """(header, latch, body) per back edge among live blocks."""
+        preds: Dict[int, List[int]] = {b: [] for b in self.live}
+        for x in self.live:
+            for s in self.blocks[x].succ:
+                preds[s].append(x)
+        loops = []
+        for latch in self.live:
+            for header in self.blocks[latch].succ:
+                if self.blocks[header].start <= self.blocks[latch].start:
+                    body, stack = {header}, [latch]
+                    while stack:
+                        x = stack.pop()
+                        if x not in body:
+                            body.add(x)
+                            stack.extend(preds[x])
+                    loops.append((header, latch, body))
+        return loops
+
+    def _is_bulk_group(self, group: Set[int]) -> bool:
+        return len(group) == 1 and self.gbytes(next(iter(group))) > self.bulk_threshold
+
+    def _waypoints(self, within: Set[int]) -> List[Set[int]]:
+        """Bulk blocks, each its own group, and groups of other global-access blocks that lie in a loop without
+        bulk accesses (split by barriers/shuffles), in address order."""
+        groups: List[Set[int]] = []
+        cluster: Set[int] = set()
+        for b in sorted(within, key=lambda b: self.blocks[b].start):
+            nbytes = self.gbytes(b)
+            if nbytes > self.bulk_threshold:
+                if cluster:
+                    groups.append(cluster)
+                    cluster = set()
+                groups.append({b})
+            elif self.small_loop_bytes(b):
+                cluster.add(b)
+            if cluster and any(i.base in ("BAR", "SHFL") for i in self.blocks[b].ins):
+                groups.append(cluster)
+                cluster = set()
+        if cluster:
+            groups.append(cluster)
+        return groups
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def model(case, compiled: dict, show_path: bool = False) -> dict:
+    """One JSON record: the hot path's counts per element and the roofline prediction for ``case``."""
+    launch = case.launch
+    threads = 32 * launch.num_warps
+    programs = math.prod(launch.grid)
+    ept = case.elements / (programs * case.iterations * threads)
+    path = HotPath(compiled["sass"], ept, case.itemsize, case.iterations > 1, case.skip_noise)
+
+    per_element: Counter = Counter()
+
+    def add(blocks: List[int], scale: float) -> None:
+        for b in blocks:
+            for ins, n in path.counts(b).items():
+                per_element[classify(ins)] += n * scale
+                per_element["_issue"] += issue_slots(ins) * n * scale
+                per_element["_instructions"] += n * scale
+
+    add(path.path, 1.0 / ept)
+    add(path.prologue + path.epilogue, 1.0 / (ept * case.iterations))
+    bulk_on_path = [b for b in path.path if path.gbytes(b) > path.bulk_threshold]
+    path_bytes = sum(path.gbytes(b) for b in bulk_on_path) / ept
+    access_bits = [8 * global_bytes(i) for b in bulk_on_path for i in path.blocks[b].ins
+                   if i.addr in path.element_accesses]
+
+    t_mem = case.bytes_per_element / MEM_BW
+    t_issue = per_element["_issue"] / ISSUE_RATE
+    t_mufu = per_element["mufu"] / MUFU_RATE
+    limits = {"memory": t_mem, "issue": t_issue, "MUFU": t_mufu}
+    binding = max(limits, key=limits.get)
+    heavy = per_element["imad"] + 2 * per_element["imad_wide"]
+    pipes = {"ALU": per_element["alu"] / ALU_RATE,
+             "FMA": max(heavy / FMA_HEAVY_RATE, (heavy + per_element["fp32"]) / FP32_RATE),
+             "MUFU+cvt": (per_element["mufu"] + per_element["cvt"]) / MUFU_RATE}
+    registers = compiled["registers"]
+    regs_per_warp = ((max(registers, 1) * 32 + 255) // 256) * 256
+    blocks_per_sm = min(REGISTERS_PER_SM // (regs_per_warp * launch.num_warps), MAX_WARPS_PER_SM // launch.num_warps,
+                        MAX_BLOCKS_PER_SM, SHARED_PER_SM // max(compiled["shared"] + 1024, 1))
+    record = dict(
+        name=case.name, kernel=case.kernel_name, num_warps=launch.num_warps, elements_per_thread=ept,
+        bytes_per_element=case.bytes_per_element, path_bytes_per_element=path_bytes,
+        issue_slots_per_element=per_element["_issue"], instructions_per_element=per_element["_instructions"],
+        mufu_per_element=per_element["mufu"],
+        classes_per_element={k: v for k, v in sorted(per_element.items()) if not k.startswith("_")},
+        budget_share=t_issue / t_mem, registers=registers, spill_bytes=compiled["spill_bytes"],
+        local_bytes=compiled["local_bytes"], shared_bytes=compiled["shared"],
+        warps_per_sm=blocks_per_sm * launch.num_warps,
+        min_global_access_bits=min(access_bits) if access_bits else None,
+        predicted_fraction=t_mem / max(limits.values()), binding_limit=binding,
+        pipe_fraction=t_mem / max(t_mem, t_issue, *pipes.values()),
+        pipe_limit=max({"memory": t_mem, "issue": t_issue, **pipes}.items(), key=lambda kv: kv[1])[0],
+    )
+    if show_path:
+        record["path"] = dict(body=[f"B{b}" for b in path.path], prologue=[f"B{b}" for b in path.prologue],
+                              epilogue=[f"B{b}" for b in path.epilogue])
+    record["failures"] = failures(case, record)
+    return record
+
+
+def failures(case, record: dict) -> List[str]:
+    """What the record misses of the case's target (and the model's own consistency checks)."""
+    out = []
+    if abs(record["path_bytes_per_element"] - case.bytes_per_element) > 0.02 * case.bytes_per_element:
+        out.append(f"the hot path moves {record['path_bytes_per_element']:.2f} B/element in bulk accesses, the case "
+                   f"declares {case.bytes_per_element:g}")
+    if record["spill_bytes"]:
+        out.append(f"{record['spill_bytes']} bytes of register spills")
+    target = case.target
+    if target is None:
+        return out
+    if record["predicted_fraction"] < target.min_fraction:
+        out.append(f"predicted {record['predicted_fraction']:.1%} < {target.min_fraction:.0%} of the roofline "
+                   f"({record['binding_limit']}-bound)")
+    if target.max_budget_share and record["budget_share"] > target.max_budget_share:
+        out.append(f"uses {record['budget_share']:.0%} of the issue budget > {target.max_budget_share:.0%}")
+    if record["warps_per_sm"] < target.min_warps_per_sm:
+        out.append(f"{record['warps_per_sm']} resident warps/SM < {target.min_warps_per_sm}")
+    bits = record["min_global_access_bits"]
+    if target.min_access_bits and (bits is None or bits < target.min_access_bits):
+        out.append(f"narrowest bulk access {bits} bits < {target.min_access_bits}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ compiling
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _compile_one(index: int) -> dict:
+    """Compile case ``index`` and disassemble it (run in a worker process)."""
+    from fusednoise.kernels.compile_check import compile_error, compile_launch
+    from fusednoise.kernels.specialisations import cases
+
+    case = cases()[index]
+    started = time.perf_counter()
+    try:
+        compiled = compile_launch(case.launch, ARCH)
+    except Exception as error:  # noqa: BLE001 - a compiler failure is a finding to report
+        return dict(error=compile_error(error), seconds=time.perf_counter() - started)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], check=True, capture_output=True, text=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], check=True, capture_output=True,
+                               text=True).stdout
+    resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    registers, stack, _, local = (int(x) for x in resources.groups())
+    spill_ops = len(re.findall(r"\b(STL|LDL)\b", sass))
+    return dict(error="", sass=sass, registers=registers, local_bytes=local + stack,
+                # local memory used by spill code (no kernel here keeps an array in local memory on purpose)
+                spill_bytes=(local + stack) if spill_ops else 0,
+                shared=compiled.metadata.shared, seconds=time.perf_counter() - started)
+
+
+def compile_cases(indices: List[int], jobs: int) -> Dict[int, dict]:
+    if jobs <= 1 or len(indices) <= 1:
+        return {i: _compile_one(i) for i in indices}
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(zip(indices, pool.map(_compile_one, indices)))
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _cell(record: dict, key: str, fmt: str) -> str:
+    value = record.get(key)
+    return "-" if value is None else format(value, fmt)
+
+
+def table(records: List[dict], targeted: bool) -> List[str]:
+    lines = ["| case | B/elem | issue slots/elem | budget used | MUFU/elem | regs | warps/SM | narrowest access "
+             "| predicted | bound by | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if bool(r.get("target")) != targeted:
+            continue
+        if r.get("error") or "predicted_fraction" not in r:
+            what = r["error"] or f"compiled only, {r['registers']} registers, {r['spill_bytes']} spill bytes"
+            lines.append(f"| {r['name']} | {what} |||||||||")
+            continue
+        target = r.get("target")
+        verdict = "" if not target else ("met" if not r["failures"] else
+                                         ("pending: " if target.get("pending") else "MISSED: ")
+                                         + "; ".join(r["failures"]))
+        lines.append(
+            f"| {r['name']} | {r['bytes_per_element']:g} | {r['issue_slots_per_element']:.1f} "
+            f"| {r['budget_share']:.0%} | {r['mufu_per_element']:.2f} | {r['registers']} | {r['warps_per_sm']} "
+            f"| {_cell(r, 'min_global_access_bits', 'd')} bit | {r['predicted_fraction']:.0%} "
+            f"| {r['binding_limit']} | {verdict} |")
+    return lines
+
+
+def markdown(records: List[dict]) -> str:
+    intro = __doc__.split("Run it in a process", 1)[1].split("The hot path", 1)[0]
+    worst = min((r for r in records if r.get("target") and "predicted_fraction" in r),
+                key=lambda r: r["predicted_fraction"], default=None)
+    lines = ["# Static roofline model of the kernels on an H100 (sm_90)", "",
+             "Written by `python benchmarks/sass_roofline.py` (Triton's ptxas and nvdisasm, no GPU). "
+             "A model, not a measurement: a timing on a GPU outranks it.", "",
+             "Run it in a process" + intro.rstrip(), ""]
+    if worst:
+        lines += [f"Worst targeted case: **{worst['name']}**, predicted {worst['predicted_fraction']:.0%} of the "
+                  f"roofline ({worst['binding_limit']}-bound).", ""]
+    lines += ["## Cases with a target (issue 9)", ""] + table(records, True)
+    lines += ["", "## Other specialisations (small inputs, other widths, other dtypes; no target)", ""]
+    lines += table(records, False)
+    return "\n".join(lines) + "\n"
+
+
+def run(only: str = "", jobs: int = 1, show_path: bool = False) -> List[dict]:
+    from fusednoise.kernels.compile_check import refuse_under_interpreter
+    from fusednoise.kernels.specialisations import cases
+
+    refuse_under_interpreter()
+    all_cases = cases()
+    indices = [i for i, c in enumerate(all_cases) if not only or re.search(only, c.name)]
+    compiled = compile_cases(indices, jobs)
+    records = []
+    for i in indices:
+        case, result = all_cases[i], compiled[i]
+        target = None if case.target is None else vars(case.target)
+        if result["error"] or not case.modelled:
+            records.append(dict(name=case.name, kernel=case.kernel_name, target=target, error=result["error"],
+                                failures=[f"compile error: {result['error']}"] if result["error"] else [],
+                                registers=result.get("registers"), spill_bytes=result.get("spill_bytes")))
+            continue
+        try:
+            record = model(case, result, show_path)
+        except Exception as error:  # noqa: BLE001 - a case the model cannot read is reported, not skipped
+            record = dict(name=case.name, kernel=case.kernel_name, error=f"model: {type(error).__name__}: {error}",
+                          failures=[f"model error: {error}"])
+        record.update(target=target, compile_seconds=result["seconds"])
+        record.setdefault("error", "")
+        records.append(record)
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="regular expression on the case names")
+    parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
+    parser.add_argument("--md", metavar="FILE", default=DEFAULT_MD,
+                        help="Markdown report (default benchmarks/results/static-sm90.md; '' for none)")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiler processes")
+    parser.add_argument("--path", action="store_true", help="print each hot path's blocks")
+    args = parser.parse_args(argv)
+    records = run(args.only, args.jobs, args.path)
+    print("\n".join(table(records, True) + [""] + table(records, False)))
+    if args.path:
+        for r in records:
+            print(r["name"], r.get("path"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(records))
+    missed = [r for r in records if r["failures"] and not (r.get("target") or {}).get("pending")]
+    for r in missed:
+        print(f"MISSED {r['name']}: {'; '.join(r['failures'])}", file=sys.stderr)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
