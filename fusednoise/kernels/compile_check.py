@@ -100,8 +100,11 @@ def refuse_under_interpreter() -> None:
 
 
 def compile_error(error: Exception) -> str:
-    lines = str(error).strip().splitlines() or [""]
-    return f"{type(error).__name__}: {lines[-1][:300]}"
+    """The innermost cause of a compiler error (Triton wraps it in one CompilationError per inlined function)."""
+    while error.__cause__ is not None or (error.__context__ is not None and not str(error).strip()):
+        error = error.__cause__ or error.__context__
+    lines = [line for line in str(error).strip().splitlines() if line.strip(" ^")] or [""]
+    return f"{type(error).__name__}: {lines[-1].strip()[:300]}"
 
 
 def compile_all(arch: int = 90) -> List[Tuple[str, str]]:
