@@ -20,21 +20,21 @@ mixed integer/float code, which is why the HyPe targets keep 15% of the budget f
 binding: ALU and FMA pipes at 64 lanes per SM, conversions on the MUFU pipe), latency and occupancy beyond the
 resident-warp count (a kernel with few warps per SM may not hide DRAM latency), barriers, caches (every byte is a
 DRAM byte; gathers that hit L2 are charged in full), tails (the last partial program of a tensor), launch
-overhead, and whether narrow (16-bit) accesses reach the copy bandwidth at all (reported as the narrowest bulk
-access).
+overhead, and whether narrow (16-bit) accesses reach the copy bandwidth at all (reported as the narrowest element
+access on the path).
 
 The hot path (what one thread executes per element in steady state), from the control-flow graph:
-* predicated EXITs are not taken (in-bounds threads); a conditional branch takes the cheaper side unless a
-  waypoint forces the other, so libdevice slow paths and per-tensor tail code are off the path;
 * element accesses are the global loads/stores whose address depends on the thread index (a taint from
   ``S2R SR_TID``); loads of one address by every thread (pointer tables, hyperparameters) are not;
-* waypoints: every bulk block (element accesses moving more than half the bytes of the thread's elements of the
-  kernel's element type) in address order, and one block of each group of other global accesses inside a small
-  loop (a per-program loop over partial sums runs once); a CALL costs its callee's cheapest path;
-* loop kernels: one iteration of the outermost loop holding a bulk block, per element of one iteration, plus the
+* the path is the cheapest route (by issue slots) from the kernel's entry to its exit whose element accesses move
+  the bytes the case declares for the thread's elements: predicated EXITs are not taken (in-bounds threads), and
+  conditional code the bytes do not need (libdevice slow paths, a tensor's partial last block, the noise branch
+  of a PATS tensor without noise) is off the path;
+* a small per-program loop with element accesses (over partial sums) runs once; a CALL costs its callee;
+* loop kernels: one trip of the outermost loop holding element accesses, per element of one trip, plus the cheapest
   rest of the program amortised over the case's trip count.
-The bulk bytes on the path must equal the bytes per element the case declares: a mismatch is reported as an
-error (a wrong path or a wrong declaration).
+The element bytes on the path must equal the bytes per element the case declares (more: the path carries
+accesses the case does not count), and the narrowest of them is reported.
 """
 from __future__ import annotations
 
@@ -117,46 +117,36 @@ def global_bytes(ins: Ins) -> int:
 class HotPath:
     """The per-element hot path of one compiled case (see the module docstring for the rules)."""
 
-    def __init__(self, sass: str, elements_per_thread: float, itemsize: int, loop: bool, skip_noise: bool):
+    def __init__(self, sass: str, bytes_per_thread: float, loop: bool, force_small_loops: bool = True):
         self.blocks: List[Block] = sass_cfg.blocks_of(sass_cfg.parse(sass))
         self.labels = sass_cfg.label_index(self.blocks)
         self.live = sass_cfg.reachable(self.blocks)
-        self.ept = elements_per_thread
-        self.bulk_threshold = elements_per_thread * itemsize / 2
-        self._callee: Dict[str, Counter] = {}
         self.element_accesses = sass_cfg.thread_indexed_accesses(self.blocks)
-        self._loops = self._natural_loops()
-        # In a straight-line kernel every loop is a small per-program loop (over partial sums); in a loop kernel
-        # the loops holding element accesses are the bulk loop, the others are small.
-        in_loops = {b for _, _, body in self._loops for b in body}
-        if loop:
-            bulk_loops = [body for _, _, body in self._loops if any(self._bytes(b) > self.bulk_threshold for b in body)]
-            self._small_loop_blocks = in_loops - set().union(set(), *bulk_loops)
-        else:
-            self._small_loop_blocks = in_loops
-        groups = self._waypoints(self.live)
-        bulk = [g for g in groups if self._is_bulk_group(g)]
-        if skip_noise:  # only the stores are forced: the noise branch (its extra load) is skipped
-            groups = [g for g in bulk if any(i.base == "STG" for b in g for i in self.blocks[b].ins)]
+        self._callee: Dict[str, Counter] = {}
+        self._force_small_loops = force_small_loops
+        loops = self._natural_loops()
+        in_loops = {b for _, _, body in loops for b in body}
         exits = {b.idx for b in self.blocks if b.idx in self.live and b.ins[-1].base == "EXIT"
                  and b.ins[-1].pred is None}
+        need = int(math.ceil(bytes_per_thread - 1e-6))
         if loop:
-            bulk_blocks = {next(iter(g)) for g in bulk}
-            candidates = [(h, u, body) for h, u, body in self._loops if body & bulk_blocks]
+            # the bulk loop: the outermost loop holding element accesses; every other loop is small
+            candidates = [(h, u, body) for h, u, body in loops if any(self._element_bytes(b) for b in body)]
             if not candidates:
-                raise RuntimeError("a loop kernel without a loop around its bulk accesses")
+                raise RuntimeError("a loop kernel without a loop around its element accesses")
             header, latch, body = max(candidates, key=lambda t: len(t[2]))
-            self.path = self._chain(header, self._waypoints(body), {latch})
-            before = [g for g in groups if not g & body and self._start(g) < self.blocks[header].start]
-            after = [g for g in groups if not g & body and self._start(g) > self.blocks[header].start]
-            self.prologue = self._chain(0, before, {header})[:-1]
+            self.small_loop_blocks = in_loops - body
+            self._loops = [(h, u, b) for h, u, b in loops if not b & body]
+            start = self.blocks[header].start
+            self.path = self._search(header, {latch}, need, within=body)
+            self.prologue = self._search(0, {header}, 0, before=start)[:-1]
             leaving = [s for b in body for s in self.blocks[b].succ if s not in body]
-            if leaving:
-                self.epilogue = self._chain(min(leaving, key=lambda s: self.blocks[s].start), after, exits)
-            else:  # the loop ends the program through a predicated EXIT
-                self.epilogue = []
+            self.epilogue = (self._search(min(leaving, key=lambda s: self.blocks[s].start), exits, 0, after=start)
+                             if leaving else [])  # else the loop ends the program through a predicated EXIT
         else:
-            self.path = self._chain(0, groups, exits)
+            self.small_loop_blocks = in_loops
+            self._loops = loops
+            self.path = self._search(0, exits, need)
             self.prologue, self.epilogue = [], []
 
     # ---- costs
@@ -170,59 +160,72 @@ class HotPath:
     def cost(self, b: int) -> float:
         return sum(issue_slots(i) * n for i, n in self.counts(b).items())
 
-    def _bytes(self, b: int) -> int:
+    def _element_bytes(self, b: int) -> int:
         return sum(global_bytes(i) for i in self.blocks[b].ins if i.addr in self.element_accesses)
 
     def gbytes(self, b: int) -> int:
-        """Bytes the block's bulk accesses (thread-indexed global loads/stores outside small loops) move per
-        thread."""
-        return 0 if b in self._small_loop_blocks else self._bytes(b)
-
-    def small_loop_bytes(self, b: int) -> int:
-        return self._bytes(b) if b in self._small_loop_blocks else 0
+        """Bytes the block's element accesses (thread-indexed global loads/stores) move per thread, outside the
+        small per-program loops."""
+        return 0 if b in self.small_loop_blocks else self._element_bytes(b)
 
     def _callee_counts(self, label: str) -> Counter:
         if label not in self._callee:
             start = self.labels[label]
             ends = {b.idx for b in self.blocks if b.ins[-1].base == "RET" and b.idx >= start}
             counts = Counter()
-            for b in self._shortest(start, ends):
+            for b in self._search(start, ends, 0, waypoints=False):
                 counts.update(self.counts(b))
             self._callee[label] = counts
         return self._callee[label]
 
     # ---- graph search
-    def _start(self, group: Set[int]) -> int:
-        return self.blocks[min(group, key=lambda b: self.blocks[b].start)].start
+    def _search(self, src: int, targets: Set[int], need: int, within: Optional[Set[int]] = None,
+                before: Optional[int] = None, after: Optional[int] = None, waypoints: bool = True) -> List[int]:
+        """The cheapest block path from ``src`` to one of ``targets`` (both ends included, by issue cost) whose
+        element accesses move at least ``need`` bytes per thread and which passes, in address order, through
+        one block with element accesses of every small loop in the region (``within`` a set of blocks,
+        ``before``/``after`` an address)."""
+        clusters: List[Set[int]] = []
+        if waypoints and self._force_small_loops:
+            for _, _, body in sorted(self._loops, key=lambda t: self.blocks[t[0]].start):
+                cluster = {b for b in body if self._element_bytes(b)}
+                start = min((self.blocks[b].start for b in body), default=0)
+                if (not cluster or (within is not None and not body <= within)
+                        or (before is not None and start >= before) or (after is not None and start <= after)
+                        or any(cluster == c for c in clusters)):
+                    continue
+                clusters.append(cluster)
 
-    def _shortest(self, src: int, targets: Set[int]) -> List[int]:
-        """The cheapest block path from ``src`` to any of ``targets`` (both ends included), by issue cost."""
-        dist = {src: self.cost(src)}
-        prev: Dict[int, Optional[int]] = {src: None}
-        heap = [(dist[src], src)]
+        def advance(b: int, nbytes: int, w: int) -> Tuple[int, int]:
+            nbytes = min(need, nbytes + self.gbytes(b))
+            if w < len(clusters) and b in clusters[w]:
+                w += 1
+            return nbytes, w
+
+        first = (src, *advance(src, 0, 0))
+        dist = {first: self.cost(src)}
+        prev: Dict[tuple, Optional[tuple]] = {first: None}
+        heap = [(dist[first], first)]
         while heap:
-            d, b = heapq.heappop(heap)
-            if d > dist.get(b, math.inf):
+            d, state = heapq.heappop(heap)
+            if d > dist.get(state, math.inf):
                 continue
-            if b in targets:
+            b, nbytes, w = state
+            if b in targets and nbytes >= need and w == len(clusters) and (state != first or src in targets):
                 path = []
-                while b is not None:
-                    path.append(b)
-                    b = prev[b]
+                while state is not None:
+                    path.append(state[0])
+                    state = prev[state]
                 return path[::-1]
             for s in self.blocks[b].succ:
+                if within is not None and s not in within:
+                    continue
+                nxt = (s, *advance(s, nbytes, w))
                 nd = d + self.cost(s)
-                if nd < dist.get(s, math.inf):
-                    dist[s], prev[s] = nd, b
-                    heapq.heappush(heap, (nd, s))
-        raise RuntimeError(f"no path from block B{src} to {sorted(targets)}")
-
-    def _chain(self, start: int, groups: List[Set[int]], end: Set[int]) -> List[int]:
-        path = [start]
-        for group in groups + [end]:
-            if path[-1] not in group:
-                path.extend(self._shortest(path[-1], group)[1:])
-        return path
+                if nd < dist.get(nxt, math.inf):
+                    dist[nxt], prev[nxt] = nd, state
+                    heapq.heappush(heap, (nd, nxt))
+        raise RuntimeError(f"no path from block B{src} to {sorted(targets)} moving {need} bytes per thread")
 
     def _natural_loops(self) -> List[Tuple[int, int, Set[int]]]:
         """(header, latch, body) per back edge among live blocks."""
@@ -243,30 +246,6 @@ class HotPath:
                     loops.append((header, latch, body))
         return loops
 
-    def _is_bulk_group(self, group: Set[int]) -> bool:
-        return len(group) == 1 and self.gbytes(next(iter(group))) > self.bulk_threshold
-
-    def _waypoints(self, within: Set[int]) -> List[Set[int]]:
-        """Bulk blocks, each its own group, and groups of other global-access blocks that lie in a loop without
-        bulk accesses (split by barriers/shuffles), in address order."""
-        groups: List[Set[int]] = []
-        cluster: Set[int] = set()
-        for b in sorted(within, key=lambda b: self.blocks[b].start):
-            nbytes = self.gbytes(b)
-            if nbytes > self.bulk_threshold:
-                if cluster:
-                    groups.append(cluster)
-                    cluster = set()
-                groups.append({b})
-            elif self.small_loop_bytes(b):
-                cluster.add(b)
-            if cluster and any(i.base in ("BAR", "SHFL") for i in self.blocks[b].ins):
-                groups.append(cluster)
-                cluster = set()
-        if cluster:
-            groups.append(cluster)
-        return groups
-
 
 # ------------------------------------------------------------------------------------------------ the model
 def model(case, compiled: dict, show_path: bool = False) -> dict:
@@ -275,7 +254,8 @@ def model(case, compiled: dict, show_path: bool = False) -> dict:
     threads = 32 * launch.num_warps
     programs = math.prod(launch.grid)
     ept = case.elements / (programs * case.iterations * threads)
-    path = HotPath(compiled["sass"], ept, case.itemsize, case.iterations > 1, case.skip_noise)
+    path = HotPath(compiled["sass"], ept * case.bytes_per_element, case.iterations > 1,
+                   force_small_loops=not case.skip_noise)
 
     per_element: Counter = Counter()
 
@@ -288,10 +268,9 @@ def model(case, compiled: dict, show_path: bool = False) -> dict:
 
     add(path.path, 1.0 / ept)
     add(path.prologue + path.epilogue, 1.0 / (ept * case.iterations))
-    bulk_on_path = [b for b in path.path if path.gbytes(b) > path.bulk_threshold]
-    path_bytes = sum(path.gbytes(b) for b in bulk_on_path) / ept
-    access_bits = [8 * global_bytes(i) for b in bulk_on_path for i in path.blocks[b].ins
-                   if i.addr in path.element_accesses]
+    path_bytes = sum(path.gbytes(b) for b in path.path) / ept
+    access_bits = [8 * global_bytes(i) for b in path.path if path.gbytes(b) for i in path.blocks[b].ins
+                   if i.addr in path.element_accesses and global_bytes(i)]
 
     t_mem = case.bytes_per_element / MEM_BW
     t_issue = per_element["_issue"] / ISSUE_RATE
@@ -331,7 +310,7 @@ def failures(case, record: dict) -> List[str]:
     """What the record misses of the case's target (and the model's own consistency checks)."""
     out = []
     if abs(record["path_bytes_per_element"] - case.bytes_per_element) > 0.02 * case.bytes_per_element:
-        out.append(f"the hot path moves {record['path_bytes_per_element']:.2f} B/element in bulk accesses, the case "
+        out.append(f"the hot path moves {record['path_bytes_per_element']:.2f} B/element in element accesses, the case "
                    f"declares {case.bytes_per_element:g}")
     if record["spill_bytes"]:
         out.append(f"{record['spill_bytes']} bytes of register spills")
@@ -347,7 +326,7 @@ def failures(case, record: dict) -> List[str]:
         out.append(f"{record['warps_per_sm']} resident warps/SM < {target.min_warps_per_sm}")
     bits = record["min_global_access_bits"]
     if target.min_access_bits and (bits is None or bits < target.min_access_bits):
-        out.append(f"narrowest bulk access {bits} bits < {target.min_access_bits}")
+        out.append(f"narrowest element access {bits} bits < {target.min_access_bits}")
     return out
 
 
