@@ -149,29 +149,44 @@ def _width(op: str) -> int:
 def thread_indexed_accesses(blocks: List[Block]) -> Set[int]:
     """Addresses (``Ins.addr``) of the global loads/stores whose address depends on the thread index: the
     element accesses, as opposed to loads every thread of a program makes from one address (a pointer table,
-    a hyperparameter). A forward taint from ``S2R SR_TID`` in address order: a register is thread-dependent when
-    the instruction that last wrote it read a thread-dependent register or predicate."""
-    tainted: Set[str] = set()
+    a hyperparameter). A forward taint from ``S2R SR_TID`` over the control-flow graph (a register is
+    thread-dependent after an instruction that read a thread-dependent register or predicate, on any path)."""
+    preds: Dict[int, List[int]] = {b.idx: [] for b in blocks}
+    for b in blocks:
+        for s in b.succ:
+            preds[s].append(b.idx)
+    tainted_out: Dict[int, Set[str]] = {b.idx: set() for b in blocks}
     found: Set[int] = set()
-    for block in sorted(blocks, key=lambda b: b.start):
-        for ins in block.ins:
-            operands = [o.strip() for o in ins.args.split(",")] if ins.args else []
-            if ins.base in ("LDG", "STG") and operands:
-                address = operands[1] if ins.base == "LDG" and len(operands) > 1 else operands[0]
-                if _registers(address) & tainted:
-                    found.add(ins.addr)
-            if ins.base in _NO_DESTINATION or not operands:
-                continue
-            n_dest = 2 if len(operands) > 1 and re.fullmatch(r"!?P[0-6T]", operands[1]) else 1
-            destinations = set().union(*(_registers(o, _width(ins.op)) for o in operands[:n_dest]))
-            sources = set().union(set(), *(_registers(o) for o in operands[n_dest:]))
-            if ins.pred:
-                sources |= _registers(ins.pred)
-            if (ins.base == "S2R" and ("SR_TID" in ins.args or "SR_LANEID" in ins.args)) or sources & tainted:
-                tainted |= destinations
-            elif not ins.pred:  # a guarded write may not happen: keep what the register held
-                tainted -= destinations
+    changed = True
+    while changed:  # a fixed point: loops carry taint from their end to their start
+        changed = False
+        for block in blocks:
+            tainted = set().union(set(), *(tainted_out[p] for p in preds[block.idx]))
+            for ins in block.ins:
+                _taint_step(ins, tainted, found)
+            if tainted != tainted_out[block.idx]:
+                tainted_out[block.idx] = tainted
+                changed = True
     return found
+
+
+def _taint_step(ins: Ins, tainted: Set[str], found: Set[int]) -> None:
+    operands = [o.strip() for o in ins.args.split(",")] if ins.args else []
+    if ins.base in ("LDG", "STG") and operands:
+        address = operands[1] if ins.base == "LDG" and len(operands) > 1 else operands[0]
+        if _registers(address) & tainted:
+            found.add(ins.addr)
+    if ins.base in _NO_DESTINATION or not operands:
+        return
+    n_dest = 2 if len(operands) > 1 and re.fullmatch(r"!?P[0-6T]", operands[1]) else 1
+    destinations = set().union(*(_registers(o, _width(ins.op)) for o in operands[:n_dest]))
+    sources = set().union(set(), *(_registers(o) for o in operands[n_dest:]))
+    if ins.pred:
+        sources |= _registers(ins.pred)
+    if (ins.base == "S2R" and ("SR_TID" in ins.args or "SR_LANEID" in ins.args)) or sources & tainted:
+        tainted |= destinations
+    elif not ins.pred:  # a guarded write may not happen: keep what the register held
+        tainted -= destinations
 
 
 def _summary(block: Block) -> str:

@@ -31,8 +31,9 @@ The hot path (what one thread executes per element in steady state), from the co
   conditional code the bytes do not need (libdevice slow paths, a tensor's partial last block, the noise branch
   of a PATS tensor without noise) is off the path;
 * a small per-program loop with element accesses (over partial sums) runs once; a CALL costs its callee;
-* loop kernels: one trip of the outermost loop holding element accesses, per element of one trip, plus the cheapest
-  rest of the program amortised over the case's trip count.
+* loop kernels: one trip of the outermost loop holding element accesses, per element of one trip (several
+  iterations when ptxas unrolled the loop), plus the cheapest rest of the program amortised over the case's trip
+  count.
 The element bytes on the path must equal the bytes per element the case declares (more: the path carries
 accesses the case does not count), and the narrowest of them is reported.
 """
@@ -253,9 +254,13 @@ def model(case, compiled: dict, show_path: bool = False) -> dict:
     launch = case.launch
     threads = 32 * launch.num_warps
     programs = math.prod(launch.grid)
-    ept = case.elements / (programs * case.iterations * threads)
+    ept = elements_per_thread = case.elements / (programs * case.iterations * threads)
     path = HotPath(compiled["sass"], ept * case.bytes_per_element, case.iterations > 1,
                    force_small_loops=not case.skip_noise)
+    if case.iterations > 1:  # ptxas may unroll the bulk loop: one trip then covers several iterations
+        trips = round(sum(path.gbytes(b) for b in path.path) / (ept * case.bytes_per_element))
+        if trips > 1 and case.iterations % trips == 0:
+            ept *= trips
 
     per_element: Counter = Counter()
 
@@ -267,7 +272,7 @@ def model(case, compiled: dict, show_path: bool = False) -> dict:
                 per_element["_instructions"] += n * scale
 
     add(path.path, 1.0 / ept)
-    add(path.prologue + path.epilogue, 1.0 / (ept * case.iterations))
+    add(path.prologue + path.epilogue, 1.0 / (elements_per_thread * case.iterations))
     path_bytes = sum(path.gbytes(b) for b in path.path) / ept
     access_bits = [8 * global_bytes(i) for b in path.path if path.gbytes(b) for i in path.blocks[b].ins
                    if i.addr in path.element_accesses and global_bytes(i)]
