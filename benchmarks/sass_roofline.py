@@ -4,10 +4,12 @@
     python benchmarks/sass_roofline.py --json model.json    # and one JSON record per case
     python benchmarks/sass_roofline.py --only 'hype.*bf16' --path    # a subset, with each hot path's blocks
 
-Run it in a process without ``TRITON_INTERPRET``. Each case of ``fusednoise/kernels/specialisations.py`` (the
-launches the launchers build for large inputs, compiled with the JIT's argument specialisation by
-``fusednoise.kernels.compile_check``) is compiled for sm_90 with the ptxas Triton ships, disassembled with its
-nvdisasm, and the instructions one thread executes per element on the hot path are counted.
+Run it in a process without ``TRITON_INTERPRET``.
+
+Each case of ``fusednoise/kernels/specialisations.py`` (the launches the launchers build for large inputs,
+compiled with the JIT's argument specialisation by ``fusednoise.kernels.compile_check``) is compiled for sm_90
+with the ptxas Triton ships, disassembled with its nvdisasm, and the instructions one thread issues per element
+on the hot path are counted.
 
 The model (an H100 SXM; constants below). Issue: 132 SMs x 4 schedulers x 1 warp-instruction per clock at
 1.98 GHz = 33.4e12 thread-instructions/s, IMAD.WIDE and IMAD.HI counting two issue slots. MUFU (lg2, ex2, sin,
@@ -408,13 +410,12 @@ def table(records: List[dict], targeted: bool) -> List[str]:
 
 
 def markdown(records: List[dict]) -> str:
-    intro = __doc__.split("Run it in a process", 1)[1].split("The hot path", 1)[0]
+    intro = "Each case of" + __doc__.split("Each case of", 1)[1].split("The hot path", 1)[0]
     worst = min((r for r in records if r.get("target") and "predicted_fraction" in r),
                 key=lambda r: r["predicted_fraction"], default=None)
     lines = ["# Static roofline model of the kernels on an H100 (sm_90)", "",
-             "Written by `python benchmarks/sass_roofline.py` (Triton's ptxas and nvdisasm, no GPU). "
-             "A model, not a measurement: a timing on a GPU outranks it.", "",
-             "Run it in a process" + intro.rstrip(), ""]
+             "Written by `python benchmarks/sass_roofline.py` (Triton's ptxas and nvdisasm, no GPU).", "",
+             intro.rstrip().replace("``", "`"), ""]
     if worst:
         lines += [f"Worst targeted case: **{worst['name']}**, predicted {worst['predicted_fraction']:.0%} of the "
                   f"roofline ({worst['binding_limit']}-bound).", ""]

@@ -56,7 +56,7 @@ def test_fast_box_muller_stays_within_the_stated_bound():
     assert ratio[:below_one.size].max() > 0.5 and ratio[below_one.size:].max() > 0.5
 
 
-def test_bound_is_about_2e_6_relative_away_from_u1_near_1():
+def test_bound_is_a_few_1e_6_away_from_u1_near_1():
     u1 = torch.tensor([0.01, 0.3, 0.8])
     radius = torch.sqrt(-2.0 * torch.log(u1.double()))
     assert bool((reference.fast_normal_error_bound(u1) / (1 + radius) < 2.6e-6).all())
