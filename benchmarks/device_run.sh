@@ -2,7 +2,7 @@
 # One prepared GPU run for a fresh device machine (torch, triton, transformers, pytest-benchmark, scipy, sklearn,
 # matplotlib preinstalled; no internet), in at most 8 minutes:
 #
-#   bash benchmarks/device_run.sh          # from the repository root; outputs in $OUT, else benchmarks/results/device-run
+#   bash benchmarks/device_run.sh     # outputs in $OUT when set, else in benchmarks/results/device-run
 #
 #   1. pip install --no-deps -e .           (and wheels from .whl/ when a carried folder holds some)
 #   2. the static model under this machine's Triton (benchmarks/sass_roofline.py --json): compiles every kernel

@@ -45,7 +45,8 @@ def table(benchmarks: List[dict], records: Dict[str, dict], gpu: str) -> str:
              f"Measured copy bandwidth: {copy} GB/s (the roofline). Measured: bytes the operation must move / median "
              "time, as a fraction of that copy. Static: `benchmarks/sass_roofline.py`'s prediction for the kernels "
              "the fused variant launches (H100 SXM model constants; a model, not a measurement).", "",
-             "| benchmark | kernels (static cases) | measured fraction of copy | static prediction | measured / static |",
+             "| benchmark | kernels (static cases) | measured fraction of copy | static prediction "
+             "| measured / static |",
              "|---|---|---|---|---|"]
     rows = []
     for bench in benchmarks:

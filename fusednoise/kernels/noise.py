@@ -2,7 +2,13 @@
 
 One read of each input and one write of the output, no noise tensor: the noise is drawn in registers from
 ``philox(seed, block)``. The counter and word layout is documented in ``fusednoise/reference/noise.py``,
-which this kernel must match (bitwise for the philox words, within a few ulp for the floats).
+which this kernel must match: bitwise for the philox words (and so for uniform noise and the stochastic-rounding
+bits); for normal noise within a few ulp under the interpreter and within
+``reference.noise.fast_normal_error_bound`` on a GPU, where Box-Muller runs on the MUFU approximations.
+
+Each thread holds rows of 16 bytes (8 half-precision elements drawn from two philox blocks, or 4 float32 from
+one), so loads and stores are 128 bits wide; stochastic rounding takes 16 random bits per element, one philox
+call per 8 elements.
 """
 from __future__ import annotations
 
