@@ -202,9 +202,12 @@ def test_scaled_noise_kernel_matches_reference(dtype, D):
             (dx,) = torch.autograd.grad(out, xi, grad)
         outs[backend] = (out.detach(), dx)
     rtol = {torch.float32: 1e-5}.get(dtype, GRAD_RTOL[dtype])
+    # On a GPU the normals come from the MUFU Box-Muller: up to reference.noise.fast_normal_error_bound (6e-4 for
+    # the rare u1 near 1) apart, times scale * |x| / |e| (about 0.05 here).
+    atol = 1e-6 + (0.05 * 6.2e-4 * 1.3 if torch.cuda.is_available() else 0.0)
     for a, b in zip(outs["triton"], outs["reference"]):
         assert a.dtype == dtype
-        torch.testing.assert_close(a, b, rtol=rtol, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
     assert not torch.equal(outs["triton"][0], x)
 
 

@@ -160,10 +160,17 @@ def _run_backend(backend, dtype, steps, seed=11, noise_lambda=1e-4, big=False):
     return params, opt
 
 
+# On a GPU the kernel's Box-Muller runs on the hardware approximations: its noise n differs from the reference's by
+# at most reference.noise.fast_normal_error_bound (6e-4 for the rare u1 near 1), times the noise scale sqrt(r),
+# which stays below 0.3 in these runs (lambda = 1e-4). Under the interpreter the plain path runs: no allowance.
+FAST_NOISE_ALLOWANCE = 6.2e-4 * 0.3 if torch.cuda.is_available() else 0.0
+
+
 def _assert_same_run(kernel_run, reference_run):
     (kp, kopt), (rp, ropt) = kernel_run, reference_run
     for a, b in zip(kp, rp):
-        assert torch.allclose(a.detach().cpu(), b.detach(), rtol=0, atol=1e-6), (a.cpu() - b).abs().max()
+        assert torch.allclose(a.detach().cpu(), b.detach(), rtol=0, atol=1e-6 + FAST_NOISE_ALLOWANCE), \
+            (a.cpu() - b).abs().max()
         sa, sb = kopt.state[a], ropt.state[b]
         assert sa.keys() == sb.keys() and sa["stream"] == sb["stream"]
         for name in ("exp_avg", "exp_inf", "sensitivity"):

@@ -1,138 +1,130 @@
-"""Compile every Triton kernel for a CUDA GPU ahead of time, without a GPU.
+"""Compile every Triton kernel for a CUDA GPU ahead of time, without a GPU, as its launcher would run it.
 
     python -m fusednoise.kernels.compile_check            # sm_90 (H100); --arch 80 for A100
 
 Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU test suite runs the kernels) executes the kernels'
 Python with numpy and accepts code the compiler rejects: a type mismatch across a loop, a non-constexpr block
 size, an unsupported cast. This module runs the real compiler (Triton IR -> LLVM -> PTX -> cubin, with the
-``ptxas`` Triton ships) on each kernel with the block sizes and dtypes its launcher uses, so a compile error shows
-up on a laptop instead of on a user's first GPU step. It must run in a process without ``TRITON_INTERPRET``: with
-it, ``@triton.jit`` returns interpreted functions that cannot be compiled.
+``ptxas`` Triton ships) on every case of :mod:`fusednoise.kernels.specialisations`: the launches the launchers
+build, with their grids, constexprs and num_warps, and with the argument specialisation the JIT applies at a
+launch (a pointer or an int divisible by 16 is marked so, which is what lets the compiler emit 128-bit accesses;
+an int equal to 1 becomes a constant; an int is i32 when it fits). So a compile error shows up on a laptop
+instead of on a user's first GPU step, and the code compiled is the code that would run. It must run in a
+process without ``TRITON_INTERPRET``: with it, ``@triton.jit`` returns interpreted functions that cannot be
+compiled.
 
-It says nothing about speed or numerics on a GPU; the kernel-vs-reference tests and ``pytest benchmarks`` on a
-GPU do that.
+It says nothing about speed or numerics on a GPU; ``benchmarks/sass_roofline.py`` models the compiled code's
+speed, the kernel-vs-reference tests and ``pytest benchmarks`` on a GPU measure the rest.
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, List, Tuple
 
-DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
-# The first three arguments of every multi-tensor kernel (NoisyTune, PATS): see kernels/chunks.py.
-TABLE_ARGS = {"meta_ptr": "*i64", "chunks_ptr": "*i32", "partial_ptr": "*fp32"}
-
-
-def _cases() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, object]]]:
-    """Every case of :func:`_launch_cases`, and for float32 each again with its integer scalars as i32: the JIT
-    specialises an int argument to i32 when it fits (a small user seed, a tensor under 2**31 elements) and to
-    i64 otherwise, so both must compile."""
-    for name, kernel, runtime_types, constexprs in _launch_cases():
-        yield name, kernel, runtime_types, constexprs
-        if "fp32" in name and "i64" in runtime_types.values():
-            narrow = {arg: "i32" if kind == "i64" else kind for arg, kind in runtime_types.items()}
-            yield f"{name}[int scalars i32]", kernel, narrow, constexprs
+_TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
+                    "int64": "i64", "int32": "i32", "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
 
 
-def _launch_cases() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, object]]]:
-    """(name, kernel, runtime argument types {arg: type}, constexprs {arg: value}) per specialisation to compile."""
-    import triton.language as tl
-
-    from . import diff_norm, lnsr_noise, neftune, noise, noisytune, pats, rng
-
-    tl_dtypes = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
-    for ints in ("i32", "i64"):  # small stream/purpose values specialise to i32, large ones to i64
-        yield (f"rng.philox_words[fp32,stream {ints}]", rng.philox_words_kernel,
-               {"out_ptr": "*i64", "n": "i64", "seed": "i64", "first_counter": "i64", "stream": ints, "purpose": ints},
-               {"BLOCK": rng.BLOCK_SIZE})
-    for name, t in DTYPES.items():
-        for residual in (False, True):
-            for distribution in (noise.DIST_NORMAL, noise.DIST_UNIFORM):
-                yield (f"noise[{name},residual={residual},dist={distribution}]", noise.noise_kernel,
-                       {"x_ptr": f"*{t}", "residual_ptr": f"*{t}", "out_ptr": f"*{t}", "numel": "i64",
-                        "sigma": "fp32", "seed": "i64", "first_block": "i64"},
-                       {"HAS_RESIDUAL": residual, "DISTRIBUTION": distribution, "STOCHASTIC": name != "fp32",
-                        "BF16_BY_BITS": False, "BLOCK": noise.BLOCK_SIZE})
-        # LNSR at BERT-base width: D = 768 -> BLOCK_D 1024 (capped), BLOCK_R = TILE_GPU // BLOCK_D.
-        block_d = diff_norm.MAX_BLOCK_D_GPU
-        block_r = diff_norm.TILE_GPU // block_d
-        ints = {arg: "i64" for arg in ("n_rows", "T", "D", "s_cb", "s_ct", "s_nb", "s_nt", "rows_per_prog")}
-        for has_mask in (False, True):
-            yield (f"diff_norm.forward[{name},mask={has_mask}]", diff_norm._diff_norm_fwd_kernel,
-                   {"clean_tab": "*i64", "noisy_tab": "*i64", "mask_ptr": "*u8" if has_mask else "*fp32",
-                    "partial_ptr": "*fp32", "ref_ptr": f"*{t}", **ints, "n_chunks": "i64"},
-                   {"HAS_MASK": has_mask, "BLOCK_R": block_r, "BLOCK_D": block_d})
-            yield (f"diff_norm.backward[{name},mask={has_mask}]", diff_norm._diff_norm_bwd_kernel,
-                   {"clean_tab": "*i64", "noisy_tab": "*i64", "gclean_tab": "*i64", "gnoisy_tab": "*i64",
-                    "coef_ptr": "*fp32", "mask_ptr": "*u8" if has_mask else "*fp32", "ref_ptr": f"*{t}", **ints},
-                   {"HAS_MASK": has_mask, "BF16_BY_BITS": False, "BLOCK_R": block_r, "BLOCK_D": block_d})
-        for backward in (False, True):
-            for one_block, D in ((True, 768), (False, 8192)):
-                block_d = max(4, min(1 << (D - 1).bit_length(), lnsr_noise.MAX_BLOCK_D))
-                yield (f"lnsr.scaled_noise[{name},backward={backward},D={D}]", lnsr_noise._scaled_noise_kernel,
-                       {"x_ptr": f"*{t}", "g_ptr": f"*{t}", "out_ptr": f"*{t}", "n_rows": "i64", "D": "i64",
-                        "G": "i64", "scale": "fp32", "seed": "i64"},
-                       {"BACKWARD": backward, "ONE_BLOCK": one_block, "BF16_BY_BITS": False,
-                        "BLOCK_R": max(1, lnsr_noise.TILE // block_d), "BLOCK_D": block_d})
-        yield (f"lnsr.in_manifold[{name},k=10,D=768]", lnsr_noise._in_manifold_kernel,
-               {"x_ptr": f"*{t}", "ids_ptr": "*i64", "w_ptr": f"*{t}", "nb_ptr": "*i64", "out_ptr": f"*{t}",
-                "V": "i64", "D": "i64", "s_w": "i64", "GK": "i64", "mix_ratio": "fp32", "seed": "i64",
-                "rtol2": "fp32"},
-               {"K": 10, "KP": 16, "BF16_BY_BITS": False, "BLOCK_D": 1024})
-        for has_mask in (False, True):  # NEFTune at LLaMA width (D = 4096), HF's int64 attention mask
-            yield (f"neftune[{name},mask={has_mask}]", neftune._neftune_kernel,
-                   {"x_ptr": f"*{t}", "mask_ptr": "*i64" if has_mask else f"*{t}", "len_ptr": "*i64" if has_mask
-                    else f"*{t}", "out_ptr": f"*{t}", "n_rows": "i64", "T": "i64", "D": "i64", "G": "i64",
-                    "alpha": "fp32", "seed": "i64"},
-                   {"HAS_MASK": has_mask, "BF16_BY_BITS": False, "BLOCK_R": neftune.TILE // neftune.MAX_BLOCK_D,
-                    "BLOCK_D": neftune.MAX_BLOCK_D})
-        yield (f"noisytune.stats[{name}]", noisytune._stats_kernel, dict(TABLE_ARGS),
-               {"DTYPE": tl_dtypes[name], "META": noisytune.META_FIELDS, "SUB": noisytune.STATS_SUB,
-                "ITERS": noisytune.STATS_ITERS})
-        yield (f"noisytune.noise[{name}]", noisytune._noise_kernel,
-               {**TABLE_ARGS, "std_ptr": "*fp32", "noise_lambda": "fp32", "seed": "i64"},
-               {"DTYPE": tl_dtypes[name], "META": noisytune.META_FIELDS, "BLOCK": noisytune.BLOCK_SIZE,
-                "CHUNK": noisytune.STATS_CHUNK, "PBLOCK": noisytune.PARTIAL_BLOCK, "BF16_BY_BITS": False})
-        yield (f"pats.sensitivity[{name}]", pats._sensitivity_kernel, dict(TABLE_ARGS),
-               {"PARAM_DTYPE": tl_dtypes[name], "META": pats.META_FIELDS, "SUB": pats.SENS_SUB,
-                "ITERS": pats.SENS_ITERS})
-        yield (f"pats.update[{name}]", pats._update_kernel, dict(TABLE_ARGS),
-               {"PARAM_DTYPE": tl_dtypes[name], "META": pats.META_FIELDS, "BLOCK": pats.BLOCK_SIZE,
-                "PBLOCK": pats.PARTIAL_BLOCK, "BF16_BY_BITS": False})
+def _specialise_value(value) -> Tuple[str, Any]:
+    """(type, attribute key) as the JIT specialises a runtime argument: Triton's own rule where this Triton
+    exposes it, else the same rule spelled out (16-byte alignment / divisibility by 16 gives key "D")."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.nvidia.compiler import CUDABackend
+    except ImportError:
+        native_specialize_impl = None
+    if native_specialize_impl is not None:
+        return tuple(native_specialize_impl(CUDABackend, value, False, True, True)[:2])
+    if isinstance(value, bool):
+        return "u1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -2**31 <= value < 2**31 else ("u64" if value >= 2**63 else "i64")
+        return kind, "D" if value % 16 == 0 else ""
+    if isinstance(value, float):
+        return "fp32", None
+    if hasattr(value, "data_ptr"):
+        dtype = _TORCH_TO_TRITON[str(value.dtype).replace("torch.", "")]
+        return f"*{dtype}", "D" if value.data_ptr() % 16 == 0 else ""
+    raise TypeError(f"cannot specialise an argument of type {type(value).__name__}")
 
 
-def compile_all(arch: int = 90, warp_size: int = 32) -> List[Tuple[str, str]]:
-    """Compile every case for ``cuda:sm_<arch>``; returns ``(name, error)`` pairs, error "" when it compiled."""
+def specialise(launch) -> Tuple[Dict[str, str], Dict[tuple, Any], Dict[tuple, Any]]:
+    """(signature, constexprs, attrs) for ``triton.compile``, as ``JITFunction.run`` builds them for this
+    launch's argument values."""
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    kernel = launch.kernel
+    runtime = [p.name for p in kernel.params if not p.is_constexpr]
+    if len(runtime) != len(launch.args):
+        raise TypeError(f"{kernel.__name__} takes {len(runtime)} runtime arguments {runtime}, "
+                        f"the launch passes {len(launch.args)}")
+    values = dict(zip(runtime, launch.args))
+    missing = {p.name for p in kernel.params if p.is_constexpr} ^ set(launch.constexprs)
+    if missing:
+        raise TypeError(f"{kernel.__name__}: constexprs do not match the kernel's: {sorted(missing)}")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in launch.constexprs:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = launch.constexprs[name]
+            continue
+        kind, key = _specialise_value(values[name])
+        signature[name] = kind
+        if kind == "constexpr":  # an int equal to 1
+            constexprs[(i,)] = key
+        elif key:
+            attrs[(i,)] = CUDABackend.parse_attr(key)
+    return signature, constexprs, attrs
+
+
+def compile_launch(launch, arch: int = 90, warp_size: int = 32):
+    """Compile one launch for ``cuda:sm_<arch>``: a ``CompiledKernel`` with ``asm["cubin"]``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs, attrs = specialise(launch)
+    return triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
+                          target=GPUTarget("cuda", arch, warp_size), options={"num_warps": launch.num_warps})
+
+
+def refuse_under_interpreter() -> None:
     from ..backends import interpreter_enabled
 
     if interpreter_enabled():
         raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted functions and cannot be compiled; "
                            "run this in a process without it")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", arch, warp_size)
+
+def compile_error(error: Exception) -> str:
+    """The innermost cause of a compiler error (Triton wraps it in one CompilationError per inlined function)."""
+    while error.__cause__ is not None or (error.__context__ is not None and not str(error).strip()):
+        error = error.__cause__ or error.__context__
+    lines = [line for line in str(error).strip().splitlines() if line.strip(" ^")] or [""]
+    return f"{type(error).__name__}: {lines[-1].strip()[:300]}"
+
+
+def compile_all(arch: int = 90) -> List[Tuple[str, str]]:
+    """Compile every case for ``cuda:sm_<arch>``; returns ``(name, error)`` pairs, error "" when it compiled."""
+    refuse_under_interpreter()
+    from .specialisations import cases
+
     results = []
-    for name, kernel, runtime_types, constexprs in _cases():
-        signature = {**runtime_types, **{arg: "constexpr" for arg in constexprs}}
-        missing = set(kernel.arg_names) ^ set(signature)
-        if missing:  # the case table is out of date with the kernel's arguments: a bug here, say so
-            results.append((name, f"signature does not match the kernel's arguments: {sorted(missing)}"))
-            continue
-        source = ASTSource(kernel, signature, {(kernel.arg_names.index(arg),): value
-                                               for arg, value in constexprs.items()})
+    for case in cases():
         try:
-            compiled = triton.compile(source, target=target)
-            results.append((name, "" if compiled.asm.get("cubin") else "no cubin produced"))
+            compiled = compile_launch(case.launch, arch)
+            results.append((case.name, "" if compiled.asm.get("cubin") else "no cubin produced"))
         except Exception as error:  # noqa: BLE001 - every compiler failure is a finding to report
-            results.append((name, f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"))
+            results.append((case.name, compile_error(error)))
     return results
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Compile every fusednoise Triton kernel for a CUDA target "
-                                                 "(Triton IR to cubin) without a GPU.")
+                                                 "(Triton IR to cubin) without a GPU, as the launchers run them.")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100)")
     args = parser.parse_args(argv)
     results = compile_all(args.arch)

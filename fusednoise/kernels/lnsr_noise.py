@@ -18,7 +18,9 @@ import triton.language as tl
 
 from ..backends import interpreter_enabled
 from ..reference.lnsr import DEPENDENT_RTOL2
-from .noise import _pick4, _round_nearest, _uniform
+from .draws import _normal4, _philox_block, _pick8, fast_math
+from .launch import Launch
+from .noise import _round_nearest
 
 # Elements per tile: rows * padded columns.
 TILE = 4096
@@ -30,29 +32,27 @@ MAX_MANIFOLD_TILE = 1 << 17
 
 
 @triton.jit
-def _box_muller4(seed, block):
-    """The four N(0, 1) values of philox block(s) ``block`` (uint32 counters from an int64 index)."""
-    c_lo = (block & 0xFFFFFFFF).to(tl.uint32)
-    c_hi = (block >> 32).to(tl.uint32)
-    zero = c_lo * 0
-    w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, zero, zero)
-    r01 = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(w0), 1.0e-7)))
-    t01 = 6.283185307179586 * _uniform(w1)
-    r23 = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(w2), 1.0e-7)))
-    t23 = 6.283185307179586 * _uniform(w3)
-    return r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23)
+def _row_normals(seed, row0, d0, G, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr):
+    """(BLOCK_R, BLOCK_D) normals for rows ``row0 + i`` and columns ``d0 + j`` (d0 a multiple of 8): element
+    (n, d) takes word d % 4 of philox block n * G + d // 4. Drawn as groups of 8 columns (two blocks) per thread,
+    the layout of the 128-bit loads of x, then viewed as the row tile."""
+    GB: tl.constexpr = BLOCK_D // 8
+    q = tl.arange(0, BLOCK_R * GB)
+    block = (row0 + (q // GB).to(tl.int64)) * G + (d0 // 4 + 2 * (q % GB)).to(tl.int64)
+    a0, a1, a2, a3 = _philox_block(seed, block, 0, 0)
+    b0, b1, b2, b3 = _philox_block(seed, block + 1, 0, 0)
+    n0, n1, n2, n3 = _normal4(a0, a1, a2, a3, FAST)
+    n4, n5, n6, n7 = _normal4(b0, b1, b2, b3, FAST)
+    col = tl.arange(0, 8)[None, :]
+    return tl.reshape(_pick8(col, n0, n1, n2, n3, n4, n5, n6, n7), (BLOCK_R, BLOCK_D))
 
 
 @triton.jit
-def _row_normals(seed, row0, d0, G, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """(BLOCK_R, BLOCK_D) normals for rows ``row0 + i`` and columns ``d0 + j`` (d0 a multiple of 4)."""
-    GB: tl.constexpr = BLOCK_D // 4
-    q = tl.arange(0, BLOCK_R * GB)
-    rows = row0 + (q // GB).to(tl.int64)
-    group = (d0 // 4 + q % GB).to(tl.int64)
-    n0, n1, n2, n3 = _box_muller4(seed, rows * G + group)
-    col = tl.arange(0, 4)[None, :]
-    return tl.reshape(_pick4(col, n0, n1, n2, n3), (BLOCK_R, BLOCK_D))
+def _normal4_of_block(seed, block):
+    # The four N(0, 1) values of philox block(s) `block` (int64), accurate Box-Muller (the in-manifold noise
+    # draws k of them per token: their cost does not matter).
+    w0, w1, w2, w3 = _philox_block(seed, block, 0, 0)
+    return _normal4(w0, w1, w2, w3, False)
 
 
 @triton.jit
@@ -69,8 +69,8 @@ def _backward_coef(sx, se, dot, scale):
 
 @triton.jit
 def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, n_rows, D, G, scale, seed,
-                         BACKWARD: tl.constexpr, ONE_BLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr,
-                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                         BACKWARD: tl.constexpr, ONE_BLOCK: tl.constexpr, FAST: tl.constexpr,
+                         BF16_BY_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rows = row0 + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < n_rows
@@ -81,7 +81,7 @@ def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, n_rows, D, G, scale, seed,
         m = row_ok[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        e = tl.where(m, _row_normals(seed, row0, 0, G, BLOCK_R, BLOCK_D), 0.0)
+        e = tl.where(m, _row_normals(seed, row0, 0, G, BLOCK_R, BLOCK_D, FAST), 0.0)
         sx = tl.sum(x * x, axis=1)
         se = tl.sum(e * e, axis=1)
         if BACKWARD:
@@ -101,7 +101,7 @@ def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, n_rows, D, G, scale, seed,
             m = row_ok[:, None] & (cols < D)[None, :]
             offs = rows[:, None] * D + cols[None, :]
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            e = tl.where(m, _row_normals(seed, row0, d0, G, BLOCK_R, BLOCK_D), 0.0)
+            e = tl.where(m, _row_normals(seed, row0, d0, G, BLOCK_R, BLOCK_D, FAST), 0.0)
             sx += tl.sum(x * x, axis=1)
             se += tl.sum(e * e, axis=1)
             if BACKWARD:
@@ -120,9 +120,23 @@ def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, n_rows, D, G, scale, seed,
                 g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 result = g + factor[:, None] * x
             else:
-                e = tl.where(m, _row_normals(seed, row0, d0, G, BLOCK_R, BLOCK_D), 0.0)
+                e = tl.where(m, _row_normals(seed, row0, d0, G, BLOCK_R, BLOCK_D, FAST), 0.0)
                 result = x + factor[:, None] * e
             tl.store(out_ptr + offs, _round_nearest(result, dtype, BF16_BY_BITS), mask=m)
+
+
+def scaled_noise_launch(x, grad, out, scale: float, seed: int) -> Launch:
+    """The launch :func:`launch_scaled_noise` runs (also built from ``meta`` tensors by ``specialisations``)."""
+    n_rows, D = x.shape
+    tile = TILE_INTERPRETER if interpreter_enabled() else TILE
+    block_d = max(8, min(triton.next_power_of_2(D), MAX_BLOCK_D))  # columns in groups of 8 (two philox blocks)
+    block_r = max(1, min(tile // block_d, triton.next_power_of_2(n_rows)))
+    return Launch(
+        _scaled_noise_kernel, (triton.cdiv(n_rows, block_r),),
+        (x, grad if grad is not None else x, out, n_rows, D, triton.cdiv(D, 4), float(scale), seed),
+        dict(BACKWARD=grad is not None, ONE_BLOCK=D <= block_d, FAST=fast_math(),
+             BF16_BY_BITS=interpreter_enabled(), BLOCK_R=block_r, BLOCK_D=block_d),
+        4 if block_r * block_d <= 2048 else 8)
 
 
 def launch_scaled_noise(x, grad, out, scale: float, seed: int) -> None:
@@ -130,14 +144,7 @@ def launch_scaled_noise(x, grad, out, scale: float, seed: int) -> None:
     n_rows, D = x.shape
     if n_rows == 0 or D == 0:
         return
-    tile = TILE_INTERPRETER if interpreter_enabled() else TILE
-    block_d = max(4, min(triton.next_power_of_2(D), MAX_BLOCK_D))
-    block_r = max(1, min(tile // block_d, triton.next_power_of_2(n_rows)))
-    grid = (triton.cdiv(n_rows, block_r),)
-    _scaled_noise_kernel[grid](
-        x, grad if grad is not None else x, out, n_rows, D, triton.cdiv(D, 4), float(scale), seed,
-        BACKWARD=grad is not None, ONE_BLOCK=D <= block_d, BF16_BY_BITS=interpreter_enabled(),
-        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4 if block_r * block_d <= 2048 else 8)
+    scaled_noise_launch(x, grad, out, scale, seed).run()
 
 
 @triton.jit
@@ -161,7 +168,7 @@ def _in_manifold_kernel(x_ptr, ids_ptr, w_ptr, nb_ptr, out_ptr, V, D, s_w, GK, m
     original = tl.sum(d * d, axis=1)
 
     # z_j: word j % 4 of philox block n * GK + j // 4, Box-Muller as in the scaled noise.
-    n0, n1, n2, n3 = _box_muller4(seed, n * GK + (rows // 4).to(tl.int64))
+    n0, n1, n2, n3 = _normal4_of_block(seed, n * GK + (rows // 4).to(tl.int64))
     word = rows % 4
     z = tl.where(word == 0, n0, tl.where(word == 1, n1, tl.where(word == 2, n2, n3))) * mix_ratio
 
@@ -188,16 +195,24 @@ def manifold_tile_fits(k: int, D: int) -> bool:
     return triton.next_power_of_2(max(k, 1)) * triton.next_power_of_2(max(D, 1)) <= MAX_MANIFOLD_TILE
 
 
+def in_manifold_launch(x, token_ids, weight, neighbors, out, mix_ratio: float, seed: int) -> Launch:
+    """The launch :func:`launch_in_manifold` runs (also built from ``meta`` tensors by ``specialisations``)."""
+    n_rows, D = x.shape
+    k = neighbors.shape[1]
+    kp = triton.next_power_of_2(k)
+    block_d = triton.next_power_of_2(D)
+    return Launch(
+        _in_manifold_kernel, (n_rows,),
+        (x, token_ids, weight, neighbors, out, weight.shape[0], D, weight.stride(0), triton.cdiv(k, 4),
+         float(mix_ratio), seed, DEPENDENT_RTOL2),
+        dict(K=k, KP=kp, BF16_BY_BITS=interpreter_enabled(), BLOCK_D=block_d),
+        4 if kp * block_d <= 8192 else (8 if kp * block_d <= 32768 else 16))
+
+
 def launch_in_manifold(x, token_ids, weight, neighbors, out, mix_ratio: float, seed: int) -> None:
     """``out = x + eps`` for contiguous x/out (N, D), token_ids (N,), weight (V, D) with unit column stride and
     a contiguous neighbour table (V, k)."""
     n_rows, D = x.shape
-    k = neighbors.shape[1]
     if n_rows == 0 or D == 0:
         return
-    kp = triton.next_power_of_2(k)
-    block_d = triton.next_power_of_2(D)
-    _in_manifold_kernel[(n_rows,)](
-        x, token_ids, weight, neighbors, out, weight.shape[0], D, weight.stride(0), triton.cdiv(k, 4),
-        float(mix_ratio), seed, DEPENDENT_RTOL2, K=k, KP=kp, BF16_BY_BITS=interpreter_enabled(), BLOCK_D=block_d,
-        num_warps=4 if kp * block_d <= 8192 else (8 if kp * block_d <= 32768 else 16))
+    in_manifold_launch(x, token_ids, weight, neighbors, out, mix_ratio, seed).run()

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
+from .launch import Launch
 from .noise import _pick4, _round_nearest, _uniform
 
 # Elements per program: rows * padded columns (the interpreter, ~9 ms per program, gets bigger tiles).
@@ -76,17 +77,22 @@ def block_shape(D: int):
     return max(1, tile // block_d), block_d
 
 
+def neftune_launch(x, mask, lengths, out, alpha: float, seed: int) -> Launch:
+    """The launch :func:`launch_neftune` runs (also built from ``meta`` tensors by ``specialisations``)."""
+    D, T = x.shape[-1], x.shape[-2]
+    n_rows = x.numel() // D if D else 0
+    block_r, block_d = block_shape(D)
+    return Launch(
+        _neftune_kernel, (triton.cdiv(n_rows, block_r), triton.cdiv(D, block_d)),
+        (x, mask if mask is not None else x, lengths if lengths is not None else x, out, n_rows, T, D,
+         -(-D // 4), float(alpha), seed),
+        dict(HAS_MASK=mask is not None, BF16_BY_BITS=interpreter_enabled(), BLOCK_R=block_r, BLOCK_D=block_d))
+
+
 def launch_neftune(x, mask, lengths, out, alpha: float, seed: int) -> None:
     """Noise contiguous ``x`` (..., T, D) into contiguous ``out``. ``mask``: contiguous (N,) integer/float keep
     flags of the N = x.numel() / D token rows, or None (every token kept, ``L_b = T``); ``lengths``: the (B,)
     int64 kept-token counts of the examples (ignored without a mask)."""
-    D, T = x.shape[-1], x.shape[-2]
-    n_rows = x.numel() // D if D else 0
-    if n_rows == 0 or D == 0:
+    if x.numel() == 0:
         return
-    block_r, block_d = block_shape(D)
-    grid = (triton.cdiv(n_rows, block_r), triton.cdiv(D, block_d))
-    _neftune_kernel[grid](
-        x, mask if mask is not None else x, lengths if lengths is not None else x, out, n_rows, T, D,
-        -(-D // 4), float(alpha), seed, HAS_MASK=mask is not None, BF16_BY_BITS=interpreter_enabled(),
-        BLOCK_R=block_r, BLOCK_D=block_d)
+    neftune_launch(x, mask, lengths, out, alpha, seed).run()

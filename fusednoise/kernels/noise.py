@@ -2,7 +2,13 @@
 
 One read of each input and one write of the output, no noise tensor: the noise is drawn in registers from
 ``philox(seed, block)``. The counter and word layout is documented in ``fusednoise/reference/noise.py``,
-which this kernel must match (bitwise for the philox words, within a few ulp for the floats).
+which this kernel must match: bitwise for the philox words (and so for uniform noise and the stochastic-rounding
+bits); for normal noise within a few ulp under the interpreter and within
+``reference.noise.fast_normal_error_bound`` on a GPU, where Box-Muller runs on the MUFU approximations.
+
+Each thread holds rows of 16 bytes (8 half-precision elements drawn from two philox blocks, or 4 float32 from
+one), so loads and stores are 128 bits wide; stochastic rounding takes 16 random bits per element, one philox
+call per 8 elements.
 """
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
+from .draws import _normal4, _philox_block, _pick4, _pick8, _uniform, fast_math
+from .launch import Launch
 
 DIST_NORMAL = 0
 DIST_UNIFORM = 1
@@ -17,37 +25,11 @@ DIST_UNIFORM = 1
 # GPU enough independent work per program to hide memory latency.
 BLOCK_SIZE = 4096
 NUM_WARPS = 8
-
-
-@triton.jit
-def _uniform(word):
-    # tl.uint_to_uniform_float, spelled out so the reference in rng.py can be read against it.
-    signed = word.to(tl.int32, bitcast=True)
-    folded = tl.where(signed < 0, ~signed, signed)
-    return folded.to(tl.float32) * 4.6566127342e-10
-
-
-@triton.jit
-def _pick4(col, v0, v1, v2, v3):
-    # Spread four per-block vectors (R,) over the (R, 4) element tile: column w takes v_w.
-    return tl.where(col == 0, v0[:, None],
-                    tl.where(col == 1, v1[:, None], tl.where(col == 2, v2[:, None], v3[:, None])))
-
-
-@triton.jit
-def _stochastic_round(value, uniform, OUT_DTYPE: tl.constexpr):
-    # Same rule as reference.noise.stochastic_round: choose between value rounded toward zero (lo) and the next
-    # magnitude (up) with probability proportional to closeness, on the 16-bit patterns.
-    # Any rounding of value works here (the interpreter truncates bf16): lo is fixed up below.
-    nearest = value.to(OUT_DTYPE)
-    bits = nearest.to(tl.int16, bitcast=True)
-    rounded_away = tl.abs(nearest.to(tl.float32)) > tl.abs(value)
-    lo_bits = tl.where(rounded_away, bits - 1, bits)
-    up_bits = lo_bits + 1
-    lo_mag = tl.abs(lo_bits.to(OUT_DTYPE, bitcast=True).to(tl.float32))
-    up_mag = tl.abs(up_bits.to(OUT_DTYPE, bitcast=True).to(tl.float32))
-    take_up = uniform * (up_mag - lo_mag) < tl.abs(value) - lo_mag
-    return tl.where(take_up, up_bits, lo_bits).to(OUT_DTYPE, bitcast=True)
+# Contiguous elements per thread: 16 bytes (one 128-bit load and store), so 8 half-precision values, two philox
+# blocks; 4 float32 values, one block.
+VEC_HALF = 8
+VEC_FLOAT = 4
+F16_SMALLEST_NORMAL = tl.constexpr(6.103515625e-05)  # 2**-14: below it float16's step is 2**-24 whatever the exponent
 
 
 @triton.jit
@@ -62,36 +44,57 @@ def _round_nearest(value, OUT_DTYPE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
 
 
 @triton.jit
+def _stochastic_round(value, r16, OUT_DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+    # reference.noise.stochastic_round: add 16 random bits (13 for float16) below the kept mantissa bits of the
+    # float32 pattern and truncate, so the magnitude rounds up with probability equal to the dropped fraction.
+    # Non-finite values pass through; float16 values below 2**-14 are dithered by value (their step is fixed).
+    bits = value.to(tl.uint32, bitcast=True)
+    finite = tl.abs(value) < float("inf")
+    if OUT_DTYPE == tl.bfloat16:
+        dithered = tl.where(finite, bits + r16, bits)
+        result = (dithered >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        normal = (bits + (r16 >> 3)).to(tl.float32, bitcast=True)
+        signed_step = ((bits & 0x80000000) | 0x2B800000).to(tl.float32, bitcast=True)  # +-2**-40: u * 2**-24
+        tiny = value + r16.to(tl.float32) * signed_step
+        dithered = tl.where(tl.abs(value) < F16_SMALLEST_NORMAL, tiny, normal)
+        dithered = tl.where(finite, dithered, value)
+        if INTERPRETED:  # the interpreter's round-toward-zero conversion overflows instead of saturating at 65504
+            dithered = tl.where(finite, tl.minimum(tl.maximum(dithered, -65504.0), 65504.0), dithered)
+        result = dithered.to(tl.float16, fp_downcast_rounding="rtz")
+    return result
+
+
+@triton.jit
+def _units(w0, w1, w2, w3, DISTRIBUTION: tl.constexpr, FAST: tl.constexpr):
+    # The four unit-scale values of one philox block: N(0, 1) by Box-Muller of the word pairs, or U(-1, 1).
+    if DISTRIBUTION == 0:
+        return _normal4(w0, w1, w2, w3, FAST)
+    return 2.0 * _uniform(w0) - 1.0, 2.0 * _uniform(w1) - 1.0, 2.0 * _uniform(w2) - 1.0, 2.0 * _uniform(w3) - 1.0
+
+
+@triton.jit
 def noise_kernel(x_ptr, residual_ptr, out_ptr, numel, sigma, seed, first_block,
                  HAS_RESIDUAL: tl.constexpr, DISTRIBUTION: tl.constexpr, STOCHASTIC: tl.constexpr,
-                 BF16_BY_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    ROWS: tl.constexpr = BLOCK // 4
-    # int64 from the start: tensors over 2**31 elements must index correctly.
-    block_id = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    col = tl.arange(0, 4)[None, :]
-    offsets = block_id[:, None] * 4 + col
+                 FAST: tl.constexpr, INTERPRETED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
+    ROWS: tl.constexpr = BLOCK // VEC
+    # int64 from the start: tensors over 2**31 elements must index correctly. Row r holds elements VEC*r ..
+    # VEC*r + VEC-1, in philox blocks VEC/4*r ...: the counter is the element's block index in the whole tensor;
+    # first_block shifts it when this launch covers a later slice (and lets a test reach counters past 2**32).
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    col = tl.arange(0, VEC)[None, :]
+    offsets = row[:, None] * VEC + col
     in_bounds = offsets < numel
-
-    # The philox counter is the element's block index in the whole tensor; first_block shifts it when this
-    # launch covers a later slice (and lets a test reach counters past 2**32 on a small tensor).
-    counter = block_id + first_block
-    c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
-    c_hi = (counter >> 32).to(tl.uint32)
-    zero = c_lo * 0
-    w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, zero, zero)
-    u0 = _uniform(w0)
-    u1 = _uniform(w1)
-    u2 = _uniform(w2)
-    u3 = _uniform(w3)
-    if DISTRIBUTION == 0:
-        # Box-Muller on both pairs, both outputs of each (tl.randn keeps only the cosine).
-        r01 = tl.sqrt(-2.0 * tl.log(tl.maximum(u0, 1.0e-7)))
-        t01 = 6.283185307179586 * u1
-        r23 = tl.sqrt(-2.0 * tl.log(tl.maximum(u2, 1.0e-7)))
-        t23 = 6.283185307179586 * u3
-        unit = _pick4(col, r01 * tl.cos(t01), r01 * tl.sin(t01), r23 * tl.cos(t23), r23 * tl.sin(t23))
+    if VEC == 8:
+        a0, a1, a2, a3 = _philox_block(seed, 2 * row + first_block, 0, 0)
+        b0, b1, b2, b3 = _philox_block(seed, 2 * row + 1 + first_block, 0, 0)
+        n0, n1, n2, n3 = _units(a0, a1, a2, a3, DISTRIBUTION, FAST)
+        n4, n5, n6, n7 = _units(b0, b1, b2, b3, DISTRIBUTION, FAST)
+        unit = _pick8(col, n0, n1, n2, n3, n4, n5, n6, n7)
     else:
-        unit = _pick4(col, 2.0 * u0 - 1.0, 2.0 * u1 - 1.0, 2.0 * u2 - 1.0, 2.0 * u3 - 1.0)
+        w0, w1, w2, w3 = _philox_block(seed, row + first_block, 0, 0)
+        n0, n1, n2, n3 = _units(w0, w1, w2, w3, DISTRIBUTION, FAST)
+        unit = _pick4(col, n0, n1, n2, n3)
 
     total = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
@@ -99,31 +102,43 @@ def noise_kernel(x_ptr, residual_ptr, out_ptr, numel, sigma, seed, first_block,
     total = total + unit * sigma
 
     if STOCHASTIC:
-        one = zero + 1
-        r0, r1, r2, r3 = tl.philox(seed, c_lo, c_hi, zero, one)
-        rounding = _pick4(col, _uniform(r0), _uniform(r1), _uniform(r2), _uniform(r3))
-        result = _stochastic_round(total, rounding, out_ptr.dtype.element_ty)
+        # One purpose-1 block per 8 elements (VEC == 8): element 8q + m takes 16-bit half m % 2 of word m // 2
+        # of block q (first_block is even: the launcher requires first_index % 8 == 0).
+        r0, r1, r2, r3 = _philox_block(seed, row + first_block // 2, 0, 1)
+        r16 = _pick8(col, r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16, r2 & 0xFFFF, r2 >> 16,
+                     r3 & 0xFFFF, r3 >> 16)
+        result = _stochastic_round(total, r16, out_ptr.dtype.element_ty, INTERPRETED)
     else:
-        result = _round_nearest(total, out_ptr.dtype.element_ty, BF16_BY_BITS)
+        result = _round_nearest(total, out_ptr.dtype.element_ty, INTERPRETED)
     tl.store(out_ptr + offsets, result, mask=in_bounds)
+
+
+def noise_launch(x, residual, out, sigma: float, distribution: str, seed: int, stochastic: bool,
+                 first_index: int = 0) -> Launch:
+    """The launch :func:`launch_noise` runs (also built from ``meta`` tensors by ``specialisations``)."""
+    numel = x.numel()
+    half = out.dtype.itemsize == 2
+    return Launch(
+        noise_kernel, (triton.cdiv(numel, BLOCK_SIZE),),
+        (x, residual if residual is not None else x, out, numel, float(sigma), seed, first_index // 4),
+        dict(HAS_RESIDUAL=residual is not None,
+             DISTRIBUTION=DIST_NORMAL if distribution == "normal" else DIST_UNIFORM,
+             STOCHASTIC=bool(stochastic) and half, FAST=fast_math(), INTERPRETED=interpreter_enabled(),
+             VEC=VEC_HALF if half else VEC_FLOAT, BLOCK=BLOCK_SIZE),
+        NUM_WARPS)
 
 
 def launch_noise(x, residual, out, sigma: float, distribution: str, seed: int, stochastic: bool,
                  first_index: int = 0) -> None:
     """Run the kernel over contiguous ``x`` (and ``residual``) into contiguous ``out`` (which may be ``x``).
 
-    ``first_index`` (a multiple of 4) is the flat index of ``x``'s first element in the tensor whose noise
-    is being drawn: 0 unless a caller processes a big tensor in slices.
+    ``first_index`` is the flat index of ``x``'s first element in the tensor whose noise is being drawn: 0
+    unless a caller processes a big tensor in slices; a multiple of 4 (of 8 with stochastic rounding, whose
+    blocks cover 8 elements).
     """
-    if first_index % 4:
-        raise ValueError(f"first_index must be a multiple of 4, got {first_index}")
-    numel = x.numel()
-    if numel == 0:
+    step = 8 if stochastic and out.dtype.itemsize == 2 else 4
+    if first_index % step:
+        raise ValueError(f"first_index must be a multiple of {step}, got {first_index}")
+    if x.numel() == 0:
         return
-    grid = (triton.cdiv(numel, BLOCK_SIZE),)
-    noise_kernel[grid](
-        x, residual if residual is not None else x, out, numel, float(sigma), seed, first_index // 4,
-        HAS_RESIDUAL=residual is not None,
-        DISTRIBUTION=DIST_NORMAL if distribution == "normal" else DIST_UNIFORM,
-        STOCHASTIC=bool(stochastic) and out.dtype.itemsize == 2,
-        BF16_BY_BITS=interpreter_enabled(), BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS)
+    noise_launch(x, residual, out, sigma, distribution, seed, stochastic, first_index).run()

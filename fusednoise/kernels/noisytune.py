@@ -13,7 +13,7 @@ a ``(row, chunk)`` table. The arithmetic and random numbers are those of ``fused
 """
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
@@ -21,10 +21,14 @@ import triton.language as tl
 
 from ..backends import interpreter_enabled
 from .chunks import cdiv, chunk_of_program, tensor_ptr
-from .noise import _pick4, _round_nearest, _uniform
+from .draws import _philox_block, _pick4, _pick8, _uniform
+from .launch import Launch
+from .noise import _round_nearest
 
-BLOCK_SIZE = 4096
+BLOCK_SIZE = 8192  # noise elements per program: the per-program merge of the statistics is amortised over them
 NUM_WARPS = 8
+# Elements per row of the noise tile: 16 bytes (two philox blocks of half-precision values, one of float32).
+VEC = {torch.float32: 4, torch.float16: 8, torch.bfloat16: 8}
 STATS_SUB = 2048
 STATS_ITERS = 16
 STATS_CHUNK = STATS_SUB * STATS_ITERS
@@ -39,19 +43,30 @@ SUPPORTED_DTYPES = tuple(_TL_DTYPES)
 
 @triton.jit
 def _stats_kernel(meta_ptr, chunks_ptr, partial_ptr, DTYPE: tl.constexpr, META: tl.constexpr,
-                  SUB: tl.constexpr, ITERS: tl.constexpr):
+                  SUB: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr):
     c, k, j, row = chunk_of_program(meta_ptr, chunks_ptr, META)
     x_ptr = tensor_ptr(row, M_PTR, DTYPE)
     numel = tl.load(row + M_NUMEL)
     shift = tl.load(x_ptr).to(tl.float32)
 
+    # Per-lane Welford over the chunk's full sub-blocks, unmasked: every lane has seen it + 1 values, so the
+    # division by the count is one scalar reciprocal per sub-block, not one per element.
     start = j * (SUB * ITERS)
-    n_iters = tl.minimum(tl.cdiv(numel - start, SUB), ITERS)
-    count = tl.zeros([SUB], dtype=tl.float32)
+    n_full = tl.minimum((numel - start) // SUB, ITERS)
     mean = tl.zeros([SUB], dtype=tl.float32)
     m2 = tl.zeros([SUB], dtype=tl.float32)
-    for it in range(0, n_iters):
+    for it in range(0, n_full):
         offs = start + it * SUB + tl.arange(0, SUB).to(tl.int64)
+        ptrs = x_ptr + offs
+        if ALIGNED:  # every tensor starts on a 16-byte boundary (host check): 128-bit loads. (multiple_of must
+            ptrs = tl.multiple_of(ptrs, 16)  # sit where the pointers are computed, not in a helper function.)
+        d = tl.load(ptrs).to(tl.float32) - shift
+        delta = d - mean
+        mean = mean + delta * (1.0 / (it + 1.0))
+        m2 = m2 + delta * (d - mean)
+    count = tl.zeros([SUB], dtype=tl.float32) + n_full.to(tl.float32)
+    if n_full < ITERS:  # a tensor's last chunk: its partial sub-block, lane by lane
+        offs = start + n_full * SUB + tl.arange(0, SUB).to(tl.int64)
         mask = offs < numel
         d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - shift
         new_count = count + tl.where(mask, 1.0, 0.0)
@@ -68,13 +83,26 @@ def _stats_kernel(meta_ptr, chunks_ptr, partial_ptr, DTYPE: tl.constexpr, META: 
 
 
 @triton.jit
+def _uniform_tile(seed, stream, rows, col, VEC: tl.constexpr):
+    # U[0, 1) of the elements of rows `rows` (VEC elements each, VEC / 4 philox blocks): element i of the tensor
+    # takes word i % 4 of block i // 4 (stream k), the layout of reference.noisytune.
+    if VEC == 8:
+        a0, a1, a2, a3 = _philox_block(seed, 2 * rows, stream, 0)
+        b0, b1, b2, b3 = _philox_block(seed, 2 * rows + 1, stream, 0)
+        return _pick8(col, _uniform(a0), _uniform(a1), _uniform(a2), _uniform(a3),
+                      _uniform(b0), _uniform(b1), _uniform(b2), _uniform(b3))
+    w0, w1, w2, w3 = _philox_block(seed, rows, stream, 0)
+    return _pick4(col, _uniform(w0), _uniform(w1), _uniform(w2), _uniform(w3))
+
+
+@triton.jit
 def _noise_kernel(meta_ptr, chunks_ptr, partial_ptr, std_ptr, noise_lambda, seed, DTYPE: tl.constexpr,
                   META: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PBLOCK: tl.constexpr,
-                  BF16_BY_BITS: tl.constexpr):
+                  VEC: tl.constexpr, ALIGNED: tl.constexpr, BF16_BY_BITS: tl.constexpr):
     c, k, j, row = chunk_of_program(meta_ptr, chunks_ptr, META)
     x_ptr = tensor_ptr(row, M_PTR, DTYPE)
     numel = tl.load(row + M_NUMEL)
-    stream = tl.load(row + M_STREAM)
+    stream = tl.load(row + M_STREAM).to(tl.uint32)
     pstart = tl.load(row + M_PSTART)
     npart = tl.load(row + M_NPART)
 
@@ -102,28 +130,32 @@ def _noise_kernel(meta_ptr, chunks_ptr, partial_ptr, std_ptr, noise_lambda, seed
         tl.store(std_ptr + k, std)
     # Write nothing unless 0 < std < inf (false for a constant matrix and for NaN).
     limit = tl.where((std > 0.0) & (std < 3.4e38), numel, 0)
+    scale = noise_lambda * std
 
-    ROWS: tl.constexpr = BLOCK // 4
-    block_id = j * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    col = tl.arange(0, 4)[None, :]
-    offs = block_id[:, None] * 4 + col
-    in_bounds = offs < limit
-    c_lo = (block_id & 0xFFFFFFFF).to(tl.uint32)
-    c_hi = (block_id >> 32).to(tl.uint32)
-    zero = c_lo * 0
-    w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, zero + stream.to(tl.uint32), zero)
-    u = _pick4(col, _uniform(w0), _uniform(w1), _uniform(w2), _uniform(w3))
-    x = tl.load(x_ptr + offs, mask=in_bounds, other=0.0).to(tl.float32)
-    x = x + (u - 0.5) * (noise_lambda * std)
-    tl.store(x_ptr + offs, _round_nearest(x, DTYPE, BF16_BY_BITS), mask=in_bounds)
+    # Rows of VEC elements (16 bytes). A program whose BLOCK elements all lie below the limit (all but the last
+    # of a tensor) reads and writes them without a mask, 128 bits at a time when the host found every tensor
+    # 16-byte aligned; the last program of a tensor masks element by element.
+    ROWS: tl.constexpr = BLOCK // VEC
+    rows = j * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    col = tl.arange(0, VEC)[None, :]
+    offs = rows[:, None] * VEC + col
+    u = _uniform_tile(seed, stream, rows, col, VEC)
+    ptrs = x_ptr + offs
+    if (j + 1) * BLOCK <= limit:
+        if ALIGNED:  # multiple_of must sit where the pointers are computed, not in a helper function
+            ptrs = tl.multiple_of(ptrs, [1, 16])
+        x = tl.load(ptrs).to(tl.float32)
+        tl.store(ptrs, _round_nearest(x + (u - 0.5) * scale, DTYPE, BF16_BY_BITS))
+    else:
+        in_bounds = offs < limit
+        x = tl.load(ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+        tl.store(ptrs, _round_nearest(x + (u - 0.5) * scale, DTYPE, BF16_BY_BITS), mask=in_bounds)
 
 
-def launch_perturb(tensors: Sequence[torch.Tensor], streams: Sequence[int], noise_lambda: float,
-                   seed: int) -> torch.Tensor:
-    """Perturb contiguous ``tensors`` (one device and dtype, each >= 2 elements) in place; returns their stds
-    (float32, on their device) in order. Two launches whatever the number of tensors."""
-    if not tensors:
-        return torch.empty(0, dtype=torch.float32)
+def perturb_launches(tensors: Sequence[torch.Tensor], streams: Sequence[int], noise_lambda: float,
+                     seed: int) -> Tuple[torch.Tensor, List[Launch]]:
+    """The two launches :func:`launch_perturb` runs and the std tensor they fill (also built from ``meta``
+    tensors by ``specialisations``)."""
     device = tensors[0].device
     stats_chunks: List[tuple] = []
     noise_chunks: List[tuple] = []
@@ -139,10 +171,25 @@ def launch_perturb(tensors: Sequence[torch.Tensor], streams: Sequence[int], nois
     partial = torch.empty(2 * len(stats_chunks), dtype=torch.float32, device=device)
     std = torch.empty(len(tensors), dtype=torch.float32, device=device)
     dtype = _TL_DTYPES[tensors[0].dtype]
-    _stats_kernel[(len(stats_chunks),)](meta, chunks, partial, DTYPE=dtype, META=META_FIELDS, SUB=STATS_SUB,
-                                        ITERS=STATS_ITERS, num_warps=NUM_WARPS)
-    _noise_kernel[(len(noise_chunks),)](meta, chunks[len(stats_chunks):], partial, std, float(noise_lambda),
-                                        int(seed), DTYPE=dtype, META=META_FIELDS, BLOCK=BLOCK_SIZE,
-                                        CHUNK=STATS_CHUNK, PBLOCK=PARTIAL_BLOCK,
-                                        BF16_BY_BITS=interpreter_enabled(), num_warps=NUM_WARPS)
+    aligned = all(x.data_ptr() % 16 == 0 for x in tensors)
+    stats = Launch(_stats_kernel, (len(stats_chunks),), (meta, chunks, partial),
+                   dict(DTYPE=dtype, META=META_FIELDS, SUB=STATS_SUB, ITERS=STATS_ITERS, ALIGNED=aligned),
+                   NUM_WARPS)
+    noise = Launch(_noise_kernel, (len(noise_chunks),),
+                   (meta, chunks[len(stats_chunks):], partial, std, float(noise_lambda), int(seed)),
+                   dict(DTYPE=dtype, META=META_FIELDS, BLOCK=BLOCK_SIZE, CHUNK=STATS_CHUNK, PBLOCK=PARTIAL_BLOCK,
+                        VEC=VEC[tensors[0].dtype], ALIGNED=aligned, BF16_BY_BITS=interpreter_enabled()),
+                   NUM_WARPS)
+    return std, [stats, noise]
+
+
+def launch_perturb(tensors: Sequence[torch.Tensor], streams: Sequence[int], noise_lambda: float,
+                   seed: int) -> torch.Tensor:
+    """Perturb contiguous ``tensors`` (one device and dtype, each >= 2 elements) in place; returns their stds
+    (float32, on their device) in order. Two launches whatever the number of tensors."""
+    if not tensors:
+        return torch.empty(0, dtype=torch.float32)
+    std, launches = perturb_launches(tensors, streams, noise_lambda, seed)
+    for launch in launches:
+        launch.run()
     return std

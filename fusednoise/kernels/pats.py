@@ -33,10 +33,13 @@ import triton.language as tl
 
 from ..backends import interpreter_enabled
 from .chunks import cdiv, chunk_of_program, tensor_ptr
-from .noise import _round_nearest, _uniform
+from .draws import _box_muller, _philox_block, _uniform, fast_math
+from .launch import Launch
+from .noise import _round_nearest
 
-# Pass 2: elements per program. Pass 1: SENS_SUB elements per iteration, up to SENS_ITERS iterations.
-BLOCK_SIZE = 2048
+# Pass 2: elements per program (4 per thread: one 128-bit access of each float32 tensor, and few enough live
+# values that 16 warps fit an SM). Pass 1: SENS_SUB elements per iteration, up to SENS_ITERS iterations.
+BLOCK_SIZE = 1024
 NUM_WARPS = 8
 SENS_SUB = 2048
 SENS_ITERS = 16
@@ -66,7 +69,7 @@ def _f32(row, field):
 
 @triton.jit
 def _sensitivity_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr,
-                        META: tl.constexpr, SUB: tl.constexpr, ITERS: tl.constexpr):
+                        META: tl.constexpr, SUB: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr):
     c, k, j, row = chunk_of_program(meta_ptr, chunks_ptr, META)
     p_ptr = tensor_ptr(row, F_PARAM, PARAM_DTYPE)
     g_ptr = tensor_ptr(row, F_GRAD, PARAM_DTYPE)
@@ -75,38 +78,44 @@ def _sensitivity_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.const
     beta = _f32(row, F_SBETA)
     one_minus_beta = _f32(row, F_ONE_MINUS_SBETA)
 
+    # The chunk's full sub-blocks unmasked (128-bit accesses when the host found every tensor 16-byte aligned),
+    # then the partial last one of a tensor's last chunk, masked.
     start = j * (SUB * ITERS)
-    n_iters = tl.minimum(tl.cdiv(numel - start, SUB), ITERS)
+    n_full = tl.minimum((numel - start) // SUB, ITERS)
     acc = tl.zeros([SUB], dtype=tl.float32)
-    for it in range(0, n_iters):
+    for it in range(0, n_full):
         offs = start + it * SUB + tl.arange(0, SUB).to(tl.int64)
+        pp, gp, sp = p_ptr + offs, g_ptr + offs, s_ptr + offs
+        if ALIGNED:  # multiple_of must sit where the pointers are computed, not in a helper function
+            pp = tl.multiple_of(pp, 16)
+            gp = tl.multiple_of(gp, 16)
+            sp = tl.multiple_of(sp, 16)
+        s = _sensitivity_ema(tl.load(pp), tl.load(gp), tl.load(sp), beta, one_minus_beta)
+        tl.store(sp, s)
+        acc += s
+    if n_full < ITERS:
+        offs = start + n_full * SUB + tl.arange(0, SUB).to(tl.int64)
         mask = offs < numel
-        theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0)
-        s = beta * s + one_minus_beta * tl.abs(theta * g)
+        s = _sensitivity_ema(tl.load(p_ptr + offs, mask=mask, other=0.0), tl.load(g_ptr + offs, mask=mask, other=0.0),
+                             tl.load(s_ptr + offs, mask=mask, other=0.0), beta, one_minus_beta)
         tl.store(s_ptr + offs, s, mask=mask)
         acc += tl.where(mask, s, 0.0)
     tl.store(partial_ptr + c, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def _update_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr, META: tl.constexpr,
-                   BLOCK: tl.constexpr, PBLOCK: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-    c, k, j, row = chunk_of_program(meta_ptr, chunks_ptr, META)
-    p_ptr = tensor_ptr(row, F_PARAM, PARAM_DTYPE)
-    g_ptr = tensor_ptr(row, F_GRAD, PARAM_DTYPE)
-    m_ptr = tensor_ptr(row, F_EXP_AVG, tl.float32)
-    u_ptr = tensor_ptr(row, F_EXP_INF, tl.float32)
-    numel = tl.load(row + F_NUMEL)
-    flags = tl.load(row + F_FLAGS)
+def _sensitivity_ema(theta, g, s, beta, one_minus_beta):
+    return beta * s + one_minus_beta * tl.abs(theta.to(tl.float32) * g.to(tl.float32))
 
-    offs = j * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offs < numel
-    theta = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0)
+
+@triton.jit
+def _update_tile(offs, pp, gp, mp, up, sp, mask, other, row, flags, s_bar,
+                 PARAM_DTYPE: tl.constexpr, FAST: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+    # One Adamax step of the elements at offs (mask / other: None for a program's full tile).
+    theta = tl.load(pp, mask=mask, other=other).to(tl.float32)
+    g = tl.load(gp, mask=mask, other=other).to(tl.float32)
+    m = tl.load(mp, mask=mask, other=other)
+    u = tl.load(up, mask=mask, other=other)
 
     if (flags & FLAG_L2) != 0:
         g = g + _f32(row, F_WD) * theta
@@ -116,32 +125,57 @@ def _update_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr,
     theta = theta + (-_f32(row, F_CLR)) * (m / u)
 
     if (flags & FLAG_DRAW) != 0:
-        s_ptr = tensor_ptr(row, F_SENS, tl.float32)
-        s = tl.load(s_ptr + offs, mask=mask, other=0.0)
+        s = tl.load(sp, mask=mask, other=other)
+        ratio = s_bar / (s + _f32(row, F_NOISE_EPS))
+        r = _f32(row, F_LAMBDA) * tl.maximum(ratio - _f32(row, F_GAMMA), 0.0)
+        # element-indexed philox: word 0, 1 -> Box-Muller (cosine), word 2 -> Bernoulli(p)
+        w0, w1, w2, _ = _philox_block(tl.load(row + F_SEED), offs, tl.load(row + F_STREAM).to(tl.uint32), 0)
+        normal, _ = _box_muller(w0, w1, FAST)
+        keep = _uniform(w2) < _f32(row, F_PROB)
+        theta = theta + tl.where(keep, tl.sqrt(r) * normal, 0.0)
+
+    tl.store(pp, _round_nearest(theta, PARAM_DTYPE, BF16_BY_BITS), mask=mask)
+    tl.store(mp, m, mask=mask)
+    tl.store(up, u, mask=mask)
+
+
+@triton.jit
+def _update_kernel(meta_ptr, chunks_ptr, partial_ptr, PARAM_DTYPE: tl.constexpr, META: tl.constexpr,
+                   BLOCK: tl.constexpr, PBLOCK: tl.constexpr, FAST: tl.constexpr, ALIGNED: tl.constexpr,
+                   BF16_BY_BITS: tl.constexpr):
+    c, k, j, row = chunk_of_program(meta_ptr, chunks_ptr, META)
+    p_ptr = tensor_ptr(row, F_PARAM, PARAM_DTYPE)
+    g_ptr = tensor_ptr(row, F_GRAD, PARAM_DTYPE)
+    m_ptr = tensor_ptr(row, F_EXP_AVG, tl.float32)
+    u_ptr = tensor_ptr(row, F_EXP_INF, tl.float32)
+    s_ptr = tensor_ptr(row, F_SENS, tl.float32)  # 0 (never read) for a tensor without noise
+    numel = tl.load(row + F_NUMEL)
+    flags = tl.load(row + F_FLAGS)
+
+    # s_bar: the tensor's partial sums of s~ from pass 1, added in a fixed order (a few hundred at most, from L2)
+    s_bar = 0.0
+    if (flags & FLAG_DRAW) != 0:
         pstart = tl.load(row + F_PSTART)
         npart = tl.load(row + F_NPART)
         total = tl.zeros([PBLOCK], dtype=tl.float32)
         for i in range(0, npart, PBLOCK):
             idx = i + tl.arange(0, PBLOCK)
             total += tl.load(partial_ptr + pstart + idx, mask=idx < npart, other=0.0)
-        mean = tl.sum(total, axis=0) / numel.to(tl.float32)
-        ratio = mean / (s + _f32(row, F_NOISE_EPS))
-        r = _f32(row, F_LAMBDA) * tl.maximum(ratio - _f32(row, F_GAMMA), 0.0)
+        s_bar = tl.sum(total, axis=0) / numel.to(tl.float32)
 
-        seed = tl.load(row + F_SEED)
-        stream = tl.load(row + F_STREAM)
-        c_lo = (offs & 0xFFFFFFFF).to(tl.uint32)
-        c_hi = (offs >> 32).to(tl.uint32)
-        zero = c_lo * 0
-        w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, zero + stream.to(tl.uint32), zero)
-        radius = tl.sqrt(-2.0 * tl.log(tl.maximum(_uniform(w0), 1.0e-7)))
-        normal = radius * tl.cos(6.283185307179586 * _uniform(w1))
-        keep = _uniform(w2) < _f32(row, F_PROB)
-        theta = theta + tl.where(keep, tl.sqrt(r) * normal, 0.0)
-
-    tl.store(p_ptr + offs, _round_nearest(theta, PARAM_DTYPE, BF16_BY_BITS), mask=mask)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(u_ptr + offs, u, mask=mask)
+    offs = j * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    pp, gp, mp, up, sp = p_ptr + offs, g_ptr + offs, m_ptr + offs, u_ptr + offs, s_ptr + offs
+    if (j + 1) * BLOCK <= numel:  # a full tile: no mask, 128-bit accesses when every tensor is 16-byte aligned
+        if ALIGNED:  # multiple_of must sit where the pointers are computed, not in a helper function
+            pp = tl.multiple_of(pp, 16)
+            gp = tl.multiple_of(gp, 16)
+            mp = tl.multiple_of(mp, 16)
+            up = tl.multiple_of(up, 16)
+            sp = tl.multiple_of(sp, 16)
+        _update_tile(offs, pp, gp, mp, up, sp, None, None, row, flags, s_bar, PARAM_DTYPE, FAST, BF16_BY_BITS)
+    else:  # the last tile of a tensor
+        _update_tile(offs, pp, gp, mp, up, sp, offs < numel, 0.0, row, flags, s_bar, PARAM_DTYPE, FAST,
+                     BF16_BY_BITS)
 
 
 def _chunk_table(numels: Sequence[int], noise: Sequence[bool], device) -> Tuple[torch.Tensor, int, int, List[int]]:
@@ -208,16 +242,12 @@ class PatsLauncher:
             hit = self._chunks[key] = _chunk_table(numels, noise, device)
         return hit
 
-    def step(self, jobs: Sequence[tuple]) -> None:
-        """One step for ``jobs``: ``(param, grad, exp_avg, exp_inf, sensitivity_or_None, scalars, stream)``.
-
-        Every param must be contiguous, of one device and one dtype (float32, float16 or bfloat16); grads
-        contiguous with the param's dtype; state contiguous float32. ``scalars`` is a
-        :class:`fusednoise.reference.pats.StepScalars`.
-        """
+    def launches(self, jobs: Sequence[tuple]) -> List[Launch]:
+        """The launches :meth:`step` runs for ``jobs`` (also built from ``meta`` tensors by
+        ``specialisations``)."""
         jobs = [j for j in jobs if j[0].numel() > 0]
         if not jobs:
-            return
+            return []
         jobs.sort(key=lambda j: not j[5].noise)  # noise rows first: pass 1's chunks are a prefix
         device = jobs[0][0].device
         dtype = jobs[0][0].dtype
@@ -228,9 +258,24 @@ class PatsLauncher:
         meta = _to_device(_meta_table(jobs, starts), device)
         partial = torch.empty(max(n_pass1, 1), dtype=torch.float32, device=device)
         tl_dtype = _TL_DTYPES[dtype]
+        aligned = all(t.data_ptr() % 16 == 0 for job in jobs for t in job[:5] if t is not None)
+        launches = []
         if n_pass1:
-            _sensitivity_kernel[(n_pass1,)](meta, chunks, partial, PARAM_DTYPE=tl_dtype, META=META_FIELDS,
-                                            SUB=SENS_SUB, ITERS=SENS_ITERS, num_warps=NUM_WARPS)
-        _update_kernel[(n_pass2,)](meta, chunks[n_pass1:], partial, PARAM_DTYPE=tl_dtype, META=META_FIELDS,
-                                   BLOCK=BLOCK_SIZE, PBLOCK=PARTIAL_BLOCK, BF16_BY_BITS=interpreter_enabled(),
-                                   num_warps=NUM_WARPS)
+            launches.append(Launch(_sensitivity_kernel, (n_pass1,), (meta, chunks, partial),
+                                   dict(PARAM_DTYPE=tl_dtype, META=META_FIELDS, SUB=SENS_SUB, ITERS=SENS_ITERS,
+                                        ALIGNED=aligned), NUM_WARPS))
+        launches.append(Launch(_update_kernel, (n_pass2,), (meta, chunks[n_pass1:], partial),
+                               dict(PARAM_DTYPE=tl_dtype, META=META_FIELDS, BLOCK=BLOCK_SIZE, PBLOCK=PARTIAL_BLOCK,
+                                    FAST=fast_math(), ALIGNED=aligned, BF16_BY_BITS=interpreter_enabled()),
+                               NUM_WARPS))
+        return launches
+
+    def step(self, jobs: Sequence[tuple]) -> None:
+        """One step for ``jobs``: ``(param, grad, exp_avg, exp_inf, sensitivity_or_None, scalars, stream)``.
+
+        Every param must be contiguous, of one device and one dtype (float32, float16 or bfloat16); grads
+        contiguous with the param's dtype; state contiguous float32. ``scalars`` is a
+        :class:`fusednoise.reference.pats.StepScalars`.
+        """
+        for launch in self.launches(jobs):
+            launch.run()

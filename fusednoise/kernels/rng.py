@@ -1,10 +1,14 @@
-"""Triton side of ``fusednoise/rng.py``: the raw philox words, for checking the torch philox against
-the kernels' generator bit for bit (the property every reference/kernel comparison rests on)."""
+"""Triton side of ``fusednoise/rng.py``: the raw philox words of the kernels' generator
+(``draws._philox``), for checking the torch philox against it bit for bit (the property every
+reference/kernel comparison rests on)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .draws import _philox
+from .launch import Launch
 
 BLOCK_SIZE = 1024
 
@@ -21,17 +25,22 @@ def philox_words_kernel(out_ptr, n, seed, first_counter, stream, purpose, BLOCK:
     wide_zero = index * 0
     c_stream = (wide_zero + stream).to(tl.uint32)
     c_purpose = (wide_zero + purpose).to(tl.uint32)
-    w0, w1, w2, w3 = tl.philox(seed, c_lo, c_hi, c_stream, c_purpose)
+    w0, w1, w2, w3 = _philox(seed, c_lo, c_hi, c_stream, c_purpose)
     tl.store(out_ptr + index, w0.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
     tl.store(out_ptr + n + index, w1.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
     tl.store(out_ptr + 2 * n + index, w2.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
     tl.store(out_ptr + 3 * n + index, w3.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
 
 
+def philox_words_launch(out, seed: int, n: int, first_counter: int = 0, stream: int = 0,
+                        purpose: int = 0) -> Launch:
+    return Launch(philox_words_kernel, (triton.cdiv(n, BLOCK_SIZE),), (out, n, seed, first_counter, stream, purpose),
+                  dict(BLOCK=BLOCK_SIZE))
+
+
 def philox_words(seed: int, n: int, first_counter: int = 0, stream: int = 0, purpose: int = 0,
                  device="cuda") -> torch.Tensor:
     """The four uint32 philox words (as int64, shape (4, n)) of counters ``first_counter + arange(n)``."""
     out = torch.empty(4, n, dtype=torch.int64, device=device)
-    philox_words_kernel[(triton.cdiv(n, BLOCK_SIZE),)](out, n, seed, first_counter, stream, purpose,
-                                                        BLOCK=BLOCK_SIZE)
+    philox_words_launch(out, seed, n, first_counter, stream, purpose).run()
     return out

@@ -11,8 +11,13 @@ Drawing four values from each philox call (not one, as ``tl.randn`` does) quarte
 what keeps a half-precision noise kernel memory-bound rather than compute-bound on a GPU.
 
 Everything is computed in float32: ``out = (x + residual) + eps``, then stored in x's dtype, rounded to
-nearest or stochastically (the uniform of word ``i % 4`` of ``philox(seed, j_lo, j_hi, 0, 1)`` picks between
-the two neighbours of the float32 value with probability proportional to closeness).
+nearest or stochastically. Stochastic rounding takes 16 random bits per element: element ``i`` uses the 16-bit
+half ``i % 2`` (0: the low half) of word ``(i % 8) // 2`` of ``philox(seed, c0=q_lo, c1=q_hi, c2=0, c3=1)``
+with ``q = i // 8``, so one philox call serves 8 elements (see :func:`stochastic_round` for the rule).
+
+On a GPU the normal noise uses the hardware's approximate log2/sin/cos (``kernels/draws.py``): the uniform
+noise and the philox words are bitwise those of this module, the normal values differ by at most
+:func:`fast_normal_error_bound` (a few 1e-6 for a typical draw; see there).
 """
 from __future__ import annotations
 
@@ -24,6 +29,18 @@ from .. import rng
 
 DISTRIBUTIONS = ("normal", "uniform")
 WORDS_PER_BLOCK = 4
+ROUNDING_ELEMENTS_PER_BLOCK = 8  # 16 random bits per element, four 32-bit words per philox call
+F16_SMALLEST_NORMAL = 2.0**-14
+
+# The GPU's Box-Muller (kernels/draws.py) runs on the hardware approximations lg2.approx, sin.approx and
+# cos.approx, whose documented worst-case errors are an absolute 2**-22 for log2 on [0.5, 2] (2 ulp elsewhere)
+# and an absolute 2**-20.5 for sin/cos of |x| <= 100 pi. They bound |fused - reference| for one N(0, 1) value
+# with radius R = sqrt(-2 ln u1) by  FAST_TRIG_ERROR * (1 + R) + min(sqrt(FAST_LOG_ERROR), FAST_LOG_ERROR / R):
+# the log's absolute error moves R**2 by up to FAST_LOG_ERROR (2 ln 2 * 2**-22 and float32 rounding), which
+# matters only for small radii (u1 near 1); the angle's error, sqrt.approx and the roundings scale with R.
+# tests/test_fast_math.py checks the bound against a model of the approximations.
+FAST_LOG_ERROR = 3.5e-7
+FAST_TRIG_ERROR = 2.0e-6
 
 
 def _block_words(seed: int, numel: int, device, purpose: int, first_index: int = 0):
@@ -54,30 +71,88 @@ def standard_noise(numel: int, distribution: str, seed: int, device="cpu", first
     raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
 
 
-def rounding_uniforms(numel: int, seed: int, device="cpu", first_index: int = 0) -> torch.Tensor:
-    """The uniforms that drive stochastic rounding, one per element (purpose word 1)."""
-    words = _block_words(seed, numel, device, rng.PURPOSE_ROUNDING, first_index)
-    return _interleave([rng.uint_to_uniform(w) for w in words], numel)
+def fast_normal_error_bound(u1: torch.Tensor) -> torch.Tensor:
+    """Largest ``|fused - reference|`` of a unit normal drawn by the GPU's fast Box-Muller from the uniform
+    ``u1`` (the radius word's uniform), in float64: a few 1e-6 for a radius ``R`` near 1, 1.4e-5 at the
+    largest radius; more only for u1 > 0.9994 (``R < 0.035``, and ``|n| <= R``), up to 6e-4 as u1 approaches 1."""
+    radius = torch.sqrt(-2.0 * torch.log(u1.double().clamp(min=rng.BOX_MULLER_MIN_U)))
+    log_part = torch.minimum(torch.full_like(radius, FAST_LOG_ERROR ** 0.5), FAST_LOG_ERROR / radius)
+    return FAST_TRIG_ERROR * (1.0 + radius) + log_part
 
 
-def stochastic_round(value: torch.Tensor, dtype: torch.dtype, uniform: torch.Tensor) -> torch.Tensor:
+def standard_noise_error_bound(numel: int, distribution: str, seed: int, device="cpu",
+                               first_index: int = 0) -> torch.Tensor:
+    """Per element, the largest ``|fused - reference|`` of :func:`standard_noise` on a GPU (float64): 0 for
+    uniform noise (no transcendentals), :func:`fast_normal_error_bound` of the element's pair for normal."""
+    if distribution == "uniform":
+        return torch.zeros(numel, dtype=torch.float64, device=device)
+    words = _block_words(seed, numel, device, rng.PURPOSE_NOISE, first_index)
+    first = fast_normal_error_bound(rng.uint_to_uniform(words[0]))
+    second = fast_normal_error_bound(rng.uint_to_uniform(words[2]))
+    return _interleave([first, first, second, second], numel)
+
+
+def rounding_bits(numel: int, seed: int, device="cpu", first_index: int = 0) -> torch.Tensor:
+    """The 16 random bits (int64 in [0, 2**16)) that drive the stochastic rounding of each element (purpose 1):
+    element ``i`` takes half ``i % 2`` of word ``(i % 8) // 2`` of block ``i // 8``."""
+    first_block = first_index // ROUNDING_ELEMENTS_PER_BLOCK
+    last_block = (first_index + numel - 1) // ROUNDING_ELEMENTS_PER_BLOCK
+    blocks = torch.arange(first_block, last_block + 1, dtype=torch.int64, device=device)
+    lo, hi = rng.block_counters(blocks)
+    words = rng.philox4x32(seed, lo, hi, 0, rng.PURPOSE_ROUNDING)
+    halves = [part for w in words for part in (w & 0xFFFF, w >> 16)]
+    start = first_index - first_block * ROUNDING_ELEMENTS_PER_BLOCK
+    return _interleave(halves, start + numel)[start:]
+
+
+def _truncate_to_half(value: torch.Tensor) -> torch.Tensor:
+    """float32 -> float16 rounded toward zero (what ``cvt.rz.f16.f32`` does): finite values beyond the range
+    saturate at +-65504, non-finite values pass through."""
+    bits = value.view(torch.int32)
+    kept = (bits & ~0x1FFF).view(torch.float32)  # 10 mantissa bits: exact in float16's normal range
+    fixed_step = torch.trunc(value * 2.0**24) * 2.0**-24  # below 2**-14 float16's step is 2**-24
+    truncated = torch.where(value.abs() < F16_SMALLEST_NORMAL, fixed_step, kept)
+    finite = value.abs() < float("inf")
+    return torch.where(finite, truncated.clamp(-65504.0, 65504.0), value).to(torch.float16)
+
+
+def stochastic_round(value: torch.Tensor, dtype: torch.dtype, bits16: torch.Tensor) -> torch.Tensor:
     """Round float32 ``value`` to ``dtype`` (float16 or bfloat16) up or down at random, unbiased.
 
-    ``lo`` is ``value`` rounded toward zero, ``up`` the next representable magnitude; ``up`` is taken when
-    ``uniform * (|up| - |lo|) < |value| - |lo|``. Works on the 16-bit patterns, so it is exact for both
-    formats, subnormals and signed zeros included; NaN and inf pass through.
+    ``bits16`` (integers in [0, 2**16)) are added below the bits the target format keeps, and the sum is
+    truncated: the magnitude rounds up with probability equal to the dropped fraction of a step, exactly.
+
+    * bfloat16: ``(bits(value) + bits16) >> 16`` on the float32 bit pattern (a carry into the exponent is the
+      next binade's value, so this is exact everywhere, subnormals included);
+    * float16 with ``|value| >= 2**-14``: ``bits(value) + (bits16 >> 3)`` (13 bits), truncated to float16
+      (round toward zero; finite values beyond the range saturate at +-65504);
+    * float16 with ``|value| < 2**-14``, where float16's step is the fixed ``2**-24``:
+      ``value + sign(value) * bits16 * 2**-40`` in float32, truncated; the float32 sum is rounded, so the
+      probability is exact to ``2**-14`` of a step.
+
+    NaN and infinities pass through; signed zeros keep their sign.
     """
     if dtype == torch.float32:
         return value
-    nearest = value.to(dtype)
-    bits = nearest.view(torch.int16)
-    rounded_away = nearest.to(torch.float32).abs() > value.abs()
-    lo_bits = torch.where(rounded_away, bits - 1, bits)
-    up_bits = lo_bits + 1
-    lo_mag = lo_bits.view(dtype).to(torch.float32).abs()
-    up_mag = up_bits.view(dtype).to(torch.float32).abs()
-    take_up = uniform * (up_mag - lo_mag) < value.abs() - lo_mag
-    return torch.where(take_up, up_bits, lo_bits).view(dtype)
+    bits = value.view(torch.int32).to(torch.int64) & rng.MASK32
+    finite = value.abs() < float("inf")
+    if dtype == torch.bfloat16:
+        dithered = torch.where(finite, (bits + bits16) & rng.MASK32, bits) >> 16
+        return _to_int16(dithered).view(torch.bfloat16)
+    normal = _from_uint32(bits + (bits16 >> 3)).view(torch.float32)
+    signed_step = _from_uint32((bits & 0x80000000) | 0x2B800000).view(torch.float32)  # +-2**-40
+    tiny = value + bits16.to(torch.float32) * signed_step
+    dithered = torch.where(value.abs() < F16_SMALLEST_NORMAL, tiny, normal)
+    return _truncate_to_half(torch.where(finite, dithered, value))
+
+
+def _to_int16(values: torch.Tensor) -> torch.Tensor:
+    return torch.where(values >= 2**15, values - 2**16, values).to(torch.int16)
+
+
+def _from_uint32(values: torch.Tensor) -> torch.Tensor:
+    values = values & rng.MASK32
+    return torch.where(values >= 2**31, values - 2**32, values).to(torch.int32)
 
 
 def noisy_sum(x: torch.Tensor, residual: Optional[torch.Tensor], sigma: float, distribution: str, seed: int,
@@ -91,7 +166,7 @@ def noisy_sum(x: torch.Tensor, residual: Optional[torch.Tensor], sigma: float, d
         total = total + residual.reshape(-1).to(torch.float32)
     total = total + eps
     if stochastic and x.dtype != torch.float32:
-        out = stochastic_round(total, x.dtype, rounding_uniforms(numel, seed, x.device, first_index))
+        out = stochastic_round(total, x.dtype, rounding_bits(numel, seed, x.device, first_index))
     else:
         out = total.to(x.dtype)
     return out.reshape(x.shape)

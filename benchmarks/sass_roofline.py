@@ -1,0 +1,486 @@
+"""A static roofline model of every fusednoise kernel on an H100 (sm_90), from its SASS, without a GPU.
+
+    python benchmarks/sass_roofline.py                      # table on stdout, benchmarks/results/static-sm90.md
+    python benchmarks/sass_roofline.py --json model.json    # and one JSON record per case
+    python benchmarks/sass_roofline.py --only 'hype.*bf16' --path    # a subset, with each hot path's blocks
+
+Run it in a process without ``TRITON_INTERPRET``.
+
+Each case of ``fusednoise/kernels/specialisations.py`` (the launches the launchers build for large inputs,
+compiled with the JIT's argument specialisation by ``fusednoise.kernels.compile_check``) is compiled for sm_90
+with the ptxas Triton ships, disassembled with its nvdisasm, and the instructions one thread issues per element
+on the hot path are counted.
+
+The model (an H100 SXM; constants below). Issue: 132 SMs x 4 schedulers x 1 warp-instruction per clock at
+1.98 GHz = 33.4e12 thread-instructions/s, IMAD.WIDE and IMAD.HI counting two issue slots. MUFU (lg2, ex2, sin,
+cos, rsq, rcp, sqrt): 16 per clock per SM = 4.2e12/s. Memory: 3.0e12 B/s, a measured copy. The predicted
+fraction of the memory roofline is memory time / max(memory, issue, MUFU time) for the DRAM bytes the kernel must
+move per element; the issue budget per element is 11.1 x those bytes.
+
+It is a model, not a measurement; a GPU timing outranks it. Left out: the real issue efficiency (0.6-0.9 for
+mixed integer/float code, which is why the HyPe targets keep 15% of the budget free), pipe limits (reported, not
+binding: ALU and FMA pipes at 64 lanes per SM, conversions on the MUFU pipe), latency and occupancy beyond the
+resident-warp count (a kernel with few warps per SM may not hide DRAM latency), barriers, caches (every byte is a
+DRAM byte; gathers that hit L2 are charged in full), tails (the last partial program of a tensor), launch
+overhead, and whether narrow (16-bit) accesses reach the copy bandwidth at all (reported as the narrowest element
+access on the path).
+
+The hot path (what one thread executes per element in steady state), from the control-flow graph:
+* element accesses are the global loads/stores whose address depends on the thread index (a taint from
+  ``S2R SR_TID``); loads of one address by every thread (pointer tables, hyperparameters) are not;
+* the path is the cheapest route (by issue slots) from the kernel's entry to its exit whose element accesses move
+  the bytes the case declares for the thread's elements: predicated EXITs are not taken (in-bounds threads), and
+  conditional code the bytes do not need (libdevice slow paths, a tensor's partial last block, the noise branch
+  of a PATS tensor without noise) is off the path;
+* a small per-program loop with element accesses (over partial sums) runs once; a CALL costs its callee;
+* loop kernels: one trip of the outermost loop holding element accesses, per element of one trip (several
+  iterations when ptxas unrolled the loop), plus the cheapest rest of the program amortised over the case's trip
+  count.
+The element bytes on the path must equal the bytes per element the case declares (more: the path carries
+accesses the case does not count), and the narrowest of them is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, List, Optional, Set, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Triton 3.9 warns that its default (FP fusion on, as in the 3.6 a GPU machine runs) will change: keep it.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import sass_cfg  # noqa: E402
+from sass_cfg import Block, Ins  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MD = os.path.join(REPO, "benchmarks", "results", "static-sm90.md")
+ARCH = 90
+
+# ---- H100 SXM
+SMS, CLOCK = 132, 1.98e9
+ISSUE_RATE = SMS * 4 * 32 * CLOCK     # thread-instructions/s: 4 schedulers x 1 warp-instruction/clock = 33.4e12
+MUFU_RATE = SMS * 16 * CLOCK          # 16/clock/SM                                                   = 4.18e12
+ALU_RATE = SMS * 64 * CLOCK           # integer/logic/compare pipe
+FMA_HEAVY_RATE = SMS * 64 * CLOCK     # the IMAD family, on the heavy FMA pipe
+FP32_RATE = SMS * 128 * CLOCK         # FFMA/FMUL/FADD on the heavy and lite FMA pipes
+MEM_BW = 3.0e12                       # bytes/s, a measured copy
+REGISTERS_PER_SM, MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM, SHARED_PER_SM = 65536, 64, 32, 228 * 1024
+
+_WIDE = re.compile(r"^IMAD\.(WIDE|HI)")
+_CLASSES = {
+    "mem": ("LDG", "STG", "LDS", "STS", "LDL", "STL", "LDC", "ULDC", "LDGSTS", "RED", "ATOMG", "REDG", "LD", "ST"),
+    "mufu": ("MUFU",),
+    "cvt": ("F2I", "I2F", "F2F", "FRND", "I2I"),  # on the MUFU pipe; I2FP/F2FP run on the ALU pipe
+    "imad": ("IMAD", "VIADD", "IMUL"),
+    "fp32": ("FFMA", "FMUL", "FADD", "FMUL2", "FFMA2", "FADD2", "HFMA2", "HADD2", "HMUL2", "FMNMX"),
+    "fp64": ("DMUL", "DFMA", "DADD"),
+    "ctrl": ("BRA", "BSSY", "BSYNC", "EXIT", "CALL", "RET", "WARPSYNC", "BAR", "NOP", "YIELD", "BMOV"),
+    "shfl": ("SHFL",),
+}
+
+
+def classify(ins: Ins) -> str:
+    if _WIDE.match(ins.op):
+        return "imad_wide"
+    for name, bases in _CLASSES.items():
+        if ins.base in bases:
+            return name
+    if ins.base.startswith("U") or ins.base in ("S2UR", "R2UR", "VOTEU"):
+        return "uniform"
+    return "alu"
+
+
+def issue_slots(ins: Ins) -> float:
+    return 2.0 if _WIDE.match(ins.op) else 1.0
+
+
+def global_bytes(ins: Ins) -> int:
+    """Bytes one thread moves with a global load/store (0 for anything else, and for the constant-cache loads of
+    libdevice's tables)."""
+    if ins.base not in ("LDG", "STG") or "CONSTANT" in ins.op:
+        return 0
+    for width, size in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+        if f".{width}" in ins.op:
+            return size
+    return 4
+
+
+# ------------------------------------------------------------------------------------------------ hot path
+class HotPath:
+    """The per-element hot path of one compiled case (see the module docstring for the rules)."""
+
+    def __init__(self, sass: str, bytes_per_thread: float, loop: bool, force_small_loops: bool = True):
+        self.blocks: List[Block] = sass_cfg.blocks_of(sass_cfg.parse(sass))
+        self.labels = sass_cfg.label_index(self.blocks)
+        self.live = sass_cfg.reachable(self.blocks)
+        self.element_accesses = sass_cfg.thread_indexed_accesses(self.blocks)
+        self._callee: Dict[str, Counter] = {}
+        self._force_small_loops = force_small_loops
+        loops = self._natural_loops()
+        in_loops = {b for _, _, body in loops for b in body}
+        exits = {b.idx for b in self.blocks if b.idx in self.live and b.ins[-1].base == "EXIT"
+                 and b.ins[-1].pred is None}
+        need = int(math.ceil(bytes_per_thread - 1e-6))
+        if loop:
+            # the bulk loop: the outermost loop holding element accesses; every other loop is small
+            candidates = [(h, u, body) for h, u, body in loops if any(self._element_bytes(b) for b in body)]
+            if not candidates:
+                raise RuntimeError("a loop kernel without a loop around its element accesses")
+            header, latch, body = max(candidates, key=lambda t: len(t[2]))
+            self.small_loop_blocks = in_loops - body
+            self._loops = [(h, u, b) for h, u, b in loops if not b & body]
+            start = self.blocks[header].start
+            self.path = self._search(header, {latch}, need, within=body)
+            self.prologue = self._search(0, {header}, 0, before=start)[:-1]
+            leaving = [s for b in body for s in self.blocks[b].succ if s not in body]
+            self.epilogue = (self._search(min(leaving, key=lambda s: self.blocks[s].start), exits, 0, after=start)
+                             if leaving else [])  # else the loop ends the program through a predicated EXIT
+        else:
+            self.small_loop_blocks = in_loops
+            self._loops = loops
+            self.path = self._search(0, exits, need)
+            self.prologue, self.epilogue = [], []
+
+    # ---- costs
+    def counts(self, b: int) -> Counter:
+        block = self.blocks[b]
+        counts = Counter(block.ins)
+        if block.call:
+            counts.update(self._callee_counts(block.call))
+        return counts
+
+    def cost(self, b: int) -> float:
+        return sum(issue_slots(i) * n for i, n in self.counts(b).items())
+
+    def _element_bytes(self, b: int) -> int:
+        return sum(global_bytes(i) for i in self.blocks[b].ins if i.addr in self.element_accesses)
+
+    def gbytes(self, b: int) -> int:
+        """Bytes the block's element accesses (thread-indexed global loads/stores) move per thread, outside the
+        small per-program loops."""
+        return 0 if b in self.small_loop_blocks else self._element_bytes(b)
+
+    def _callee_counts(self, label: str) -> Counter:
+        if label not in self._callee:
+            start = self.labels[label]
+            ends = {b.idx for b in self.blocks if b.ins[-1].base == "RET" and b.idx >= start}
+            counts = Counter()
+            for b in self._search(start, ends, 0, waypoints=False):
+                counts.update(self.counts(b))
+            self._callee[label] = counts
+        return self._callee[label]
+
+    # ---- graph search
+    def _search(self, src: int, targets: Set[int], need: int, within: Optional[Set[int]] = None,
+                before: Optional[int] = None, after: Optional[int] = None, waypoints: bool = True) -> List[int]:
+        """The cheapest block path from ``src`` to one of ``targets`` (both ends included, by issue cost) whose
+        element accesses move at least ``need`` bytes per thread and which passes, in address order, through
+        one block with element accesses of every small loop in the region (``within`` a set of blocks,
+        ``before``/``after`` an address)."""
+        clusters: List[Set[int]] = []
+        if waypoints and self._force_small_loops:
+            for _, _, body in sorted(self._loops, key=lambda t: self.blocks[t[0]].start):
+                cluster = {b for b in body if self._element_bytes(b)}
+                start = min((self.blocks[b].start for b in body), default=0)
+                if (not cluster or (within is not None and not body <= within)
+                        or (before is not None and start >= before) or (after is not None and start <= after)
+                        or any(cluster == c for c in clusters)):
+                    continue
+                clusters.append(cluster)
+
+        def advance(b: int, nbytes: int, w: int) -> Tuple[int, int]:
+            nbytes = min(need, nbytes + self.gbytes(b))
+            if w < len(clusters) and b in clusters[w]:
+                w += 1
+            return nbytes, w
+
+        first = (src, *advance(src, 0, 0))
+        dist = {first: self.cost(src)}
+        prev: Dict[tuple, Optional[tuple]] = {first: None}
+        heap = [(dist[first], first)]
+        while heap:
+            d, state = heapq.heappop(heap)
+            if d > dist.get(state, math.inf):
+                continue
+            b, nbytes, w = state
+            if b in targets and nbytes >= need and w == len(clusters) and (state != first or src in targets):
+                path = []
+                while state is not None:
+                    path.append(state[0])
+                    state = prev[state]
+                return path[::-1]
+            for s in self.blocks[b].succ:
+                if within is not None and s not in within:
+                    continue
+                nxt = (s, *advance(s, nbytes, w))
+                nd = d + self.cost(s)
+                if nd < dist.get(nxt, math.inf):
+                    dist[nxt], prev[nxt] = nd, state
+                    heapq.heappush(heap, (nd, nxt))
+        raise RuntimeError(f"no path from block B{src} to {sorted(targets)} moving {need} bytes per thread")
+
+    def _natural_loops(self) -> List[Tuple[int, int, Set[int]]]:
+        """(header, latch, body) per back edge among live blocks."""
+        preds: Dict[int, List[int]] = {b: [] for b in self.live}
+        for x in self.live:
+            for s in self.blocks[x].succ:
+                preds[s].append(x)
+        loops = []
+        for latch in self.live:
+            for header in self.blocks[latch].succ:
+                if self.blocks[header].start <= self.blocks[latch].start:
+                    body, stack = {header}, [latch]
+                    while stack:
+                        x = stack.pop()
+                        if x not in body:
+                            body.add(x)
+                            stack.extend(preds[x])
+                    loops.append((header, latch, body))
+        return loops
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def model(case, compiled: dict, show_path: bool = False) -> dict:
+    """One JSON record: the hot path's counts per element and the roofline prediction for ``case``."""
+    launch = case.launch
+    threads = 32 * launch.num_warps
+    programs = math.prod(launch.grid)
+    ept = elements_per_thread = case.elements / (programs * case.iterations * threads)
+    path = HotPath(compiled["sass"], ept * case.bytes_per_element, case.iterations > 1,
+                   force_small_loops=not case.skip_noise)
+    if case.iterations > 1:  # ptxas may unroll the bulk loop: one trip then covers several iterations
+        trips = round(sum(path.gbytes(b) for b in path.path) / (ept * case.bytes_per_element))
+        if trips > 1 and case.iterations % trips == 0:
+            ept *= trips
+
+    per_element: Counter = Counter()
+
+    def add(blocks: List[int], scale: float) -> None:
+        for b in blocks:
+            for ins, n in path.counts(b).items():
+                per_element[classify(ins)] += n * scale
+                per_element["_issue"] += issue_slots(ins) * n * scale
+                per_element["_instructions"] += n * scale
+
+    add(path.path, 1.0 / ept)
+    add(path.prologue + path.epilogue, 1.0 / (elements_per_thread * case.iterations))
+    path_bytes = sum(path.gbytes(b) for b in path.path) / ept
+    access_bits = [8 * global_bytes(i) for b in path.path if path.gbytes(b) for i in path.blocks[b].ins
+                   if i.addr in path.element_accesses and global_bytes(i)]
+
+    t_mem = case.bytes_per_element / MEM_BW
+    t_issue = per_element["_issue"] / ISSUE_RATE
+    t_mufu = per_element["mufu"] / MUFU_RATE
+    limits = {"memory": t_mem, "issue": t_issue, "MUFU": t_mufu}
+    binding = max(limits, key=limits.get)
+    heavy = per_element["imad"] + 2 * per_element["imad_wide"]
+    pipes = {"ALU": per_element["alu"] / ALU_RATE,
+             "FMA": max(heavy / FMA_HEAVY_RATE, (heavy + per_element["fp32"]) / FP32_RATE),
+             "MUFU+cvt": (per_element["mufu"] + per_element["cvt"]) / MUFU_RATE}
+    registers = compiled["registers"]
+    regs_per_warp = ((max(registers, 1) * 32 + 255) // 256) * 256
+    blocks_per_sm = min(REGISTERS_PER_SM // (regs_per_warp * launch.num_warps), MAX_WARPS_PER_SM // launch.num_warps,
+                        MAX_BLOCKS_PER_SM, SHARED_PER_SM // max(compiled["shared"] + 1024, 1))
+    record = dict(
+        name=case.name, kernel=case.kernel_name, num_warps=launch.num_warps, elements_per_thread=ept,
+        bytes_per_element=case.bytes_per_element, path_bytes_per_element=path_bytes,
+        issue_slots_per_element=per_element["_issue"], instructions_per_element=per_element["_instructions"],
+        mufu_per_element=per_element["mufu"],
+        classes_per_element={k: v for k, v in sorted(per_element.items()) if not k.startswith("_")},
+        budget_share=t_issue / t_mem, registers=registers, spill_bytes=compiled["spill_bytes"],
+        local_bytes=compiled["local_bytes"], shared_bytes=compiled["shared"],
+        warps_per_sm=blocks_per_sm * launch.num_warps,
+        min_global_access_bits=min(access_bits) if access_bits else None,
+        predicted_fraction=t_mem / max(limits.values()), binding_limit=binding,
+        pipe_fraction=t_mem / max(t_mem, t_issue, *pipes.values()),
+        pipe_limit=max({"memory": t_mem, "issue": t_issue, **pipes}.items(), key=lambda kv: kv[1])[0],
+    )
+    if show_path:
+        record["path"] = dict(body=[f"B{b}" for b in path.path], prologue=[f"B{b}" for b in path.prologue],
+                              epilogue=[f"B{b}" for b in path.epilogue])
+    record["failures"] = failures(case, record)
+    return record
+
+
+def failures(case, record: dict) -> List[str]:
+    """What the record misses of the case's target (and the model's own consistency checks)."""
+    out = []
+    if abs(record["path_bytes_per_element"] - case.bytes_per_element) > 0.02 * case.bytes_per_element:
+        out.append(f"the hot path moves {record['path_bytes_per_element']:.2f} B/element in element accesses, the case "
+                   f"declares {case.bytes_per_element:g}")
+    if record["spill_bytes"]:
+        out.append(f"{record['spill_bytes']} bytes of register spills")
+    target = case.target
+    if target is None:
+        return out
+    if record["predicted_fraction"] < target.min_fraction:
+        out.append(f"predicted {record['predicted_fraction']:.1%} < {target.min_fraction:.0%} of the roofline "
+                   f"({record['binding_limit']}-bound)")
+    if target.max_budget_share and record["budget_share"] > target.max_budget_share:
+        out.append(f"uses {record['budget_share']:.0%} of the issue budget > {target.max_budget_share:.0%}")
+    if record["warps_per_sm"] < target.min_warps_per_sm:
+        out.append(f"{record['warps_per_sm']} resident warps/SM < {target.min_warps_per_sm}")
+    bits = record["min_global_access_bits"]
+    if target.min_access_bits and (bits is None or bits < target.min_access_bits):
+        out.append(f"narrowest element access {bits} bits < {target.min_access_bits}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ compiling
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _compile_one(index: int) -> dict:
+    """Compile case ``index`` and disassemble it (run in a worker process)."""
+    from fusednoise.kernels.compile_check import compile_error, compile_launch
+    from fusednoise.kernels.specialisations import cases
+
+    case = cases()[index]
+    started = time.perf_counter()
+    try:
+        compiled = compile_launch(case.launch, ARCH)
+    except Exception as error:  # noqa: BLE001 - a compiler failure is a finding to report
+        return dict(error=compile_error(error), seconds=time.perf_counter() - started)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], check=True, capture_output=True, text=True).stdout
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], check=True, capture_output=True,
+                               text=True).stdout
+    resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    registers, stack, _, local = (int(x) for x in resources.groups())
+    spill_ops = len(re.findall(r"\b(STL|LDL)\b", sass))
+    return dict(error="", sass=sass, registers=registers, local_bytes=local + stack,
+                # local memory used by spill code (no kernel here keeps an array in local memory on purpose)
+                spill_bytes=(local + stack) if spill_ops else 0,
+                shared=compiled.metadata.shared, seconds=time.perf_counter() - started)
+
+
+def compile_cases(indices: List[int], jobs: int) -> Dict[int, dict]:
+    if jobs <= 1 or len(indices) <= 1:
+        return {i: _compile_one(i) for i in indices}
+    import multiprocessing
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return dict(zip(indices, pool.map(_compile_one, indices)))
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _cell(record: dict, key: str, fmt: str) -> str:
+    value = record.get(key)
+    return "-" if value is None else format(value, fmt)
+
+
+def table(records: List[dict], targeted: bool) -> List[str]:
+    lines = ["| case | B/elem | issue slots/elem | budget used | MUFU/elem | regs | warps/SM | narrowest access "
+             "| predicted | bound by | target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if bool(r.get("target")) != targeted:
+            continue
+        if r.get("error") or "predicted_fraction" not in r:
+            what = r["error"] or f"compiled only, {r['registers']} registers, {r['spill_bytes']} spill bytes"
+            lines.append(f"| {r['name']} | {what} |||||||||")
+            continue
+        target = r.get("target")
+        verdict = "" if not target else ("met" if not r["failures"] else
+                                         ("pending: " if target.get("pending") else "MISSED: ")
+                                         + "; ".join(r["failures"]))
+        lines.append(
+            f"| {r['name']} | {r['bytes_per_element']:g} | {r['issue_slots_per_element']:.1f} "
+            f"| {r['budget_share']:.0%} | {r['mufu_per_element']:.2f} | {r['registers']} | {r['warps_per_sm']} "
+            f"| {_cell(r, 'min_global_access_bits', 'd')} bit | {r['predicted_fraction']:.0%} "
+            f"| {r['binding_limit']} | {verdict} |")
+    return lines
+
+
+def markdown(records: List[dict]) -> str:
+    intro = "Each case of" + __doc__.split("Each case of", 1)[1].split("The hot path", 1)[0]
+    worst = min((r for r in records if r.get("target") and "predicted_fraction" in r),
+                key=lambda r: r["predicted_fraction"], default=None)
+    lines = ["# Static roofline model of the kernels on an H100 (sm_90)", "",
+             "Written by `python benchmarks/sass_roofline.py` (Triton's ptxas and nvdisasm, no GPU).", "",
+             intro.rstrip().replace("``", "`"), ""]
+    if worst:
+        lines += [f"Worst targeted case: **{worst['name']}**, predicted {worst['predicted_fraction']:.0%} of the "
+                  f"roofline ({worst['binding_limit']}-bound).", ""]
+    lines += ["## Cases with a target (issue 9)", ""] + table(records, True)
+    lines += ["", "## Other specialisations (small inputs, other widths, other dtypes; no target)", ""]
+    lines += table(records, False)
+    return "\n".join(lines) + "\n"
+
+
+def run(only: str = "", jobs: int = 1, show_path: bool = False) -> List[dict]:
+    from fusednoise.kernels.compile_check import refuse_under_interpreter
+    from fusednoise.kernels.specialisations import cases
+
+    refuse_under_interpreter()
+    all_cases = cases()
+    indices = [i for i, c in enumerate(all_cases) if not only or re.search(only, c.name)]
+    compiled = compile_cases(indices, jobs)
+    records = []
+    for i in indices:
+        case, result = all_cases[i], compiled[i]
+        target = None if case.target is None else vars(case.target)
+        if result["error"] or not case.modelled:
+            records.append(dict(name=case.name, kernel=case.kernel_name, target=target, error=result["error"],
+                                failures=[f"compile error: {result['error']}"] if result["error"] else [],
+                                registers=result.get("registers"), spill_bytes=result.get("spill_bytes")))
+            continue
+        try:
+            record = model(case, result, show_path)
+        except Exception as error:  # noqa: BLE001 - a case the model cannot read is reported, not skipped
+            record = dict(name=case.name, kernel=case.kernel_name, error=f"model: {type(error).__name__}: {error}",
+                          failures=[f"model error: {error}"])
+        record.update(target=target, compile_seconds=result["seconds"])
+        record.setdefault("error", "")
+        records.append(record)
+    return records
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", default="", help="regular expression on the case names")
+    parser.add_argument("--json", metavar="FILE", help="also write the records as a JSON list")
+    parser.add_argument("--md", metavar="FILE", default=None,
+                        help="Markdown report (default: benchmarks/results/static-sm90.md for a full run, none "
+                             "with --only, so a subset never overwrites the committed table; '' for none)")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiler processes")
+    parser.add_argument("--path", action="store_true", help="print each hot path's blocks")
+    args = parser.parse_args(argv)
+    if args.md is None:
+        args.md = "" if args.only else DEFAULT_MD
+    records = run(args.only, args.jobs, args.path)
+    print("\n".join(table(records, True) + [""] + table(records, False)))
+    if args.path:
+        for r in records:
+            print(r["name"], r.get("path"))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(markdown(records))
+    missed = [r for r in records if r["failures"] and not (r.get("target") or {}).get("pending")]
+    for r in missed:
+        print(f"MISSED {r['name']}: {'; '.join(r['failures'])}", file=sys.stderr)
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

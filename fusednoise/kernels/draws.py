@@ -1,0 +1,112 @@
+"""Random draws shared by the kernels: philox blocks, uniforms, Box-Muller (with a MUFU fast path), and the
+spreading of per-block values over an element tile.
+
+The words are those of ``fusednoise/rng.py`` bit for bit. Box-Muller has two spellings, chosen by the
+constexpr ``FAST``:
+
+* ``FAST=False`` (under the interpreter, where libdevice does not run): ``sqrt(-2 log u1)`` and
+  ``cos/sin(2 pi u2)`` through ``tl.log/tl.cos/tl.sin``, libdevice's accurate sequences on a GPU. It is the
+  formula of ``rng.box_muller``.
+* ``FAST=True`` (every GPU launch): the same formula through the hardware approximations, one MUFU instruction
+  each (``lg2.approx``, ``sin.approx``, ``cos.approx``) instead of about twenty instructions each. The
+  difference to the reference is bounded in ``fusednoise/reference/noise.py`` (``FAST_NORMAL_ERROR``) and
+  checked against a model of the approximations' documented error in ``tests/test_fast_math.py``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import libdevice
+
+# philox-4x32-10, the constants of tl.philox / fusednoise.rng
+PHILOX_ROUNDS = tl.constexpr(10)
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
+PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
+MINUS_TWO_LN2 = tl.constexpr(-1.3862943611198906)  # -2 ln(u) = lg2(u) * (-2 ln 2)
+TWO_PI = tl.constexpr(6.283185307179586)
+BOX_MULLER_MIN_U = tl.constexpr(1.0e-7)
+
+
+@triton.jit
+def _uniform(word):
+    # tl.uint_to_uniform_float, spelled out so the reference in rng.py can be read against it.
+    signed = word.to(tl.int32, bitcast=True)
+    folded = tl.where(signed < 0, ~signed, signed)
+    return folded.to(tl.float32) * 4.6566127342e-10
+
+
+@triton.jit
+def _mulhilo(a: tl.constexpr, b):
+    # High and low words of a * b through one 64-bit product (one IMAD.WIDE.U32; tl.philox's umulhi and mul
+    # compile to IMAD.HI plus IMAD, three issue slots instead of two).
+    product = b.to(tl.uint64) * a
+    return (product >> 32).to(tl.uint32), product.to(tl.uint32)
+
+
+@triton.jit
+def _philox(seed, c0, c1, c2, c3):
+    """philox-4x32-10 of uint32 counters under the 64-bit key ``seed``: the words of
+    ``tl.philox(seed, c0, c1, c2, c3)`` (and of ``fusednoise.rng.philox4x32``) bit for bit."""
+    key = seed.to(tl.uint64)
+    for r in tl.static_range(PHILOX_ROUNDS):
+        # The round keys are scalars (uniform registers): computed in 64 bits and truncated, no overflow.
+        k0 = (((key & 0xFFFFFFFF) + r * PHILOX_KEY_A) & 0xFFFFFFFF).to(tl.uint32)
+        k1 = (((key >> 32) + r * PHILOX_KEY_B) & 0xFFFFFFFF).to(tl.uint32)
+        hi_b, lo_b = _mulhilo(PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _philox_block(seed, counter, stream, purpose):
+    """The four words of philox(seed, counter_lo, counter_hi, stream, purpose) for int64 counters; ``stream``
+    and ``purpose`` are uint32 values or Python ints."""
+    c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c_hi = (counter >> 32).to(tl.uint32)
+    zero = c_lo * 0
+    return _philox(seed, c_lo, c_hi, zero + stream, zero + purpose)
+
+
+@triton.jit
+def _box_muller(word_r, word_t, FAST: tl.constexpr):
+    """Both Box-Muller outputs (cos, sin) of two philox words, as ``rng.box_muller`` computes them."""
+    u1 = tl.maximum(_uniform(word_r), BOX_MULLER_MIN_U)
+    theta = TWO_PI * _uniform(word_t)
+    if FAST:
+        # lg2.approx can return a tiny positive value for u1 just below 1 (its error is absolute there): the
+        # radius of such a u1 is below 5e-4 either way, so clamp instead of taking sqrt of a negative number.
+        radius = tl.sqrt(tl.maximum(libdevice.fast_log2f(u1) * MINUS_TWO_LN2, 0.0))
+        return radius * libdevice.fast_cosf(theta), radius * libdevice.fast_sinf(theta)
+    radius = tl.sqrt(-2.0 * tl.log(u1))
+    return radius * tl.cos(theta), radius * tl.sin(theta)
+
+
+@triton.jit
+def _normal4(w0, w1, w2, w3, FAST: tl.constexpr):
+    """The four N(0, 1) values of one philox block: Box-Muller of the word pairs (0, 1) and (2, 3)."""
+    n0, n1 = _box_muller(w0, w1, FAST)
+    n2, n3 = _box_muller(w2, w3, FAST)
+    return n0, n1, n2, n3
+
+
+@triton.jit
+def _pick4(col, v0, v1, v2, v3):
+    # Spread four per-row vectors (R,) over the (R, 4) element tile: column w takes v_w.
+    return tl.where(col == 0, v0[:, None],
+                    tl.where(col == 1, v1[:, None], tl.where(col == 2, v2[:, None], v3[:, None])))
+
+
+@triton.jit
+def _pick8(col, v0, v1, v2, v3, v4, v5, v6, v7):
+    # Spread eight per-row vectors (R,) over the (R, 8) element tile: column w takes v_w.
+    return tl.where(col < 4, _pick4(col, v0, v1, v2, v3), _pick4(col - 4, v4, v5, v6, v7))
+
+
+def fast_math() -> bool:
+    """Whether the launches use the MUFU fast paths: on a GPU, not under the interpreter."""
+    from ..backends import interpreter_enabled
+
+    return not interpreter_enabled()
