@@ -274,6 +274,16 @@ def _split(n: int):
     return [(start, min(step, n - start)) for start in range(0, n, step)]
 
 
+def _forget_pool_in_child() -> None:
+    # A forked child inherits the pool object but not its threads: work submitted to it would never run.
+    global _pool
+    _pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_in_child)
+
+
 def _run(calls):
     """Run the thunks, in parallel when there are several (ctypes drops the GIL during each call)."""
     global _pool

@@ -260,3 +260,25 @@ def test_philox_paths_are_graph_breaks_under_compile(numpy_fallback):
     compiled = torch.compile(lambda seed: rng.philox4x32(seed, torch.arange(64), 0, 3, 0)[0].float().sum(),
                              backend="eager")
     assert float(compiled(5)) == float(rng.philox4x32(5, torch.arange(64), 0, 3, 0)[0].float().sum())
+
+
+def test_threaded_draws_work_in_a_forked_child(monkeypatch):
+    import multiprocessing
+
+    monkeypatch.setattr(native_philox, "PARALLEL_MIN_BLOCKS", 100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = rng.philox_uniforms(5, 1000)  # starts the thread pool in this process
+        context = multiprocessing.get_context("fork")
+        with context.Pool(1) as pool:
+            drawn = pool.apply_async(_draw_in_child).get(timeout=120)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(drawn, expected)
+
+
+def _draw_in_child():
+    torch.set_num_threads(2)
+    native_philox.PARALLEL_MIN_BLOCKS = 100
+    return rng.philox_uniforms(5, 1000)

@@ -226,7 +226,8 @@ class PATSAdamax(torch.optim.Optimizer):
     grouped or launched. The mean sensitivity is a fixed-order reduction (no atomics), so replicas with equal
     gradients stay bitwise equal.
 
-    State per parameter: ``step`` (CPU float tensor, like torch's), ``exp_avg`` and ``exp_inf`` (Adamax's),
+    State per parameter: ``step`` (a 0-dim CPU float tensor, like torch's; the optimizer keeps them as views of
+    one tensor, so a step reads and advances all of them in one op), ``exp_avg`` and ``exp_inf`` (Adamax's),
     ``sensitivity`` (noise groups only) and ``stream`` (the ``k`` above). State tensors are float32 (float64 for
     float64 parameters) even for float16/bfloat16 parameters, whose new values are rounded to nearest.
 
@@ -246,7 +247,7 @@ class PATSAdamax(torch.optim.Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay, noise=noise)
         _check_hyperparameters(defaults)
         self._launcher = None
-        self._state_layouts: Dict[torch.Tensor, tuple] = {}  # (dtype, device, noise) each state was checked for
+        self._state_layouts: Dict[int, tuple] = {}  # id(param): the (dtype, device, noise) its state was checked for
         self._steps = _StepCounts()
         super().__init__(params, defaults)
 
