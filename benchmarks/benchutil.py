@@ -112,6 +112,22 @@ def bert_classifier(size: str):
     return BertForSequenceClassification(config).to(DEVICE).train()
 
 
+def classification_step(model, optimizer, batch: int, seq: int):
+    """One forward + backward + ``optimizer`` step of a sequence classifier on fixed random token ids, as a
+    closure returning the loss (float32, detached)."""
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEVICE)
+    labels = torch.randint(0, 2, (batch,), device=DEVICE)
+
+    def step():
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach().float()
+
+    return step
+
+
 def bench_training_step(benchmark, step, **info):
     """Time ``step`` (one optimizer step; called once first, untimed, to build caches and optimizer state) and
     store ``info``, the device and, on CUDA, the peak memory of the timed steps in the benchmark's JSON."""

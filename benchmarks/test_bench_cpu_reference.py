@@ -13,13 +13,14 @@ else numpy (``extra_info["philox"]`` says which).
 
 These are CPU cases (skipped with a GPU, where the kernels run instead).
 """
+import contextlib
 import statistics
 import time
 
 import pytest
 import torch
 
-from benchutil import bench_training_step, bert_classifier, cpu_only
+from benchutil import bench_training_step, bert_classifier, classification_step, cpu_only
 from fusednoise import native_philox
 
 pytestmark = cpu_only
@@ -76,20 +77,6 @@ def test_hype_overhead_minilm_training_step(benchmark, method):
     benchmark.group = "cpu-reference train-step minilm 16x128"
     torch.manual_seed(0)
     model = bert_classifier("minilm")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
-    input_ids = torch.randint(0, model.config.vocab_size, (16, 128))
-    labels = torch.randint(0, 2, (16,))
-    handle = hype.apply(model, sigma=1e-5) if method == "hype-n" else None
-
-    def step():
-        loss = model(input_ids=input_ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    try:
+    step = classification_step(model, torch.optim.AdamW(model.parameters(), lr=2e-5), batch=16, seq=128)
+    with hype.apply(model, sigma=1e-5) if method == "hype-n" else contextlib.nullcontext():
         bench_training_step(benchmark, step, method=method, batch=16, seq=128, philox=native_philox.status())
-    finally:
-        if handle is not None:
-            handle.remove()

@@ -12,10 +12,12 @@ paper's sigma on every layer, fused AdamW), ``pats`` (PATSAdamax with the paper'
 On a GPU this is the device case of issue 14 (benchmarks/device_run.sh runs it). Without one a bert-tiny
 version runs in float32 on the CPU (CPU reference mode), which only shows that the suite runs.
 """
+import contextlib
+
 import pytest
 import torch
 
-from benchutil import DEVICE, HAS_CUDA, bench_training_step, bert_classifier, cpu_only, needs_cuda
+from benchutil import HAS_CUDA, bench_training_step, bert_classifier, classification_step, cpu_only, needs_cuda
 
 METHODS = ["vanilla-adamw", "vanilla-adamax", "hype-n", "pats"]
 
@@ -41,20 +43,6 @@ def test_launch_bound_training_step(benchmark, size, batch, seq, dtype, method):
     benchmark.group = f"launch-bound train-step {size} {batch}x{seq} {str(dtype).replace('torch.', '')}"
     torch.manual_seed(0)
     model = bert_classifier(size).to(dtype)
-    optimizer = _optimizer(method, model)
-    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEVICE)
-    labels = torch.randint(0, 2, (batch,), device=DEVICE)
-    handle = hype.apply(model, sigma=1e-5) if method == "hype-n" else None
-
-    def step():
-        loss = model(input_ids=input_ids, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach().float()
-
-    try:
+    step = classification_step(model, _optimizer(method, model), batch, seq)
+    with hype.apply(model, sigma=1e-5) if method == "hype-n" else contextlib.nullcontext():
         bench_training_step(benchmark, step, method=method, batch=batch, seq=seq, dtype=str(dtype))
-    finally:
-        if handle is not None:
-            handle.remove()
