@@ -136,7 +136,7 @@ def noise_variance(sensitivity: torch.Tensor, mean: torch.Tensor, noise_lambda: 
                    noise_eps: float) -> torch.Tensor:
     """``r = lambda * max(s_bar / (s~ + noise_eps) - gamma, 0)``: the variance of each element's noise (eq. 4)."""
     ratio = mean / (sensitivity + noise_eps)
-    return noise_lambda * torch.clamp(ratio - gamma, min=0.0)
+    return ratio.sub_(gamma).clamp_(min=0.0).mul_(noise_lambda)  # noise_lambda * max(ratio - gamma, 0), in place
 
 
 def pats_adamax_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_inf: torch.Tensor,
@@ -171,7 +171,7 @@ def pats_adamax_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Te
             # theta += sqrt(r) * n * z, added where z = 1 only (elsewhere the term is 0)
             index, normal = kept_noise_draws(theta.numel(), sc.seed_t, stream, sc.noise_prob, theta.device)
             r = noise_variance(s_ema[index], mean, sc.noise_lambda, sc.gamma, sc.noise_eps)
-            theta.index_add_(0, index, torch.sqrt(r) * normal.to(acc))
+            theta.index_add_(0, index, r.sqrt_().mul_(normal.to(acc)))  # sqrt(r) * n
 
         if theta.data_ptr() != param.data_ptr():
             param.copy_(theta.view(param.shape))
