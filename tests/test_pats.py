@@ -794,3 +794,13 @@ def test_reference_step_equals_on_the_numpy_fallback():
             native_philox.reset()
         runs.append([p.detach().clone() for p in model.parameters()])
     assert _params_equal(*runs)
+
+
+def test_kept_draws_are_the_full_draws_at_the_kept_elements():
+    """The step draws normals only where the Bernoulli word keeps the element: the same numbers as drawing every
+    element (noise_draws, the readable form) and masking."""
+    normal, uniform = reference.noise_draws(5000, 1234, 3)
+    index, kept_normal = reference.kept_noise_draws(5000, 1234, 3, 0.2)
+    assert torch.equal(index, (uniform < 0.2).nonzero().squeeze(1))
+    assert torch.equal(kept_normal, normal[index])
+    assert 0.15 < index.numel() / 5000 < 0.25
