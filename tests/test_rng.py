@@ -1,4 +1,6 @@
 """fusednoise.rng: the torch philox must equal Triton's generator bit for bit, and seeds come from the CPU RNG."""
+import sys
+
 import pytest
 import torch
 import triton
@@ -115,7 +117,9 @@ def _counters(n, first=0):
 
 
 def test_c_library_is_built_here():
-    # This machine has a C compiler: the fast path must really be the one under test.
+    # Where there is a C compiler, the fast path must really be the one under test (a build failure is a bug).
+    if native_philox._compiler() is None:
+        pytest.skip("no C compiler on this machine: the numpy fallback runs everywhere (tested below)")
     assert native_philox.available(), native_philox.status()
     assert native_philox.status().startswith("C library")
 
@@ -210,12 +214,12 @@ print(hashlib.sha256(noise_bits.numpy().tobytes() + index.numpy().tobytes()
 """
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the stand-in compilers are POSIX shell scripts")
 @pytest.mark.parametrize("case", ["no compiler", "failing compiler", "switched off"])
 def test_machine_without_a_working_compiler_falls_back_to_the_same_numbers(case, tmp_path):
     import hashlib
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     from fusednoise.reference import noise, pats
@@ -262,6 +266,7 @@ def test_philox_paths_are_graph_breaks_under_compile(numpy_fallback):
     assert float(compiled(5)) == float(rng.philox4x32(5, torch.arange(64), 0, 3, 0)[0].float().sum())
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="fork is a POSIX start method")
 def test_threaded_draws_work_in_a_forked_child(monkeypatch):
     import multiprocessing
 
