@@ -98,6 +98,8 @@ def record_bandwidth(benchmark, bytes_moved: int, copy_gbps: float, **info):
 BERT_SIZES = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "bert-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+    # all-MiniLM-L6-v2's shape (22.7M parameters with BERT's vocabulary): fusednoise check's model
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
 }
 
 
@@ -108,6 +110,22 @@ def bert_classifier(size: str):
     config = BertConfig(**BERT_SIZES[size])
     config._attn_implementation = "sdpa"
     return BertForSequenceClassification(config).to(DEVICE).train()
+
+
+def classification_step(model, optimizer, batch: int, seq: int):
+    """One forward + backward + ``optimizer`` step of a sequence classifier on fixed random token ids, as a
+    closure returning the loss (float32, detached)."""
+    input_ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEVICE)
+    labels = torch.randint(0, 2, (batch,), device=DEVICE)
+
+    def step():
+        loss = model(input_ids=input_ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach().float()
+
+    return step
 
 
 def bench_training_step(benchmark, step, **info):

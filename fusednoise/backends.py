@@ -75,9 +75,9 @@ def resolve(tensor: torch.Tensor) -> str:
     name = get_backend()
     if name == "reference":
         return "reference"
-    runs_on_triton = tensor.is_cuda or (tensor.device.type == "cpu" and interpreter_enabled())
     if name == "auto":
-        return "triton" if triton_available() and tensor.is_cuda else "reference"
+        return "triton" if tensor.is_cuda and triton_available() else "reference"
+    runs_on_triton = tensor.is_cuda or (tensor.device.type == "cpu" and interpreter_enabled())
     if not triton_available():
         raise RuntimeError("fusednoise backend 'triton' was requested but triton is not installed; "
                            "install it (pip install triton) or use set_backend('reference')")
@@ -87,3 +87,11 @@ def resolve(tensor: torch.Tensor) -> str:
             "set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU, "
             "or use set_backend('reference')")
     return "triton"
+
+
+def eager_only(function):
+    """Decorator: under ``torch.compile`` a call to ``function`` is a graph break (it runs eagerly between the
+    compiled graphs), never traced. ``torch.compiler.disable``, applied on the first call: importing
+    ``torch._dynamo`` when fusednoise is imported would cost seconds (torch's own ``_disable_dynamo``)."""
+    lazy = getattr(torch, "_disable_dynamo", None)
+    return lazy(function) if lazy is not None else torch.compiler.disable(function)

@@ -17,13 +17,22 @@ Counter layout (the documented rule that keeps streams apart)::
     c3     = purpose: 0 for the noise itself, 1 for the stochastic-rounding bits
 
 With ``stream = purpose = 0`` and ``j < 2**32`` the words are exactly ``tl.randint4x(seed, j)``.
+
+On CPU tensors the words come from a small C library (:mod:`fusednoise.native_philox`, built once with the
+system compiler), else from numpy; on other devices from the torch version. All three give the same words.
+:func:`philox_uniforms` and :func:`philox_select` are the shapes the references draw in (every block of a
+range, or the blocks a Bernoulli word keeps), so CPU reference mode skips the int64 counter tensors.
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import numpy as np
 import torch
+
+from . import native_philox
+from .backends import eager_only
 
 PHILOX_KEY_A = 0x9E3779B9
 PHILOX_KEY_B = 0xBB67AE85
@@ -43,9 +52,21 @@ PURPOSE_NOISE = 0
 PURPOSE_ROUNDING = 1
 
 
+_seed_buffers = threading.local()
+
+
 def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """Draw one seed in ``[0, 2**62)`` from torch's CPU generator (or ``generator``)."""
-    return int(torch.randint(0, 2**SEED_BITS, (), generator=generator, dtype=torch.int64))
+    """Draw one seed in ``[0, 2**62)`` from torch's CPU generator (or ``generator``).
+
+    The value is ``torch.randint(0, 2**62, ())``'s; drawn into a per-thread 0-dim buffer, which costs half as
+    much host time as allocating the tensor (this runs once per noise op call).
+    """
+    if generator is not None:
+        return int(torch.randint(0, 2**SEED_BITS, (), generator=generator, dtype=torch.int64))
+    buffer = getattr(_seed_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _seed_buffers.buffer = torch.empty((), dtype=torch.int64)
+    return buffer.random_(0, 2**SEED_BITS).item()
 
 
 def check_seed(seed, name: str = "seed") -> int:
@@ -83,16 +104,64 @@ def philox4x32(seed: int, c0, c1=0, c2=0, c3=0, rounds: int = PHILOX_ROUNDS):
 
     Counters are int64 tensors (or ints) holding uint32 values; they broadcast together. Returns four int64
     tensors holding the uint32 output words, equal bit for bit to ``tl.philox(seed, c0, c1, c2, c3)`` with
-    uint32 counters. CPU counters go through numpy's uint64 arithmetic (about 4x faster than the int64 torch
+    uint32 counters. CPU counters go through the C library when it is available (10 rounds, ``c2`` and ``c3``
+    one value each, the usual case), else numpy's uint64 arithmetic (about 4x faster than the int64 torch
     version, which needs the 16-bit split); other devices through torch.
     """
     c0 = torch.as_tensor(c0, dtype=torch.int64)
     device = c0.device
     c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64, device=device) for c in (c1, c2, c3))
+    if device.type == "cpu" and rounds == PHILOX_ROUNDS and c2.numel() == 1 and c3.numel() == 1:
+        library = native_philox._load()
+        if library is not None:
+            c0, c1 = torch.broadcast_tensors(c0, c1)
+            shape = torch.broadcast_shapes(c0.shape, c2.shape, c3.shape)
+            c0, c1 = (c.expand(shape).contiguous().view(-1) for c in (c0, c1))
+            words = native_philox.words(library, seed, c0, c1, int(c2) & MASK32, int(c3) & MASK32)
+            return tuple(word.view(shape) for word in words)
     c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
     if device.type == "cpu":
         return _philox4x32_numpy(seed, c0, c1, c2, c3, rounds)
     return _philox4x32_torch(seed, c0, c1, c2, c3, rounds)
+
+
+def philox_uniforms(seed: int, n_blocks: int, first_block: int = 0, stream: int = 0, purpose: int = 0,
+                    device="cpu") -> torch.Tensor:
+    """float32 ``(n_blocks, 4)``: row ``i`` holds :func:`uint_to_uniform` of the four words of block
+    ``first_block + i`` (counter: its low and high 32 bits, ``stream``, ``purpose``).
+
+    The same numbers as ``uint_to_uniform`` of :func:`philox4x32`'s words, drawn without counter tensors on
+    CPU when the C library is available.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        library = native_philox._load()
+        if library is not None:
+            return native_philox.uniforms(library, seed, n_blocks, first_block, stream & MASK32, purpose & MASK32)
+    lo, hi = block_counters(torch.arange(first_block, first_block + n_blocks, dtype=torch.int64, device=device))
+    words = philox4x32(seed, lo, hi, stream, purpose)
+    return torch.stack([uint_to_uniform(word) for word in words], dim=1)
+
+
+def philox_select(seed: int, n_blocks: int, p: float, first_block: int = 0, stream: int = 0, purpose: int = 0,
+                  device="cpu"):
+    """The blocks of ``first_block .. first_block + n_blocks - 1`` whose word-2 uniform is below ``p`` (a
+    Bernoulli(p) draw, compared in float32): ``(index, u0, u1)`` with their index relative to ``first_block``
+    (int64, increasing) and the uniforms of their words 0 and 1 (float32).
+
+    Equal to taking the rows ``i`` of :func:`philox_uniforms` with ``u[i, 2] < p``; on CPU with the C library
+    the kept rows are picked out as they are drawn, so nothing is stored for the others.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        library = native_philox._load()
+        if library is not None:
+            return native_philox.select(library, seed, n_blocks, first_block, stream & MASK32, purpose & MASK32,
+                                        float(p))
+    uniforms = philox_uniforms(seed, n_blocks, first_block, stream, purpose, device)
+    index = (uniforms[:, 2] < p).nonzero().squeeze(1)
+    kept = uniforms[index]
+    return index, kept[:, 0], kept[:, 1]
 
 
 def _philox4x32_torch(seed: int, c0, c1, c2, c3, rounds: int):
@@ -107,6 +176,7 @@ def _philox4x32_torch(seed: int, c0, c1, c2, c3, rounds: int):
     return c0, c1, c2, c3
 
 
+@eager_only  # traced, numpy's uint64 arithmetic would become torch uint64 ops that CPU torch lacks
 def _philox4x32_numpy(seed: int, c0, c1, c2, c3, rounds: int):
     # The same rounds as _philox4x32_torch; a uint64 product of two uint32 values never overflows, so the high
     # and low words are a shift and a mask.
@@ -131,15 +201,33 @@ def block_counters(index: torch.Tensor):
 
 
 def uint_to_uniform(word: torch.Tensor) -> torch.Tensor:
-    """Triton's ``uint_to_uniform_float`` for uint32 words: float32 in [0, 1)."""
-    signed = torch.where(word >= 2**31, word - 2**32, word)
-    folded = torch.where(signed < 0, -signed - 1, signed)
+    """Triton's ``uint_to_uniform_float`` for uint32 words: float32 in [0, 1).
+
+    The word read as int32 (``signed``), negative values folded onto ``-signed - 1``, times ``UNIFORM_SCALE``.
+    Done in int32 (the int64 -> int32 conversion keeps the low 32 bits; ``signed ^ (signed >> 31)`` is the
+    fold): a fraction of the int64 version's memory traffic.
+    """
+    signed = word.to(torch.int32)
+    folded = signed ^ (signed >> 31)
     return folded.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=word.device)
 
 
+def _radius_and_angle(u1: torch.Tensor, u2: torch.Tensor):
+    # Written with in-place steps (the same float operations) so that a large draw allocates little.
+    radius = torch.clamp(u1, min=BOX_MULLER_MIN_U).log_().mul_(-2.0).sqrt_()
+    return radius, u2 * torch.tensor(TWO_PI, dtype=torch.float32, device=u2.device)
+
+
 def box_muller(u1: torch.Tensor, u2: torch.Tensor):
-    """Both outputs of the Box-Muller transform, as ``tl.randn`` computes the first (float32)."""
-    u1 = torch.clamp(u1, min=BOX_MULLER_MIN_U)
-    theta = u2 * torch.tensor(TWO_PI, dtype=torch.float32, device=u2.device)
-    radius = torch.sqrt(-2.0 * torch.log(u1))
-    return radius * torch.cos(theta), radius * torch.sin(theta)
+    """Both outputs of the Box-Muller transform, as ``tl.randn`` computes the first (float32)::
+
+        radius = sqrt(-2 * log(max(u1, 1e-7))),  theta = 2 * pi * u2,  (radius * cos(theta), radius * sin(theta))
+    """
+    radius, theta = _radius_and_angle(u1, u2)
+    return torch.cos(theta).mul_(radius), theta.sin_().mul_(radius)
+
+
+def box_muller_cos(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
+    """The first Box-Muller output alone, ``radius * cos(theta)``: what ``tl.randn`` returns."""
+    radius, theta = _radius_and_angle(u1, u2)
+    return theta.cos_().mul_(radius)

@@ -394,3 +394,86 @@ def test_bad_residual(residual, match):
     with pytest.raises((ValueError, TypeError), match=match):
         fusednoise.add_residual_noise(x, residual, 0.1)
     assert torch.equal(x, before)
+
+
+# ---------------------------------------------------------------------------------- registration and host path
+def test_registered_schemas():
+    # The ops torch.compile / export see; a later device-side seed offset becomes a trailing optional argument.
+    schemas = {name: str(getattr(torch.ops.fusednoise, name).default._schema)
+               for name in ("add_noise", "add_noise_", "add_residual_noise")}
+    assert schemas["add_noise"] == ("fusednoise::add_noise(Tensor x, float sigma, str distribution, int? seed, "
+                                    "bool stochastic) -> Tensor")
+    assert schemas["add_noise_"] == ("fusednoise::add_noise_(Tensor(a!) x, float sigma, str distribution, "
+                                     "int? seed, bool stochastic) -> ()")
+    assert schemas["add_residual_noise"].startswith("fusednoise::add_residual_noise(Tensor x, Tensor residual,")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_direct_call_equals_the_registered_op(backend):
+    # Plain eager calls skip the dispatcher: they must compute exactly what the op computes.
+    x, residual = fresh((3, 257), torch.float32), fresh((3, 257), torch.float32)
+    with fusednoise.backend(backend):
+        assert torch.equal(fusednoise.add_noise(x, 0.1, seed=5), torch.ops.fusednoise.add_noise(x, 0.1, "normal", 5,
+                                                                                                 False))
+        assert torch.equal(fusednoise.add_residual_noise(x, residual, 0.1, "uniform", seed=6),
+                           torch.ops.fusednoise.add_residual_noise(x, residual, 0.1, "uniform", 6, False))
+        y, z = x.clone(), x.clone()
+        fusednoise.add_noise_(y, 0.1, seed=7)
+        torch.ops.fusednoise.add_noise_(z, 0.1, "normal", 7, False)
+        assert torch.equal(y, z)
+
+
+def test_dispatch_modes_and_fake_tensors_see_the_op():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 8)
+    with Recorder() as recorder:
+        fusednoise.add_noise(x, 0.1, seed=1)
+        fusednoise.add_noise_(x.clone(), 0.1, seed=1)
+    assert "fusednoise.add_noise.default" in recorder.ops and "fusednoise.add_noise_.default" in recorder.ops
+    with FakeTensorMode():
+        fake = torch.empty(5, 6, dtype=torch.bfloat16)
+        out = fusednoise.add_residual_noise(fake, fake, 0.1)
+        assert out.shape == (5, 6) and out.dtype == torch.bfloat16
+
+
+def test_cached_checks_still_refuse_what_they_refused():
+    x = torch.randn(8)
+    fusednoise.add_noise(x, 1, seed=1)  # an int sigma, now cached
+    with pytest.raises(TypeError, match="sigma"):
+        fusednoise.add_noise(x, True)  # True == 1 and hashes alike: the cache must keep them apart
+    with pytest.raises(ValueError, match="sigma"):
+        fusednoise.add_noise(x, float("nan"))
+    with pytest.raises(ValueError, match="distribution"):  # unhashable: the cache steps aside
+        fusednoise.add_noise(x, 0.1, distribution=["normal"])
+    fusednoise.add_residual_noise(x, torch.randn(8), 0.1)
+    for bad, match in ((torch.randn(9), "shape"), (torch.randn(8, dtype=torch.float16), "dtype"),
+                       (torch.randn(8, device="meta"), "device")):
+        with pytest.raises(ValueError, match=match):
+            fusednoise.add_residual_noise(x, bad, 0.1)
+
+
+def test_residual_only_requiring_grad_gets_its_gradient():
+    x = torch.randn(3, 5)
+    residual = torch.randn(3, 5, requires_grad=True)
+    upstream = torch.randn(3, 5)
+    fusednoise.add_residual_noise(x, residual, 0.3).backward(upstream)
+    assert torch.equal(residual.grad, upstream)
+
+
+def test_host_path_makes_no_graph_nodes_without_grad():
+    x = torch.randn(4, 4, requires_grad=True)
+    with torch.no_grad():
+        assert fusednoise.add_noise(x, 0.1).grad_fn is None
+    assert fusednoise.add_noise(x.detach(), 0.1).grad_fn is None
+    assert fusednoise.add_noise(x, 0.1).grad_fn is not None

@@ -336,25 +336,59 @@ def test_noise_eps_bounds_the_noise_of_zero_sensitivity():
     assert PATSAdamax([torch.nn.Parameter(torch.ones(2))]).defaults["noise_eps"] == 1e-8
 
 
-def test_noise_is_keyed_by_seed_step_tensor_and_element():
+def _splitmix64_key(seed, step):
+    """The per-step philox key (SPEC section 4), written out: splitmix64(seed + step * golden) >> 2."""
+    mask = (1 << 64) - 1
+    x = (seed + step * 0x9E3779B97F4A7C15) & mask
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & mask
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & mask
+    return (x ^ (x >> 31)) >> 2
+
+
+def _expected_pats_noise(seed, step, stream, numel, p):
+    """``(keep, n)`` of every element, from the philox words and the formulas written out here, not from the
+    reference code the CPU backend runs: words from the int64 torch philox (checked against Random123 and the
+    Triton kernel in test_rng.py), Triton's uniform (fold negative int32 onto ~x, times 4.6566127342e-10 in
+    float32), Box-Muller's cosine output, Bernoulli from word 2."""
+    from fusednoise.rng import _philox4x32_torch
+
+    i = torch.arange(numel)
+    w0, w1, w2, _ = _philox4x32_torch(_splitmix64_key(seed, step), i & 0xFFFFFFFF, i >> 32,
+                                      torch.full_like(i, stream), torch.zeros_like(i), 10)
+
+    def uniform(word):
+        signed = torch.where(word >= 2**31, word - 2**32, word)
+        folded = torch.where(signed < 0, -signed - 1, signed)
+        return folded.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+    u0 = uniform(w0).double().clamp(min=1e-7)
+    n = torch.sqrt(-2.0 * torch.log(u0)) * torch.cos(2 * math.pi * uniform(w1).double())
+    return uniform(w2) < torch.tensor(p, dtype=torch.float32), n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_is_keyed_by_seed_step_tensor_and_element(backend):
     """The noise of tensor k at step t is philox(step_seed(seed, t), i, k): checked against the formula."""
-    theta = torch.zeros(1000)
-    param = torch.nn.Parameter(theta.clone())
-    other = torch.nn.Parameter(torch.ones(3))
+    device = _device(backend)
+    numel = 1000
+    param = torch.nn.Parameter(torch.zeros(numel, device=device))
+    other = torch.nn.Parameter(torch.ones(3, device=device))
     opt = PATSAdamax([{"params": [other]}, {"params": [param]}], lr=0.0, noise_lambda=1.0, noise_prob=0.5,
                      gamma=0.0, noise_eps=1.0, seed=42)
-    param.grad = torch.ones(1000)
-    other.grad = torch.ones(3)
-    opt.step()
-    # s~ = 0 everywhere, so s_bar = 0 and r = 0: use a nonzero theta instead
-    theta = torch.linspace(-1, 1, 1000)
-    param.data.copy_(theta)
-    opt.step()  # step 2 of param, stream 1
-    s_ema = 0.25 * theta.abs()
-    r = 1.0 * torch.clamp(s_ema.mean() / (s_ema + 1.0), min=0.0)
-    normal, uniform = reference.noise_draws(1000, reference.step_seed(42, 2), 1)
-    expected = theta + torch.where(uniform < 0.5, torch.sqrt(r) * normal, torch.zeros(()))
-    assert torch.allclose(param.detach(), expected, atol=1e-6)
+    param.grad = torch.ones(numel, device=device)
+    other.grad = torch.ones(3, device=device)
+    with fusednoise.backend(backend):
+        opt.step()
+        # s~ = 0 everywhere, so s_bar = 0 and r = 0: use a nonzero theta instead
+        theta = torch.linspace(-1, 1, numel, dtype=torch.float64)
+        param.data.copy_(theta)
+        opt.step()  # step 2 of param, stream 1
+    s_ema = 0.25 * theta.abs()                                  # one EMA step from 0 with g = 1
+    r = 1.0 * torch.clamp(s_ema.mean() / (s_ema + 1.0) - 0.0, min=0.0)   # lambda * max(s_bar/(s~+eps) - gamma, 0)
+    keep, n = _expected_pats_noise(42, 2, 1, numel, 0.5)
+    expected = theta + torch.where(keep, torch.sqrt(r) * n, torch.zeros((), dtype=torch.float64))
+    assert torch.allclose(param.detach().cpu().double(), expected, rtol=0, atol=1e-6)
+    assert 0.4 < keep.double().mean() < 0.6 and float((param.detach().cpu().double() - theta).abs().max()) > 0.1
     assert opt.state[param]["stream"] == 1 and opt.state[other]["stream"] == 0
 
 
@@ -672,3 +706,108 @@ def test_sparse_gradients_rejected_nothing_updated():
         opt.step()
     assert torch.equal(dense, before[0]) and torch.equal(emb.weight, before[1])
     assert len(opt.state) == 0
+
+
+# --------------------------------------------------------------------------------------------- torch.compile
+def _compiled_run(form, backend, steps=2):
+    model = _mlp()
+    opt = PATSAdamax(model.parameters(), lr=1e-2, noise_lambda=1e-3, seed=3)
+
+    def train_step(x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    step = opt.step
+    if form == "step" and backend is not None:
+        step = torch.compile(opt.step, backend=backend)
+    elif form == "train_step" and backend is not None:
+        train_step = torch.compile(train_step, backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen)
+        if form == "step":
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            step()
+        else:
+            train_step(x, y)
+    return [p.detach().clone() for p in model.parameters()], opt
+
+
+@pytest.mark.parametrize("form, backend", [("step", "inductor"), ("train_step", "aot_eager")])
+def test_torch_compile_equals_eager(form, backend):
+    """torch.compile(optimizer.step)() and a compiled forward + backward + step: the step is a graph break
+    that runs eagerly, so two steps give the eager result bit for bit (aot_eager keeps the forward and
+    backward kernels eager's; inductor's own codegen rounds them differently, see the next test)."""
+    eager, eager_opt = _compiled_run(form, None)
+    compiled, compiled_opt = _compiled_run(form, backend)
+    assert _params_equal(eager, compiled)
+    assert not _params_equal(eager, _mlp().parameters())
+    assert [float(s["step"]) for s in compiled_opt.state.values()] == [2.0] * 4
+
+
+def test_compiled_training_step_with_inductor():
+    eager, _ = _compiled_run("train_step", None, steps=2)
+    compiled, _ = _compiled_run("train_step", "inductor", steps=2)
+    # the forward/backward differ from eager by float rounding only; the noise (1e-3 variance scale) is the same
+    assert _max_diff(eager, compiled) < 1e-5
+
+
+# --------------------------------------------------------------------------------------------- host path
+def test_step_counts_follow_checkpoints_and_hand_edits():
+    model = _mlp()
+    opt = PATSAdamax(model.parameters(), lr=1e-2, noise_lambda=1e-3, seed=3)
+    _train(model, opt, 2)
+    first = next(model.parameters())
+    saved = copy.deepcopy(opt.state_dict())
+    _train(model, opt, 3)
+    assert all(float(s["step"]) == 5 for s in opt.state.values())
+    opt.state[first]["step"] = torch.tensor(10.0)  # set by hand: the next step is step 11 for this tensor
+    _train(model, opt, 1)
+    assert float(opt.state[first]["step"]) == 11
+    assert sorted(float(s["step"]) for s in opt.state.values()) == [6.0, 6.0, 6.0, 11.0]
+    opt.load_state_dict(saved)
+    assert all(float(s["step"]) == 2 for s in opt.state.values())
+    _train(model, opt, 1)
+    assert all(float(s["step"]) == 3 for s in opt.state.values())
+    assert float(saved["state"][0]["step"]) == 2  # the loaded checkpoint was copied, not advanced
+
+
+def test_parameter_sharded_after_construction_is_refused_at_step():
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = PATSAdamax([p], lr=0.1, seed=0)
+    p._fsdp_flattened = True
+    p.grad = torch.ones(4)
+    with pytest.raises(TypeError, match="FSDP"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4)) and len(opt.state) == 0
+
+
+def test_reference_step_equals_on_the_numpy_fallback():
+    """CPU reference mode draws its words from the C library when one was built, else numpy: same bits."""
+    from fusednoise import native_philox
+
+    runs = []
+    for fallback in (False, True):
+        native_philox.reset(False if fallback else None)
+        try:
+            model = _mlp()
+            opt = PATSAdamax(model.parameters(), lr=1e-2, noise_lambda=1e-3, noise_prob=0.5, seed=11)
+            _train(model, opt, 3)
+        finally:
+            native_philox.reset()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert _params_equal(*runs)
+
+
+def test_kept_draws_are_the_full_draws_at_the_kept_elements():
+    """The step draws normals only where the Bernoulli word keeps the element: the same numbers as drawing every
+    element (noise_draws, the readable form) and masking."""
+    normal, uniform = reference.noise_draws(5000, 1234, 3)
+    index, kept_normal = reference.kept_noise_draws(5000, 1234, 3, 0.2)
+    assert torch.equal(index, (uniform < 0.2).nonzero().squeeze(1))
+    assert torch.equal(kept_normal, normal[index])
+    assert 0.15 < index.numel() / 5000 < 0.25

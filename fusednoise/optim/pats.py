@@ -100,6 +100,37 @@ def _check_param(p: torch.Tensor, where: str) -> None:
         raise TypeError(f"PATSAdamax needs dense (strided) parameters: {where} has layout {p.layout}")
 
 
+_STRIDED = torch.strided
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_SUPPORTED_SET = frozenset(SUPPORTED_DTYPES)
+
+
+def _plain_param(p: torch.Tensor) -> bool:
+    """The per-step fast path of :func:`_check_param`: True for a plain dense float tensor or Parameter that
+    no FSDP wrapper has flattened (False means: run the full check)."""
+    if not (type(p) in _PLAIN_TYPES and p.dtype in _SUPPORTED_SET and p.layout is _STRIDED):
+        return False
+    attributes = p.__dict__  # a failed getattr costs an exception; most parameters have no attributes at all
+    return not (attributes and (attributes.get("_fsdp_flattened") or attributes.get("_is_flat_param")))
+
+
+def _refuse_param(p: torch.Tensor, grad: torch.Tensor, where: str) -> None:
+    """The full checks of a parameter and its gradient: the named TypeError, or nothing when they pass."""
+    if grad.is_sparse or grad.layout != torch.strided:
+        raise TypeError(f"PATSAdamax does not support sparse gradients: {where} has a {grad.layout} gradient")
+    _check_param(p, where)
+
+
+def _group_scalars(group: Dict[str, Any], step: int) -> "_reference.StepScalars":
+    """The step scalars of ``group`` at step ``step`` (1-based)."""
+    beta1, beta2 = group["betas"]
+    return _reference.step_scalars(
+        step=step, lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+        weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
+        noise=group["noise"], sensitivity_beta=group["sensitivity_beta"], noise_lambda=group["noise_lambda"],
+        gamma=group["gamma"], noise_prob=group["noise_prob"], noise_eps=group["noise_eps"], seed=group["seed"])
+
+
 def _check_one_device(params: Sequence[torch.Tensor], where: str) -> None:
     devices = {p.device for p in params}
     if len(devices) > 1:
@@ -107,6 +138,48 @@ def _check_one_device(params: Sequence[torch.Tensor], where: str) -> None:
         other = next(i for i, p in enumerate(params) if p.device != first)
         raise ValueError(f"all parameters of one param group must be on one device: {where} has params[0] on "
                          f"{first} and params[{other}] on {params[other].device}")
+
+
+class _StepCounts:
+    """Every parameter's ``state["step"]`` as a 0-dim view into one float32 CPU tensor (indexed by the
+    parameter's position ``k``), so a step reads all counts with one op and advances them with one op.
+
+    A tensor per parameter is what torch's optimizers keep and what checkpoints hold; reading and advancing
+    200 separate tensors costs more host time than the rest of a fused step. A state whose ``"step"`` is not
+    the linked view (a parameter's first step, a loaded checkpoint, a value set by hand) is linked again,
+    keeping its value.
+    """
+
+    def __init__(self):
+        self.storage = torch.zeros(0, dtype=torch.float32)
+        self.views: Sequence[torch.Tensor] = ()
+        self._index_cache: Dict[tuple, torch.Tensor] = {}
+
+    def read(self, states: Sequence[Dict[str, Any]], ks: Sequence[int]) -> List[float]:
+        """The step counts of ``states`` (those of parameters ``ks``), linking any that are not linked yet."""
+        needed = max(ks) + 1
+        if needed > self.storage.numel():
+            grown = torch.zeros(max(needed, 2 * self.storage.numel()), dtype=torch.float32)
+            grown[:self.storage.numel()] = self.storage
+            self.storage, self.views = grown, grown.unbind()
+            self._index_cache.clear()
+        views = self.views
+        for state, k in zip(states, ks):
+            if state["step"] is not views[k]:
+                views[k].fill_(float(state["step"]))
+                state["step"] = views[k]
+        counts = self.storage.tolist()
+        return [counts[k] for k in ks]
+
+    def advance(self, ks: Sequence[int]) -> None:
+        """Add 1 to the counts of parameters ``ks`` (in place: the states hold views of the storage)."""
+        key = tuple(ks)
+        index = self._index_cache.get(key)
+        if index is None:
+            if len(self._index_cache) > 16:
+                self._index_cache.clear()
+            index = self._index_cache[key] = torch.tensor(ks, dtype=torch.int64)
+        self.storage.index_add_(0, index, torch.ones((), dtype=torch.float32).expand(len(ks)))
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
@@ -153,7 +226,8 @@ class PATSAdamax(torch.optim.Optimizer):
     grouped or launched. The mean sensitivity is a fixed-order reduction (no atomics), so replicas with equal
     gradients stay bitwise equal.
 
-    State per parameter: ``step`` (CPU float tensor, like torch's), ``exp_avg`` and ``exp_inf`` (Adamax's),
+    State per parameter: ``step`` (a 0-dim CPU float tensor, like torch's; the optimizer keeps them as views of
+    one tensor, so a step reads and advances all of them in one op), ``exp_avg`` and ``exp_inf`` (Adamax's),
     ``sensitivity`` (noise groups only) and ``stream`` (the ``k`` above). State tensors are float32 (float64 for
     float64 parameters) even for float16/bfloat16 parameters, whose new values are rounded to nearest.
 
@@ -173,6 +247,8 @@ class PATSAdamax(torch.optim.Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay, noise=noise)
         _check_hyperparameters(defaults)
         self._launcher = None
+        self._state_layouts: Dict[int, tuple] = {}  # id(param): the (dtype, device, noise) its state was checked for
+        self._steps = _StepCounts()
         super().__init__(params, defaults)
 
     # -------------------------------------------------------------------------------------- param groups
@@ -212,6 +288,7 @@ class PATSAdamax(torch.optim.Optimizer):
                 held[key] = {name: st.pop(name) for name in STATE_TENSORS if isinstance(st.get(name), torch.Tensor)}
             stripped[key] = st
         super().load_state_dict({**state_dict, "state": stripped})
+        self._state_layouts.clear()
         for key, tensors in held.items():
             p = id_map[key]
             for name, value in tensors.items():
@@ -225,23 +302,38 @@ class PATSAdamax(torch.optim.Optimizer):
 
     # -------------------------------------------------------------------------------------- step
     def _gather(self) -> List[tuple]:
-        """``(group, param, grad, k)`` for every parameter with a gradient; raises before anything changes."""
+        """``(group, param, grad, k, device)`` for every parameter with a gradient; raises before anything
+        changes.
+
+        The common case (a plain float parameter with a dense gradient, on the group's device) is checked with
+        a few attribute reads; anything else goes through the full checks, which raise the named error."""
         work = []
         k = 0
         for gi, group in enumerate(self.param_groups):
-            with_grad = []
+            group_device = None
             for i, p in enumerate(group["params"]):
-                if p.grad is not None:
-                    where = f"param group {gi}, params[{i}]"
-                    if p.grad.is_sparse or p.grad.layout != torch.strided:
-                        raise TypeError(f"PATSAdamax does not support sparse gradients: {where} has a "
-                                        f"{p.grad.layout} gradient")
-                    _check_param(p, where)
-                    with_grad.append(p)
-                    work.append((group, p, p.grad, k))
+                grad = p.grad
+                if grad is not None:
+                    if not (grad.layout is _STRIDED and _plain_param(p)):
+                        _refuse_param(p, grad, f"param group {gi}, params[{i}]")
+                    device = p.device
+                    if group_device is None:
+                        group_device = device
+                    elif device != group_device:
+                        _check_one_device([q for q in group["params"] if q.grad is not None], f"param group {gi}")
+                    work.append((group, p, grad, k, device))
                 k += 1
-            _check_one_device(with_grad, f"param group {gi}")
         return work
+
+    def _state_for(self, group, p, k, device) -> Dict[str, Any]:
+        """``self.state[p]``, created on the parameter's first step; state tensors that do not match the
+        parameter (device, state dtype, contiguity) are converted, checked once per parameter layout."""
+        state = self.state[p]
+        layout = (p.dtype, device, group["noise"])
+        if self._state_layouts.get(id(p)) != layout or "exp_avg" not in state:
+            self._init_state(group, p, k)
+            self._state_layouts[id(p)] = layout
+        return state
 
     def _init_state(self, group, p, k) -> Dict[str, Any]:
         state = self.state[p]
@@ -261,49 +353,47 @@ class PATSAdamax(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One PATS-Adamax step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        """One PATS-Adamax step; ``closure`` (optional) re-evaluates the model and returns the loss.
+
+        Under ``torch.compile`` the step is a graph break: it runs eagerly (the fused kernels on a GPU, the
+        reference on a CPU) between the compiled graphs, so a compiled training step gives the eager result.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step()
+        return loss
 
+    @_backends.eager_only
+    def _step(self) -> None:
         work = self._gather()
         if not work:
-            return loss
+            return
         use_kernels = {}  # resolved before any state is created: a backend error leaves everything as it was
-        for _, p, _, _ in work:
-            if (p.device, p.dtype) not in use_kernels:
-                use_kernels[(p.device, p.dtype)] = (p.dtype in _KERNEL_DTYPES
-                                                    and _backends.resolve(p) == "triton")
+        for _, p, _, _, device in work:
+            key = (device, p.dtype)
+            if key not in use_kernels:
+                use_kernels[key] = p.dtype in _KERNEL_DTYPES and _backends.resolve(p) == "triton"
+        states = [self._state_for(group, p, k, device) for group, p, _, k, device in work]
+        ks = [k for _, _, _, k, _ in work]
+        steps = self._steps.read(states, ks)
         buckets: Dict[tuple, List[tuple]] = defaultdict(list)
-        stepped = []
         scalars: Dict[tuple, _reference.StepScalars] = {}  # one per (group, step): shared by its tensors
-        for group, p, grad, k in work:
-            state = self._init_state(group, p, k)
-            t = int(float(state["step"])) + 1
+        for (group, p, grad, _, device), state, step in zip(work, states, steps):
+            t = int(step) + 1
             sc = scalars.get((id(group), t))
             if sc is None:
-                beta1, beta2 = group["betas"]
-                sc = scalars[(id(group), t)] = _reference.step_scalars(
-                    step=t, lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
-                    weight_decay=group["weight_decay"], decoupled_weight_decay=group["decoupled_weight_decay"],
-                    noise=group["noise"], sensitivity_beta=group["sensitivity_beta"],
-                    noise_lambda=group["noise_lambda"], gamma=group["gamma"], noise_prob=group["noise_prob"],
-                    noise_eps=group["noise_eps"], seed=group["seed"])
-            sens = state["sensitivity"] if group["noise"] else None
-            buckets[(p.device, p.dtype)].append((p, grad, state["exp_avg"], state["exp_inf"], sens, sc,
-                                                 state["stream"]))
-            stepped.append(state)
-
+                sc = scalars[(id(group), t)] = _group_scalars(group, t)
+            buckets[(device, p.dtype)].append((p, grad, state["exp_avg"], state["exp_inf"],
+                                               state["sensitivity"] if sc.noise else None, sc, state["stream"]))
         for key, jobs in buckets.items():
             if use_kernels[key]:
                 self._triton_step(jobs)
             else:
                 for job in jobs:
                     _reference.pats_adamax_step_(*job)
-        for state in stepped:
-            state["step"] = state["step"] + 1  # out of place: a step tensor may be shared with a state_dict
-        return loss
+        self._steps.advance(ks)
 
     def _triton_step(self, jobs: List[tuple]) -> None:
         from ..kernels.pats import PatsLauncher  # triton is imported only when a kernel runs
@@ -311,25 +401,31 @@ class PATSAdamax(torch.optim.Optimizer):
         if self._launcher is None:
             self._launcher = PatsLauncher()
         staged = []
-        kernel_jobs = []
-        for p, grad, m, u, s, sc, stream in jobs:
-            work = p.detach()
-            if not work.is_contiguous():
-                work = work.contiguous()
-                staged.append((p, work))
-            kernel_jobs.append((work, grad.contiguous(), m, u, s, sc, stream))
-        self._launcher.step(kernel_jobs)
+        kernel_jobs = jobs
+        if not all(p.is_contiguous() and grad.is_contiguous() for p, grad, *_ in jobs):
+            kernel_jobs = []
+            for p, grad, m, u, s, sc, stream in jobs:
+                work = p
+                if not p.is_contiguous():
+                    work = p.detach().contiguous()
+                    staged.append((p, work))
+                kernel_jobs.append((work, grad.contiguous(), m, u, s, sc, stream))
+        self._launcher.step(kernel_jobs)  # reads data pointers only: no autograd involved
         for p, work in staged:
             p.detach().copy_(work)
 
     def __getstate__(self):
         state = super().__getstate__()
         state.pop("_launcher", None)
+        state.pop("_state_layouts", None)
+        state.pop("_steps", None)
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_launcher", None)
+        self.__dict__.setdefault("_state_layouts", {})
+        self.__dict__.setdefault("_steps", _StepCounts())
 
 
 # ----------------------------------------------------------------------------------------------- groups

@@ -60,14 +60,15 @@ def standard_noise(numel: int, distribution: str, seed: int, device="cpu", first
 
     ``first_index`` (a multiple of 4) starts the draw at that flat index of a larger tensor.
     """
-    words = _block_words(seed, numel, device, rng.PURPOSE_NOISE, first_index)
-    uniforms = [rng.uint_to_uniform(w) for w in words]
+    n_blocks = -(-numel // WORDS_PER_BLOCK)
+    # Row j: the uniforms of block j's four words, so flattening puts word w of block j at element 4j + w.
+    uniforms = rng.philox_uniforms(seed, n_blocks, first_index // WORDS_PER_BLOCK, 0, rng.PURPOSE_NOISE, device)
     if distribution == "uniform":
-        return _interleave([2.0 * u - 1.0 for u in uniforms], numel)
+        return (2.0 * uniforms - 1.0).view(-1)[:numel]
     if distribution == "normal":
-        n0, n1 = rng.box_muller(uniforms[0], uniforms[1])
-        n2, n3 = rng.box_muller(uniforms[2], uniforms[3])
-        return _interleave([n0, n1, n2, n3], numel)
+        # Both pairs at once: (cos, sin) of pair (0, 1) are elements 4j, 4j+1, those of pair (2, 3) 4j+2, 4j+3.
+        cos, sin = rng.box_muller(uniforms[:, 0::2], uniforms[:, 1::2])
+        return torch.stack([cos, sin], dim=2).view(-1)[:numel]
     raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
 
 

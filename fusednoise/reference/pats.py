@@ -118,17 +118,25 @@ def noise_draws(numel: int, seed_t: int, stream: int, device="cpu"):
     ``n`` is the first Box-Muller output of words (0, 1), ``uniform`` the uniform of word 2; the element is
     perturbed when ``uniform < p``.
     """
-    lo, hi = rng.block_counters(torch.arange(numel, dtype=torch.int64, device=device))
-    w0, w1, w2, _ = rng.philox4x32(seed_t, lo, hi, stream, rng.PURPOSE_NOISE)
-    normal, _ = rng.box_muller(rng.uint_to_uniform(w0), rng.uint_to_uniform(w1))
-    return normal, rng.uint_to_uniform(w2)
+    uniforms = rng.philox_uniforms(seed_t, numel, 0, stream, rng.PURPOSE_NOISE, device)
+    return rng.box_muller_cos(uniforms[:, 0], uniforms[:, 1]), uniforms[:, 2]
+
+
+def kept_noise_draws(numel: int, seed_t: int, stream: int, p: float, device="cpu"):
+    """``(index, n)``: the elements perturbed at this step (``uniform < p``), increasing, and their N(0, 1) draw.
+
+    The same numbers as :func:`noise_draws` at those elements; the normals of the others (``1 - p`` of them,
+    multiplied by zero in the formula) are never computed.
+    """
+    index, u0, u1 = rng.philox_select(seed_t, numel, p, 0, stream, rng.PURPOSE_NOISE, device)
+    return index, rng.box_muller_cos(u0, u1)
 
 
 def noise_variance(sensitivity: torch.Tensor, mean: torch.Tensor, noise_lambda: float, gamma: float,
                    noise_eps: float) -> torch.Tensor:
     """``r = lambda * max(s_bar / (s~ + noise_eps) - gamma, 0)``: the variance of each element's noise (eq. 4)."""
     ratio = mean / (sensitivity + noise_eps)
-    return noise_lambda * torch.clamp(ratio - gamma, min=0.0)
+    return ratio.sub_(gamma).clamp_(min=0.0).mul_(noise_lambda)  # noise_lambda * max(ratio - gamma, 0), in place
 
 
 def pats_adamax_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_inf: torch.Tensor,
@@ -148,22 +156,22 @@ def pats_adamax_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Te
 
         if sc.noise:
             s_ema = sensitivity.view(-1)
-            s_ema.mul_(sc.sensitivity_beta).add_((theta * g).abs(), alpha=1.0 - sc.sensitivity_beta)
+            s_ema.mul_(sc.sensitivity_beta).add_(torch.mul(theta, g).abs_(), alpha=1.0 - sc.sensitivity_beta)
             mean = s_ema.sum() / theta.numel()
 
         if sc.l2:
             g = g + sc.weight_decay * theta
         m.lerp_(g, 1.0 - sc.beta1)
-        torch.maximum(u * sc.beta2, g.abs() + sc.eps, out=u)
+        torch.maximum(u.mul_(sc.beta2), g.abs().add_(sc.eps), out=u)
         if sc.decay != 1.0:
             theta.mul_(sc.decay)
         theta.addcdiv_(m, u, value=-sc.clr)
 
         if sc.draw:  # with lambda = 0 or p = 0 the noise is 0: skip drawing it (the step is exactly Adamax's)
-            r = noise_variance(s_ema, mean, sc.noise_lambda, sc.gamma, sc.noise_eps)
-            normal, uniform = noise_draws(theta.numel(), sc.seed_t, stream, theta.device)
-            q = torch.sqrt(r) * normal.to(acc)
-            theta.add_(torch.where(uniform < sc.noise_prob, q, torch.zeros((), dtype=acc, device=q.device)))
+            # theta += sqrt(r) * n * z, added where z = 1 only (elsewhere the term is 0)
+            index, normal = kept_noise_draws(theta.numel(), sc.seed_t, stream, sc.noise_prob, theta.device)
+            r = noise_variance(s_ema[index], mean, sc.noise_lambda, sc.gamma, sc.noise_eps)
+            theta.index_add_(0, index, r.sqrt_().mul_(normal.to(acc)))  # sqrt(r) * n
 
         if theta.data_ptr() != param.data_ptr():
             param.copy_(theta.view(param.shape))
