@@ -8,7 +8,7 @@ ranks is 4 + 3, of 1 row 1 + 0), so the offsets, the mean reduction and the empt
 * PATSAdamax, both backends, noise on and off: 2 ranks x 10 steps, each rank its own batches, end within 1e-5 of
   one process on the concatenated batches (same seed), and both ranks hold the same unsharded parameters;
 * a sharded ``state_dict`` saved with ``torch.distributed.checkpoint`` and loaded into a fresh model resumes
-  bitwise;
+  bitwise, and an unsharded one-process checkpoint loads into the sharded optimizer (cut to the shards);
 * ``noisytune.perturb_`` on the wrapped model, both backends: the unwrapped model's result;
 * HyPe and LNSR hooks on a wrapped tiny BERT: the unwrapped model's outputs, penalty and (rank-averaged)
   gradients.
@@ -145,6 +145,22 @@ def _resume_run(mesh, rank, out, checkpoint):
     out["resume/resumed"] = _full(fresh.parameters())
 
 
+def _unsharded_checkpoint_run(mesh, rank, out):
+    """5 steps in one process on the concatenated batches, its plain state_dict loaded into a sharded model and
+    optimizer, 5 sharded steps: the 10-step one-process run."""
+    kwargs = PATS_CASES["reference-noise"][1]
+    model = _mlp()
+    opt = PATSAdamax(model.parameters(), **PATS_ARGS, **kwargs)
+    _train(model, opt, _concatenated()[:5])
+    sharded = _mlp(seed=99)
+    sharded.load_state_dict(model.state_dict())
+    _shard(sharded, mesh)
+    sharded_opt = PATSAdamax(sharded.parameters(), **PATS_ARGS, **kwargs)
+    sharded_opt.load_state_dict(opt.state_dict())
+    _train(sharded, sharded_opt, _batches(rank)[5:])
+    out["unsharded-checkpoint"] = _full(sharded.parameters())
+
+
 def _worker(rank, port, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -155,6 +171,7 @@ def _worker(rank, port, out_dir):
         out = {}
         _pats_runs(mesh, rank, out)
         _resume_run(mesh, rank, out, os.path.join(out_dir, "checkpoint"))
+        _unsharded_checkpoint_run(mesh, rank, out)
         for backend in ("reference", "triton"):
             model = _mlp()
             _shard(model, mesh)
@@ -172,9 +189,13 @@ def _worker(rank, port, out_dir):
 
 
 # --------------------------------------------------------------------------------------------- one process
+def _concatenated():
+    return [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(_batches(0), _batches(1))]
+
+
 def _one_process():
     """The unsharded counterparts: one process, the two ranks' batches concatenated."""
-    batches = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(_batches(0), _batches(1))]
+    batches = _concatenated()
     expected = {}
     for name, (backend, kwargs) in PATS_CASES.items():
         model = _mlp()
@@ -251,6 +272,12 @@ def test_pats_resumes_bitwise_from_a_distributed_checkpoint(runs):
     ranks, _ = runs
     for rank in ranks:
         assert all(torch.equal(a, b) for a, b in zip(rank["resume/continued"], rank["resume/resumed"]))
+
+
+def test_an_unsharded_checkpoint_loads_into_the_sharded_optimizer(runs):
+    ranks, expected = runs
+    for rank in ranks:
+        assert _max_diff(rank["unsharded-checkpoint"], expected["pats/reference-noise"]) < 1e-5
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

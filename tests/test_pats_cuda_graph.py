@@ -86,6 +86,57 @@ def test_replays_of_a_captured_step_equal_eager_steps():
     assert (captured[0] - quiet[0]).abs().max() > 1e-4
 
 
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 8)).cuda()
+
+
+def _batches(n):
+    gen = torch.Generator().manual_seed(2)
+    return [(torch.randn(32, 64, generator=gen).cuda(), torch.randn(32, 8, generator=gen).cuda()) for _ in range(n)]
+
+
+def test_a_captured_training_step_with_gradients_from_the_graph_pool():
+    """torch's whole-network recipe: warm-up steps on a side stream, gradients set to None, then forward,
+    backward and step captured together, so the gradients (and the step's table of addresses) are allocated
+    inside the capture; replays with new data copied into the static batch equal eager training."""
+    warm_up = 3
+    batches = _batches(warm_up + REPLAYS)
+    model = _mlp()
+    opt = PATSAdamax(model.parameters(), lr=1e-3, noise_lambda=1e-4, noise_prob=0.5, seed=9, capturable=True)
+    static_x, static_y = batches[0][0].clone(), batches[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in batches[:warm_up]:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.mse_loss(model(static_x), static_y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        torch.nn.functional.mse_loss(model(static_x), static_y).backward()
+        opt.step()
+    for x, y in batches[warm_up:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+    torch.cuda.synchronize()
+
+    eager = _mlp()
+    eager_opt = PATSAdamax(eager.parameters(), lr=1e-3, noise_lambda=1e-4, noise_prob=0.5, seed=9)
+    for x, y in batches:
+        eager_opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(eager(x), y).backward()
+        eager_opt.step()
+    for a, b in zip(model.parameters(), eager.parameters()):
+        assert torch.allclose(a, b, rtol=0, atol=1e-5), (a - b).abs().max()
+    assert all(float(state["step"]) == warm_up + REPLAYS for state in opt.state.values())
+
+
 def test_capturing_a_step_without_capturable_is_refused():
     params = _params()
     opt = _optimizer(params, capturable=False)
