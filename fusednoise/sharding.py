@@ -40,7 +40,7 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     ``tensor`` itself when it is not one."""
     if not is_dtensor(tensor):
         return tensor
-    shard = getattr(tensor, "_local_tensor", None)  # to_local() goes through autograd: ten times the host time
+    shard = getattr(tensor, "_local_tensor", None)  # to_local() goes through autograd: more host time
     return shard if shard is not None else tensor.to_local()
 
 
@@ -59,14 +59,11 @@ class ShardLayout:
         return self.group is not None
 
 
-UNSHARDED = None  # layout_of's answer for a plain tensor
-
-
 def layout_of(tensor: torch.Tensor, where: str) -> Optional[ShardLayout]:
     """The :class:`ShardLayout` of a DTensor (None for a plain tensor); ``TypeError`` naming ``where`` for a
     placement this module does not support."""
     if not is_dtensor(tensor):
-        return UNSHARDED
+        return None
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -84,9 +81,11 @@ def layout_of(tensor: torch.Tensor, where: str) -> Optional[ShardLayout]:
     local_numel = 1
     for size in local_shape:
         local_numel *= size
-    # One contiguous range of the row-major order: the shard may cut the first dimension of size > 1 only.
+    # One contiguous range of the row-major order: the shard may cut one dimension, with only dimensions of size 1
+    # before it and whole dimensions after it.
     cut = next((d for d, (a, b) in enumerate(zip(local_shape, shape)) if a != b), None)
-    if local_numel and cut is not None and any(local_shape[d] != shape[d] for d in range(cut + 1, len(shape))):
+    if local_numel and cut is not None and (any(shape[d] != 1 for d in range(cut))
+                                            or any(local_shape[d] != shape[d] for d in range(cut + 1, len(shape)))):
         raise TypeError(f"{where} is a DTensor placed {placements} over shape {shape}: its local shard "
                         f"{tuple(local_shape)} is not one contiguous range of the tensor (shard the first "
                         "dimension, as FSDP2 does)")

@@ -161,6 +161,20 @@ def _unsharded_checkpoint_run(mesh, rank, out):
     out["unsharded-checkpoint"] = _full(sharded.parameters())
 
 
+def _refused_placements(mesh):
+    """The errors for placements whose local shard is not one range of the unsharded tensor."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    errors = []
+    for placement, shape in ((Shard(1), (4, 6)), (Shard(1), (1, 3, 4))):
+        weight = torch.nn.Parameter(distribute_tensor(torch.randn(shape), mesh, [placement]))
+        try:
+            PATSAdamax([weight], seed=0)
+        except TypeError as error:
+            errors.append(str(error))
+    return errors
+
+
 def _worker(rank, port, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -172,6 +186,7 @@ def _worker(rank, port, out_dir):
         _pats_runs(mesh, rank, out)
         _resume_run(mesh, rank, out, os.path.join(out_dir, "checkpoint"))
         _unsharded_checkpoint_run(mesh, rank, out)
+        out["refused"] = _refused_placements(mesh)
         for backend in ("reference", "triton"):
             model = _mlp()
             _shard(model, mesh)
@@ -243,6 +258,12 @@ def runs(tmp_path_factory):
 
 def _max_diff(a, b):
     return max((x.double() - y.double()).abs().max().item() for x, y in zip(a, b))
+
+
+def test_shards_that_are_not_one_range_of_the_tensor_are_refused(runs):
+    ranks, _ = runs
+    # Shard(1) of a (4, 6) matrix (tensor parallelism) is refused, of a (1, 3, 4) tensor it is one range: accepted
+    assert len(ranks[0]["refused"]) == 1 and "not one contiguous range" in ranks[0]["refused"][0]
 
 
 def test_shards_are_uneven_and_some_are_empty(runs):

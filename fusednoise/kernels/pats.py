@@ -330,7 +330,7 @@ def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 WARM_UP = ("run one eager step with capturable=True before capturing (the warm-up torch.cuda.graph asks for), "
-            "with the parameters, gradients and state the captured step will use")
+           "with the parameters, gradients and state the captured step will use (docs/pats.md, 'CUDA graphs')")
 
 
 def capturing(device: torch.device) -> bool:
