@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 import fusednoise
 from fusednoise import hype, lnsr, noisytune
 from fusednoise.optim import PATSAdamax
+from processes import join_or_fail
 
 WORLD_SIZE = 2
 STEPS = 10
@@ -245,12 +246,7 @@ def runs(tmp_path_factory):
     started = time.monotonic()
     context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=False)
     expected = _one_process()  # meanwhile
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the FSDP2 workers did not finish within 300 s")
+    join_or_fail(context, 300, "FSDP2")
     print(f"\nFSDP2 run: {time.monotonic() - started:.1f} s for the two ranks and the one-process runs")
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     return ranks, expected
