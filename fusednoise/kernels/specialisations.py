@@ -115,10 +115,20 @@ def _noisytune() -> Iterator[Case]:
                            target=NOISYTUNE)
             elif dname == "fp32":
                 yield Case(f"noisytune.noise[{dname},seed={seed}]", noise, 2 * dtype.itemsize, numel, dtype.itemsize)
+        # Shards of FSDP2-sharded matrices (rank 1 of 2): the noise alone, with the merged std and the offsets.
+        std = _meta(len(tensors), torch.float32)
+        offsets = [t.numel() for t in tensors]
+        _, (noise,) = noisytune.perturb_launches(tensors, list(range(len(tensors))), 0.15, DRAWN_SEED, offsets, std)
+        yield Case(f"noisytune.noise[{dname},sharded]", noise, 2 * dtype.itemsize, numel, dtype.itemsize,
+                   target=NOISYTUNE)
+        if dname == "fp32":  # shards cut inside a philox block: a block per element, compiled only
+            _, (noise,) = noisytune.perturb_launches(tensors, list(range(len(tensors))), 0.15, DRAWN_SEED,
+                                                     [o + 2 for o in offsets], std)
+            yield Case("noisytune.noise[fp32,sharded,per-element]", noise, 8, numel, 4, modelled=False)
 
 
-def _pats_jobs(dtype, shapes, noise: bool):
-    from ..reference.pats import step_scalars
+def _pats_jobs(dtype, shapes, noise: bool, capturable: bool = False, sharded: bool = False):
+    from ..reference.pats import PatsJob, step_scalars
 
     sc = step_scalars(step=3, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
                       decoupled_weight_decay=True, noise=noise, sensitivity_beta=0.85, noise_lambda=0.05,
@@ -126,7 +136,11 @@ def _pats_jobs(dtype, shapes, noise: bool):
     jobs = []
     for k, shape in enumerate(shapes):
         state = [_meta(shape, torch.float32) for _ in range(3)]
-        jobs.append((_meta(shape, dtype), _meta(shape, dtype), state[0], state[1], state[2] if noise else None, sc, k))
+        numel = shape[0] * shape[1]
+        # a shard of rank 1 of 2 under FSDP2: the second half of a tensor of twice the rows
+        shard = dict(offset=numel, mean_slot=k, total_numel=2 * numel) if sharded else {}
+        jobs.append(PatsJob(_meta(shape, dtype), _meta(shape, dtype), state[0], state[1], state[2] if noise else None,
+                            sc, k, step=_meta((), torch.float32) if capturable else None, **shard))
     return jobs
 
 
@@ -145,6 +159,16 @@ def _pats() -> Iterator[Case]:
         (plain,) = pats.PatsLauncher().launches(_pats_jobs(dtype, shapes, noise=False))
         yield Case(f"pats.update[{dname},no noise]", plain, 3 * item + 16, numel, item, target=PATS,
                    skip_noise=True)
+        # A sharded step (FSDP2: the mean from the reduced sums, the noise keyed by the unsharded index), and the
+        # capturable step's per-tensor scalars (its passes are the kernels above).
+        sums = _meta(len(shapes), torch.float64)
+        _, local_sums, update = pats.PatsLauncher().launches(_pats_jobs(dtype, shapes, noise=True, sharded=True),
+                                                             sums)
+        yield Case(f"pats.update[{dname},sharded]", update, 3 * item + 20, numel, item, target=PATS)
+        if dname == "fp32":  # one program per tensor (adding its partial sums; deriving clr, seed_t): compiled only
+            yield Case("pats.local_sums", local_sums, 4, len(shapes), 4, modelled=False)
+            scalars = pats.PatsLauncher().launches(_pats_jobs(dtype, shapes, noise=True, capturable=True))[0]
+            yield Case("pats.capturable_scalars", scalars, 8, len(shapes), 8, modelled=False)
 
 
 def _lnsr_noise() -> Iterator[Case]:
