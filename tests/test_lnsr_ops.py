@@ -30,14 +30,18 @@ def _mask(B, T, seed, device=KERNEL_DEVICE):
     return mask.to(device=device, dtype=torch.long)
 
 
-def _formula(clean, noisy, weights, mask):
-    """sum_r w_r * mean_b ||m * (clean_r - noisy_r)||^2 by plain autograd in float64."""
+def _formula(clean, noisy, weights, mask, reduction="sum"):
+    """sum_r w_r * mean_b ||m * (clean_r - noisy_r)||^2 / c_b by plain autograd in float64, with c_b = 1 (sum),
+    the example's real-token count (token_mean) or that times D (mean)."""
     c = clean.detach().double().requires_grad_()
     n = noisy.detach().double().requires_grad_()
-    diff = c - n
-    if mask is not None:
-        diff = diff * (mask != 0).double()[None, :, :, None]
-    per_layer = diff.pow(2).sum(dim=(1, 2, 3)) / clean.shape[1]
+    L, B, T, D = clean.shape
+    keep = torch.ones(B, T, dtype=torch.float64, device=clean.device) if mask is None else (mask != 0).double()
+    diff = (c - n) * keep[None, :, :, None]
+    per_example = diff.pow(2).sum(dim=(2, 3))                     # (L, B)
+    if reduction != "sum":
+        per_example = per_example / (keep.sum(dim=1) * (D if reduction == "mean" else 1))
+    per_layer = per_example.sum(dim=1) / B
     if weights is not None:
         per_layer = per_layer * torch.tensor(weights, dtype=torch.float64, device=clean.device)
     total = per_layer.sum()
@@ -45,31 +49,33 @@ def _formula(clean, noisy, weights, mask):
     return total.detach(), per_layer.detach(), c.grad, n.grad
 
 
-def _fused(clean, noisy, weights, mask, backend, as_list=True):
+def _fused(clean, noisy, weights, mask, backend, as_list=True, reduction="sum"):
     c = clean.detach().clone().requires_grad_()
     n = noisy.detach().clone().requires_grad_()
     with fusednoise.backend(backend):
         ci = list(c.unbind(0)) if as_list else c
-        per_layer = ops_lnsr.layerwise_diff_norm(ci, n, weights=weights, mask=mask, per_layer=True)
-        total = ops_lnsr.layerwise_diff_norm(ci, n, weights=weights, mask=mask)
+        per_layer = ops_lnsr.layerwise_diff_norm(ci, n, weights=weights, mask=mask, reduction=reduction,
+                                                 per_layer=True)
+        total = ops_lnsr.layerwise_diff_norm(ci, n, weights=weights, mask=mask, reduction=reduction)
         total.backward()
     return total.detach(), per_layer.detach(), c.grad, n.grad
 
 
 # --------------------------------------------------------------------------------------------- diff norm
+@pytest.mark.parametrize("reduction", ops_lnsr.REDUCTIONS)
 @pytest.mark.parametrize("L", [1, 12])
 @pytest.mark.parametrize("use_weights", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("use_mask", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_diff_norm_kernel_matches_reference_and_formula(dtype, use_mask, use_weights, L):
+def test_diff_norm_kernel_matches_reference_and_formula(dtype, use_mask, use_weights, L, reduction):
     B, T, D = 3, 5, 24
     clean, noisy = _layers(L, B, T, D, dtype, seed=L * 7 + use_mask)
     mask = _mask(B, T, seed=L) if use_mask else None
     weights = [0.2 + 0.8 * r / max(L - 1, 1) for r in range(L)] if use_weights else None
 
-    total, per_layer, gc, gn = _fused(clean, noisy, weights, mask, "triton")
-    r_total, r_per_layer, r_gc, r_gn = _fused(clean, noisy, weights, mask, "reference")
-    f_total, f_per_layer, f_gc, f_gn = _formula(clean, noisy, weights, mask)
+    total, per_layer, gc, gn = _fused(clean, noisy, weights, mask, "triton", reduction=reduction)
+    r_total, r_per_layer, r_gc, r_gn = _fused(clean, noisy, weights, mask, "reference", reduction=reduction)
+    f_total, f_per_layer, f_gc, f_gn = _formula(clean, noisy, weights, mask, reduction)
 
     assert total.dtype == per_layer.dtype == torch.float32  # float32 accumulation whatever the input dtype
     assert per_layer.shape == (L,)
@@ -123,11 +129,26 @@ def test_paired_diff_norm_equals_the_two_halves(backend):
     mask = _mask(B, T, seed=5)
     both = torch.cat([clean, noisy], dim=1).requires_grad_()
     with fusednoise.backend(backend):
-        paired = ops_lnsr.layerwise_diff_norm_paired(list(both.unbind(0)), weights=[1.0, 0.5, 0.25], mask=mask)
+        paired = ops_lnsr.layerwise_diff_norm_paired(list(both.unbind(0)), weights=[1.0, 0.5, 0.25], mask=mask,
+                                                     reduction="token_mean")
         paired.backward()
-    total, _, f_gc, f_gn = _formula(clean, noisy, [1.0, 0.5, 0.25], mask)
+    total, _, f_gc, f_gn = _formula(clean, noisy, [1.0, 0.5, 0.25], mask, "token_mean")
     torch.testing.assert_close(paired.double(), total, rtol=1e-6, atol=0)
     torch.testing.assert_close(both.grad.double(), torch.cat([f_gc, f_gn], dim=1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_diff_norm_reductions_of_an_example_without_real_tokens(backend):
+    # An all-padding example adds 0 (no division by a zero token count) and gets a zero gradient; the others'
+    # terms are divided by their own token counts, and the batch mean still counts B examples.
+    clean, noisy = _layers(2, 3, 4, 8, torch.float32, seed=9)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], device=clean.device)
+    for reduction in ops_lnsr.REDUCTIONS:
+        total, per_layer, gc, gn = _fused(clean, noisy, None, mask, backend, reduction=reduction)
+        f_total, f_per_layer, f_gc, _ = _formula(clean[:, [0, 2]], noisy[:, [0, 2]], None, mask[[0, 2]], reduction)
+        torch.testing.assert_close(total.double(), f_total * 2 / 3, rtol=1e-5, atol=0)
+        assert torch.isfinite(gc).all() and gc[:, 1].abs().max() == 0
+        torch.testing.assert_close(gc[:, [0, 2]].double(), f_gc * 2 / 3, rtol=1e-5, atol=1e-7)
 
 
 def test_diff_norm_scalar_weight_and_bool_mask():
@@ -173,6 +194,7 @@ def test_diff_norm_traces_under_torch_compile():
     (lambda c, n: ops_lnsr.layerwise_diff_norm(c[0], n), r"clean must be a stacked \(L, B, T, D\) tensor"),
     (lambda c, n: ops_lnsr.layerwise_diff_norm([], n), "clean must hold at least one layer"),
     (lambda c, n: ops_lnsr.layerwise_diff_norm(c, n, per_layer=1), "per_layer must be a bool"),
+    (lambda c, n: ops_lnsr.layerwise_diff_norm(c, n, reduction="max"), "reduction must be one of"),
     (lambda c, n: ops_lnsr.layerwise_diff_norm_paired(c[:, :1], mask=None), "even batch"),
 ])
 def test_diff_norm_bad_inputs_raise_clear_errors(call, match):

@@ -46,11 +46,13 @@ def _row_block(mask_ptr, rows_start, row_end, T, s_cb, s_ct, s_nb, s_nt, HAS_MAS
     in_range = rows < row_end
     valid = in_range
     if HAS_MASK:
-        keep = tl.load(mask_ptr + rows, mask=in_range, other=0)
-        valid = valid & (keep != 0)
+        rho = tl.load(mask_ptr + rows, mask=in_range, other=0.0)
+        valid = valid & (rho != 0)
+    else:
+        rho = tl.full((BLOCK_R,), 1.0, tl.float32)
     b = rows // T
     t = rows - b * T
-    return rows, in_range, valid, b * s_cb + t * s_ct, b * s_nb + t * s_nt
+    return rows, in_range, valid, rho, b * s_cb + t * s_ct, b * s_nb + t * s_nt
 
 
 @triton.jit
@@ -66,7 +68,7 @@ def _diff_norm_fwd_kernel(clean_tab, noisy_tab, mask_ptr, partial_ptr, ref_ptr,
     row_end = tl.minimum(row_begin + rows_per_prog, n_rows)
     acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     for i in range(0, rows_per_prog, BLOCK_R):
-        rows, in_range, valid, c_off, n_off = _row_block(mask_ptr, row_begin + i, row_end, T, s_cb, s_ct, s_nb,
+        rows, in_range, valid, rho, c_off, n_off = _row_block(mask_ptr, row_begin + i, row_end, T, s_cb, s_ct, s_nb,
                                                          s_nt, HAS_MASK, BLOCK_R)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
@@ -74,7 +76,7 @@ def _diff_norm_fwd_kernel(clean_tab, noisy_tab, mask_ptr, partial_ptr, ref_ptr,
             cv = tl.load(clean + c_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
             nv = tl.load(noisy + n_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
             diff = cv - nv
-            acc += diff * diff
+            acc += rho[:, None] * (diff * diff)
     tl.store(partial_ptr + layer * n_chunks + chunk, tl.sum(tl.sum(acc, axis=1), axis=0))
 
 
@@ -94,7 +96,7 @@ def _diff_norm_bwd_kernel(clean_tab, noisy_tab, gclean_tab, gnoisy_tab, coef_ptr
     row_begin = chunk.to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row_begin + rows_per_prog, n_rows)
     for i in range(0, rows_per_prog, BLOCK_R):
-        rows, in_range, valid, c_off, n_off = _row_block(mask_ptr, row_begin + i, row_end, T, s_cb, s_ct, s_nb,
+        rows, in_range, valid, rho, c_off, n_off = _row_block(mask_ptr, row_begin + i, row_end, T, s_cb, s_ct, s_nb,
                                                          s_nt, HAS_MASK, BLOCK_R)
         g_off = rows * D
         for d0 in range(0, D, BLOCK_D):
@@ -103,7 +105,7 @@ def _diff_norm_bwd_kernel(clean_tab, noisy_tab, gclean_tab, gnoisy_tab, coef_ptr
             m = valid[:, None] & col_ok
             cv = tl.load(clean + c_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
             nv = tl.load(noisy + n_off[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-            grad = coef * (cv - nv)
+            grad = (coef * rho)[:, None] * (cv - nv)
             store_mask = in_range[:, None] & col_ok
             # Padded tokens (mask 0) read nothing and get a gradient of exactly 0.
             tl.store(gclean + g_off[:, None] + cols[None, :], _round_nearest(grad, dtype, BF16_BY_BITS),
@@ -150,8 +152,6 @@ def address_table(tensors, device: torch.device) -> torch.Tensor:
 def _mask_arg(mask, ref):
     if mask is None:
         return ref, False
-    if mask.dtype == torch.bool:
-        mask = mask.view(torch.uint8)
     return mask, True
 
 
