@@ -135,25 +135,12 @@ def _expand(clean: List[torch.Tensor], noisy: List[torch.Tensor], paired: bool):
     return cv, unbind(noisy)
 
 
-def _shared_strides(views: List[torch.Tensor]):
-    """(batch stride, token stride) shared by every view with unit stride along D; contiguous copies otherwise."""
-    first = views[0]
-    strides = first.stride()
-    if all(v.stride() == strides for v in views) and (strides[2] == 1 or first.shape[2] == 1):
-        return views, strides[0], strides[1]
-    views = [v.contiguous() for v in views]
-    _, T, D = views[0].shape
-    return views, T * D, D
-
-
 def _diff_norm_sums(cv, nv, rho) -> torch.Tensor:
     if _backend.resolve(cv[0]) == "reference":
         return _reference.diff_norm_sums(cv, nv, rho)
     from .kernels.diff_norm import launch_forward
 
-    cv, s_cb, s_ct = _shared_strides(cv)
-    nv, s_nb, s_nt = _shared_strides(nv)
-    return launch_forward(cv, nv, (s_cb, s_ct, s_nb, s_nt), None if rho is None else rho.reshape(-1))
+    return launch_forward(cv, nv, rho)
 
 
 # --------------------------------------------------------------------------------------------- custom ops
@@ -175,8 +162,10 @@ def _(clean, noisy, weights, row_weight, scale, paired):
 @torch.library.custom_op("fusednoise::layerwise_diff_norm_backward", mutates_args=())
 def _diff_norm_backward_op(clean: List[torch.Tensor], noisy: List[torch.Tensor], coef: torch.Tensor,
                            row_weight: Optional[torch.Tensor], paired: bool) -> List[torch.Tensor]:
-    grads_clean = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in clean]
-    grads_noisy = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in noisy]
+    # Laid out like the inputs where they are dense (XLNet's token-major hidden states get token-major gradients,
+    # which the kernel writes in place), contiguous otherwise.
+    grads_clean = [torch.empty_like(t) for t in clean]
+    grads_noisy = [torch.empty_like(t) for t in noisy]
     cv, nv = _expand(clean, noisy, paired)
     gcv, gnv = _expand(grads_clean, grads_noisy, paired)
     with torch.no_grad():
@@ -185,16 +174,13 @@ def _diff_norm_backward_op(clean: List[torch.Tensor], noisy: List[torch.Tensor],
         else:
             from .kernels.diff_norm import launch_backward
 
-            cv, s_cb, s_ct = _shared_strides(cv)
-            nv, s_nb, s_nt = _shared_strides(nv)
-            launch_backward(cv, nv, (s_cb, s_ct, s_nb, s_nt), None if row_weight is None else row_weight.reshape(-1),
-                            coef.contiguous(), gcv, gnv)
+            launch_backward(cv, nv, row_weight, coef.contiguous(), gcv, gnv)
     return grads_clean + grads_noisy
 
 
 @_diff_norm_backward_op.register_fake
 def _(clean, noisy, coef, row_weight, paired):
-    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in list(clean) + list(noisy)]
+    return [torch.empty_like(t) for t in list(clean) + list(noisy)]
 
 
 def _diff_norm_setup(ctx, inputs, output):

@@ -105,21 +105,78 @@ def test_diff_norm_is_deterministic(backend):
         assert torch.equal(a, b)
 
 
-def test_diff_norm_stacked_list_and_strided_inputs_agree():
-    L, B, T, D = 4, 2, 5, 16
-    clean, noisy = _layers(L, B, T, D, torch.float32, seed=11)
+@pytest.mark.parametrize("reduction", ops_lnsr.REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_diff_norm_across_several_programs_per_layer(monkeypatch, dtype, reduction):
+    # On a GPU every layer is split over many programs whose partial sums the host adds in a fixed order; under
+    # the interpreter the plan is one program per layer unless forced. 14 rows of 3 per program: 4 programs per
+    # layer (4 rows each, the last one 2), the row blocks smaller than a program's range.
+    from fusednoise.kernels import diff_norm
+
+    monkeypatch.setattr(diff_norm, "ROWS_PER_PROGRAM_OVERRIDE", 3)
+    L, B, T, D = 5, 2, 7, 40
+    block_r, _, rows_per_prog, chunks = diff_norm.plan(B * T, D, L, torch.device(KERNEL_DEVICE))
+    assert (block_r, rows_per_prog, chunks) == (4, 4, 4)
+    clean, noisy = _layers(L, B, T, D, dtype, seed=21)
+    mask = _mask(B, T, seed=21)
+    weights = [1.0, 0.8, 0.6, 0.4, 0.2]
+    first = _fused(clean, noisy, weights, mask, "triton", reduction=reduction)
+    second = _fused(clean, noisy, weights, mask, "triton", reduction=reduction)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)  # deterministic: fixed slots, summed in a fixed order
+    total, per_layer, gc, gn = first
+    f_total, f_per_layer, f_gc, f_gn = _formula(clean, noisy, weights, mask, reduction)
+    torch.testing.assert_close(per_layer.double(), f_per_layer, rtol=1e-5, atol=0)
+    torch.testing.assert_close(total.double(), f_total, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gc.double(), f_gc, rtol=GRAD_RTOL[dtype], atol=1e-6)
+    torch.testing.assert_close(gn, -gc, rtol=0, atol=0)
+
+
+def _time_major(t):
+    """(B, T, D) values stored as (T, B, D), XLNet's layout."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def test_diff_norm_row_layouts_and_vector_width():
+    # The kernel addresses row i at i * stride: batch-major rows for contiguous layouts and padded rows,
+    # token-major for (T, B, D) storage read as (B, T, D), contiguous copies otherwise; 16-byte accesses only
+    # when every row starts on a 16-byte boundary.
+    from fusednoise.kernels import diff_norm
+
+    B, T, D = 2, 5, 16
+    x = torch.randn(B, T, D)
+    time_major = _time_major(x)
+    assert diff_norm.row_layout([time_major], [_time_major(x)])[2:] == (D, D, True)
+    cv, _, s_c, s_n, token_major = diff_norm.row_layout([time_major], [x])  # mixed: the token-major side copied
+    assert (s_c, s_n, token_major) == (D, D, False) and cv[0].is_contiguous()
+    wide = torch.randn(B, T, 3 * D)[:, :, :D]  # rows with gaps: read in place
+    assert diff_norm.row_layout([wide], [x])[0][0] is wide and diff_norm.row_layout([wide], [x])[2] == 3 * D
+    skipping = torch.randn(B, 2 * T, D)[:, :T]  # no single row stride: copied
+    assert diff_norm.row_layout([skipping], [x])[0][0].is_contiguous()
+    assert diff_norm.vector_width([x], (D,)) == 4
+    assert diff_norm.vector_width([x.bfloat16()], (D,)) == 8
+    assert diff_norm.vector_width([x], (D + 2,)) == 1
+    shifted = torch.randn(B * T * D + 1)[1:].view(B, T, D)
+    assert diff_norm.vector_width([x, shifted], (D,)) == 1
+
+
+def test_diff_norm_token_major_and_unaligned_inputs_match_the_formula():
+    L, B, T, D = 3, 2, 5, 16
+    clean, noisy = _layers(L, B, T, D, torch.float32, seed=13)
+    mask = _mask(B, T, seed=13)
+    f_total, _, f_gc, f_gn = _formula(clean, noisy, None, mask, "token_mean")
+    c = [_time_major(v).requires_grad_() for v in clean.unbind(0)]     # token-major, aligned
+    storage = torch.zeros(L * B * T * D + 1, device=clean.device)
+    storage[1:] = noisy.reshape(-1)
+    n = storage[1:].view(L, B, T, D).detach().requires_grad_()         # 4 bytes off a 16-byte boundary
     with fusednoise.backend("triton"):
-        stacked = ops_lnsr.layerwise_diff_norm(clean, noisy, per_layer=True)
-        listed = ops_lnsr.layerwise_diff_norm(list(clean.unbind(0)), list(noisy.unbind(0)), per_layer=True)
-        # (T, B, D) storage read as (B, T, D) in place (XLNet's layout), one side strided, one contiguous.
-        time_major = [c.transpose(0, 1).contiguous().transpose(0, 1) for c in clean.unbind(0)]
-        assert not time_major[0].is_contiguous()
-        strided = ops_lnsr.layerwise_diff_norm(time_major, noisy, per_layer=True)
-        # Layers with different strides fall back to contiguous copies.
-        mixed = ops_lnsr.layerwise_diff_norm(time_major[:2] + list(clean[2:].unbind(0)), noisy, per_layer=True)
-    torch.testing.assert_close(stacked, listed, rtol=0, atol=0)
-    torch.testing.assert_close(strided, listed, rtol=0, atol=0)
-    torch.testing.assert_close(mixed, listed, rtol=0, atol=0)
+        total = ops_lnsr.layerwise_diff_norm(c, n, mask=mask, reduction="token_mean")
+        total.backward()
+    torch.testing.assert_close(total.double(), f_total, rtol=1e-5, atol=0)
+    for r in range(L):
+        assert c[r].grad.stride() == c[r].stride()  # token-major gradients, written in place
+        torch.testing.assert_close(c[r].grad.double(), f_gc[r], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(n.grad.double(), f_gn, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])

@@ -53,19 +53,24 @@ def _launch_cases() -> Iterator[Tuple[str, object, Dict[str, str], Dict[str, obj
                         "sigma": "fp32", "seed": "i64", "first_block": "i64"},
                        {"HAS_RESIDUAL": residual, "DISTRIBUTION": distribution, "STOCHASTIC": name != "fp32",
                         "BF16_BY_BITS": False, "BLOCK": noise.BLOCK_SIZE})
-        # LNSR at BERT-base width: D = 768 -> BLOCK_D 1024 (capped), BLOCK_R = TILE_GPU // BLOCK_D.
-        block_d = diff_norm.MAX_BLOCK_D_GPU
+        # LNSR at BERT-base width: D = 768 -> BLOCK_D 256, BLOCK_R = TILE_GPU // BLOCK_D; 16-byte vectors (aligned
+        # inputs) without and with row weights (a mask), and scalar accesses (unaligned inputs).
+        block_d = diff_norm.block_d_for(768, diff_norm.MAX_BLOCK_D_GPU)
         block_r = diff_norm.TILE_GPU // block_d
-        ints = {arg: "i64" for arg in ("n_rows", "T", "D", "s_cb", "s_ct", "s_nb", "s_nt", "rows_per_prog")}
-        for has_mask in (False, True):
-            yield (f"diff_norm.forward[{name},mask={has_mask}]", diff_norm._diff_norm_fwd_kernel,
-                   {"clean_tab": "*i64", "noisy_tab": "*i64", "mask_ptr": "*u8" if has_mask else "*fp32",
-                    "partial_ptr": "*fp32", "ref_ptr": f"*{t}", **ints, "n_chunks": "i64"},
-                   {"HAS_MASK": has_mask, "BLOCK_R": block_r, "BLOCK_D": block_d})
-            yield (f"diff_norm.backward[{name},mask={has_mask}]", diff_norm._diff_norm_bwd_kernel,
+        ints = {arg: "i64" for arg in ("n_rows", "D", "s_c", "s_n", "rows_per_prog")}
+        aligned = 16 // {"fp32": 4, "fp16": 2, "bf16": 2}[name]
+        for has_rho, vec in ((False, aligned), (True, aligned), (True, 1)):
+            tag = f"{name},row_weight={has_rho},vec={vec}"
+            yield (f"diff_norm.forward[{tag}]", diff_norm._diff_norm_fwd_kernel,
+                   {"clean_tab": "*i64", "noisy_tab": "*i64", "rho_ptr": "*fp32", "partial_ptr": "*fp32",
+                    "ref_ptr": f"*{t}", **ints, "n_chunks": "i64"},
+                   {"HAS_ROW_WEIGHT": has_rho, "VEC": vec, "BLOCK_R": block_r, "BLOCK_D": block_d})
+            yield (f"diff_norm.backward[{tag}]", diff_norm._diff_norm_bwd_kernel,
                    {"clean_tab": "*i64", "noisy_tab": "*i64", "gclean_tab": "*i64", "gnoisy_tab": "*i64",
-                    "coef_ptr": "*fp32", "mask_ptr": "*u8" if has_mask else "*fp32", "ref_ptr": f"*{t}", **ints},
-                   {"HAS_MASK": has_mask, "BF16_BY_BITS": False, "BLOCK_R": block_r, "BLOCK_D": block_d})
+                    "coef_ptr": "*fp32", "rho_ptr": "*fp32", "ref_ptr": f"*{t}", **ints, "s_gc": "i64",
+                    "s_gn": "i64"},
+                   {"HAS_ROW_WEIGHT": has_rho, "BF16_BY_BITS": False, "VEC": vec, "BLOCK_R": block_r,
+                    "BLOCK_D": block_d})
         for backward in (False, True):
             for one_block, D in ((True, 768), (False, 8192)):
                 block_d = max(4, min(1 << (D - 1).bit_length(), lnsr_noise.MAX_BLOCK_D))
