@@ -6,6 +6,11 @@ penalised for how far its output moves::
     R = sum_{r=b}^{L-1} lambda_r * mean_b || f^{b,r}(x_b + eps) - f^{b,r}(x_b) ||^2
     loss = task_loss(f(x)) + R          (gradients flow through both the clean and the noisy pass)
 
+The papers do not say what ``||.||^2`` sums over. ``reduction=`` offers the three readings (SPEC section 2):
+``"sum"`` over the example's tokens and hidden units (the formula read literally), ``"token_mean"`` (summed over
+hidden units, averaged over its real tokens) and ``"mean"`` (averaged over both); padded tokens never count.
+The default, :data:`DEFAULT_REDUCTION`, is the one the measurements in ``docs/lnsr.md`` support.
+
 Usage::
 
     from fusednoise import lnsr
@@ -32,7 +37,9 @@ every layer's output. The noisy pass runs the model a second time with
 * the layers below ``b`` turned into pass-throughs that return their cached clean outputs (they are not run
   twice; only the embedding lookup in front of them is repeated),
 * the input of layer ``b`` replaced by ``x_b + eps`` (``x_b`` from the clean pass, so gradients reach the lower
-  layers through it),
+  layers through it) for standard noise; in-manifold noise instead goes where the journal puts it, into the output
+  of ``model.get_input_embeddings()`` (the word embeddings, before position embeddings, the embedding LayerNorm and
+  its dropout, which the noisy pass runs again),
 * the pass stopped right after the last layer (no second final norm, task head or loss).
 
 The model's own forward wires the noisy pass, so whatever a model passes between layers (attention masks, rotary
@@ -41,12 +48,13 @@ the model handles it. "A layer's output" is the hidden-state tensor it returns (
 a tuple). XLNet's (T, B, D) hidden states are read transposed, in place.
 
 Randomness: the noise seed is drawn once per call from torch's CPU generator (``torch.manual_seed`` reproduces a
-run). By default (``replay_rng=True``) the noisy pass then replays the clean pass's random draws: torch's CPU and
+run). With ``replay_rng=True`` the noisy pass then replays the clean pass's random draws: torch's CPU and
 CUDA generator states are set back to where the clean pass started, and each pass-through layer leaves them where
 its clean call did; afterwards they continue from where they were. Both passes therefore see the same dropout
 masks (and the same HyPe noise), the penalty measures the injected noise alone, and ``scale=0`` gives a penalty
-of exactly 0. ``replay_rng=False`` lets the passes draw independently (the penalty then also contains the dropout
-difference, R-Drop style).
+of exactly 0. ``replay_rng=False`` lets the passes draw independently, as two plain calls of the model would from
+layer ``b`` on (the penalty then also contains the dropout difference, R-Drop style; below ``b`` the clean pass's
+outputs are reused, dropout included). The default, :data:`DEFAULT_REPLAY_RNG`, is in ``docs/lnsr.md``.
 
 Batched mode (``batched=True``): one forward in which, from layer ``b`` on, the batch is doubled to 2B (clean
 then noisy half; attention masks and other batch-first tensors handed to the layers are repeated) and cut back to

@@ -507,3 +507,76 @@ def test_deeper_albert_counts_depths_not_modules():
     assert reg.depth == 8
     _, penalty = reg(**_batch("albert"))
     assert penalty.item() > 0 and reg.last_terms.shape == (5,)
+
+
+# --------------------------------------------------------------------------------------------- Trainer and CLI
+def test_cli_flags_reach_the_trainer_config():
+    from fusednoise import cli
+    from fusednoise.integrations.trainer import LNSRConfig
+
+    args = cli._parser().parse_args(["finetune", "--task", "rte", "--method", "lnsr", "--lnsr-reduction", "mean",
+                                     "--lnsr-dropout", "independent"])
+    (base, _), = cli._configs(args)
+    config = base.trainer_kwargs()["lnsr"]
+    assert (config.reduction, config.replay_rng) == ("mean", False)
+    args = cli._parser().parse_args(["finetune", "--task", "rte", "--method", "lnsr"])
+    (base, _), = cli._configs(args)
+    defaults = LNSRConfig()
+    assert (base.trainer_kwargs()["lnsr"].reduction, base.trainer_kwargs()["lnsr"].replay_rng) == (
+        lnsr.DEFAULT_REDUCTION, lnsr.DEFAULT_REPLAY_RNG) == (defaults.reduction, defaults.replay_rng)
+    reg = lnsr.LNSR(build_model("bert"))
+    assert (reg.reduction, reg.replay_rng) == (lnsr.DEFAULT_REDUCTION, lnsr.DEFAULT_REPLAY_RNG)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lnsr-reduction", "max"], "--lnsr-reduction: invalid choice"),
+    (["--lnsr-dropout", "none"], "--lnsr-dropout: invalid choice"),
+])
+def test_cli_rejects_bad_lnsr_options(capsys, argv, message):
+    from fusednoise import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--task", "rte"] + argv)
+    assert message in capsys.readouterr().err
+
+
+def test_finetune_config_checks_and_warning_names_the_cli_flags(monkeypatch):
+    import warnings
+
+    from fusednoise import finetune
+    from fusednoise.integrations import trainer
+
+    with pytest.raises(ValueError, match="lnsr_reduction must be one of"):
+        finetune.FinetuneConfig(lnsr_reduction="max")
+    with pytest.raises(ValueError, match="lnsr_dropout must be one of"):
+        finetune.FinetuneConfig(lnsr_dropout="off")
+    # run_one hands the Trainer the CLI's advice; stop it there rather than train.
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def train(self, *args, **kwargs):
+        seen["advice"] = self.lnsr_advice
+        raise Stop
+
+    monkeypatch.setattr(trainer.FusedNoiseTrainer, "train", train)
+    monkeypatch.setattr(finetune, "_data", lambda config: _tiny_glue())
+    with pytest.raises(Stop):
+        finetune.run_one(finetune.FinetuneConfig(methods=("lnsr",), device="cpu"), "unused")
+    assert seen["advice"] == finetune.LNSR_ADVICE
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer._warn_if_penalty_dominates(50.0, 1.0, seen["advice"])
+        trainer._warn_if_penalty_dominates(50.0, 1.0)
+    assert "--lnsr-weight" in str(caught[0].message) and "--lnsr-reduction" in str(caught[0].message)
+    assert "LNSRConfig(weights=...)" in str(caught[1].message)  # outside fusednoise finetune: the Python names
+
+
+def _tiny_glue():
+    import datasets
+
+    pairs = {"sentence1": ["a cat sat", "dogs bark"] * 2, "sentence2": ["a cat is sitting", "it rains"] * 2,
+             "label": [0, 1] * 2}
+    return datasets.DatasetDict(train=datasets.Dataset.from_dict(pairs),
+                                validation=datasets.Dataset.from_dict(pairs))
