@@ -158,6 +158,9 @@ def test_diff_norm_row_layouts_and_vector_width():
     assert diff_norm.vector_width([x], (D + 2,)) == 1
     shifted = torch.randn(B * T * D + 1)[1:].view(B, T, D)
     assert diff_norm.vector_width([x, shifted], (D,)) == 1
+    # Column blocks: the widest power of two that wastes the fewest masked lanes.
+    assert [diff_norm.block_d_for(d, 1024) for d in (384, 768, 1024, 4096, 24, 1000)] == [128, 256, 1024, 1024, 8,
+                                                                                          1024]
 
 
 def test_diff_norm_token_major_and_unaligned_inputs_match_the_formula():
