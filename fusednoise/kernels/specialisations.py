@@ -14,8 +14,8 @@ must move, the elements one launch covers, the bulk loop's trip count per progra
 Cases without a target (small inputs: int scalars that fit in 32 bits, unaligned sizes) are compiled, and
 modelled for information, but not held to a target.
 
-The LNSR diff-norm cases do not go through a launcher: ``diff_norm.plan`` asks the CUDA driver for the SM count,
-so they rebuild its GPU plan here for an H100 (132 SMs). They must change with the diff-norm kernel's arguments.
+The LNSR diff-norm launch builders take ``sm_count=``, which stands in for the CUDA driver's SM count (an H100's
+132 here), since their plan depends on it.
 """
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ class Case:
     target: Optional[Target] = None
     skip_noise: bool = False   # the PATS update of a tensor without noise: the noise path is off the hot path
     modelled: bool = True      # False: compiled only (a shape the per-element model does not describe)
+    # At most this many bytes per element of per-row float32 weights (LNSR's diff norm) that threads load again
+    # for each row they cover (how often depends on the compiler's layout): cache hits, not DRAM traffic, so not
+    # in bytes_per_element, and 32-bit loads that are not bulk accesses.
+    row_weight_bytes_per_element: float = 0.0
 
     @property
     def kernel_name(self) -> str:
@@ -70,8 +74,7 @@ HYPE_STOCHASTIC = Target(0.90, min_access_bits=128)
 NOISYTUNE = Target(0.95, min_access_bits=128)
 LNSR_NOISE = Target(0.90)
 PATS = Target(0.95, min_warps_per_sm=16)
-DIFF_NORM = Target(0.95, max_budget_share=0.60, min_access_bits=64,
-                   pending="the diff-norm rewrite (branch lnsr) is not merged yet")
+DIFF_NORM = Target(0.95, max_budget_share=0.60, min_access_bits=64)
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -198,42 +201,31 @@ def _lnsr_noise() -> Iterator[Case]:
 
 
 def _diff_norm() -> Iterator[Case]:
-    """LNSR's diff norm at BERT-large width, 24 layers: the GPU plan of ``diff_norm.plan`` on an H100 and the
-    arguments of ``diff_norm.launch_forward`` / ``launch_backward``."""
-    import triton
-
+    """LNSR's diff norm at BERT-large width, 24 layers, (32, 128, 1024) per layer: ``diff_norm.forward_launch``
+    and ``backward_launch`` with an H100's SM count, without row weights (reduction="sum", no mask) and with them
+    (a mask or token_mean / mean); and the unaligned inputs that fall back to scalar accesses."""
     from . import diff_norm
 
     L, B, T, D = 24, 32, 128, 1024
-    n_rows = B * T
-    block_d = min(triton.next_power_of_2(D), diff_norm.MAX_BLOCK_D_GPU, diff_norm.TILE_GPU)
-    block_r = min(max(1, diff_norm.TILE_GPU // block_d), triton.next_power_of_2(n_rows))
-    chunks = max(1, min(triton.cdiv(diff_norm.PROGRAMS_PER_SM * H100_SMS, L), triton.cdiv(n_rows, block_r)))
-    rows_per_prog = triton.cdiv(triton.cdiv(n_rows, chunks), block_r) * block_r
-    chunks = max(1, triton.cdiv(n_rows, rows_per_prog))
-    strides = (T * D, D, T * D, D)
-    table = _meta(L, torch.int64)
     for dname, dtype in DTYPES.items():
         item = dtype.itemsize
-        for has_mask in (False, True):
-            mask = _meta(n_rows, torch.uint8)
-            partial, coef = _meta((L, chunks), torch.float32), _meta(L, torch.float32)
-            ref = _meta((B, T, D), dtype)
-            tag = f"{dname}{',mask' if has_mask else ''}"
+        clean = [_meta((B, T, D), dtype) for _ in range(L)]
+        noisy = [_meta((B, T, D), dtype) for _ in range(L)]
+        grads = [_meta((B, T, D), dtype) for _ in range(L)]
+        coef = _meta(L, torch.float32)
+        for row_weight in (False, True):
+            rho = _meta((B, T), torch.float32) if row_weight else None
+            tag = f"{dname}{',row_weight' if row_weight else ''}"
             target = DIFF_NORM if dname == "bf16" else None
-            forward = Launch(diff_norm._diff_norm_fwd_kernel, (L, chunks),
-                             (table, table, mask if has_mask else partial, partial, ref, n_rows, T, D, *strides,
-                              rows_per_prog, chunks),
-                             dict(HAS_MASK=has_mask, BLOCK_R=block_r, BLOCK_D=block_d), diff_norm.NUM_WARPS)
-            yield Case(f"lnsr.diff_norm.forward[{tag}]", forward, 2 * item, L * n_rows * D, item,
-                       iterations=rows_per_prog // block_r, target=target)
-            backward = Launch(diff_norm._diff_norm_bwd_kernel, (L, chunks),
-                              (table, table, table, table, coef, mask if has_mask else coef, ref, n_rows, T, D,
-                               *strides, rows_per_prog),
-                              dict(HAS_MASK=has_mask, BF16_BY_BITS=False, BLOCK_R=block_r, BLOCK_D=block_d),
-                              diff_norm.NUM_WARPS)
-            yield Case(f"lnsr.diff_norm.backward[{tag}]", backward, 4 * item, L * n_rows * D, item,
-                       iterations=rows_per_prog // block_r, target=target)
+            forward, _, _ = diff_norm.forward_launch(clean, noisy, rho, sm_count=H100_SMS)
+            iterations = forward.args[-2] // forward.constexprs["BLOCK_R"]  # rows_per_prog / BLOCK_R
+            # At most one 4-byte weight per vector of VEC elements a thread reads.
+            row_weights = 4 / forward.constexprs["VEC"] if row_weight else 0.0
+            yield Case(f"lnsr.diff_norm.forward[{tag}]", forward, 2 * item, L * B * T * D, item,
+                       iterations=iterations, target=target, row_weight_bytes_per_element=row_weights)
+            backward, _, _ = diff_norm.backward_launch(clean, noisy, rho, coef, grads, grads, sm_count=H100_SMS)
+            yield Case(f"lnsr.diff_norm.backward[{tag}]", backward, 4 * item, L * B * T * D, item,
+                       iterations=iterations, target=target, row_weight_bytes_per_element=row_weights)
 
 
 def _neftune() -> Iterator[Case]:
