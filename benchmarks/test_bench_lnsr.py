@@ -4,7 +4,7 @@ loop, and a whole BERT training step: vanilla vs HyPe vs LNSR (fused, eager, bat
     pytest benchmarks/test_bench_lnsr.py --benchmark-json benchmarks/results/lnsr-<device>.json
 
 Bytes the diff norm must move, forward + backward: read clean and noisy (forward), read them again and write both
-gradients (backward): ``6 * L * B * T * D * itemsize``. The mask (B * T elements) is negligible.
+gradients (backward): ``6 * L * B * T * D * itemsize``. The row weights (B * T floats) are negligible.
 
 Without a GPU the GPU shapes are skipped ("needs a CUDA GPU") and tiny CPU cases run; there "fused" is CPU reference
 mode (the eager references), so those numbers only show that the suite runs, not kernel speed.
@@ -33,7 +33,7 @@ def eager_diff_norm(clean, noisy, mask):
 
 
 def fused_diff_norm(clean, noisy, mask):
-    return lnsr.layerwise_diff_norm(clean, noisy, mask=mask)
+    return lnsr.layerwise_diff_norm(clean, noisy, mask=mask, reduction="sum")  # the loop above: a sum per example
 
 
 _compiled = {}

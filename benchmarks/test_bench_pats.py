@@ -6,6 +6,9 @@
 Cases (random weights from the configs, random gradients, float32, the paper's param groups):
 
 * ``pats-fused``: :class:`fusednoise.optim.PATSAdamax` on the Triton backend (two launches per step);
+* ``pats-fused-capturable``: the same with ``capturable=True`` (step counts on the GPU, a one-warp launch deriving
+  each step's bias correction and noise key, no per-step table copy), run eagerly;
+* ``pats-fused-graph``: that step captured in a CUDA graph once, then timed as ``graph.replay()``;
 * ``pats-eager``: the same step written per tensor in plain torch (torch's own RNG), what one would write
   without fusednoise;
 * ``adamax-foreach``: ``torch.optim.Adamax(foreach=True)`` (no noise: the floor for an Adamax step);
@@ -106,6 +109,20 @@ def _noisytune_eager(model, lam=0.15):
             para.add_((torch.rand_like(para) - 0.5) * lam * torch.std(para))
 
 
+def _captured(step):
+    """``step`` captured in a CUDA graph after one eager warm-up step on a side stream (the gradients are static
+    tensors): returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 def _run(benchmark, fn, device, rounds):
     def once():
         fn()
@@ -132,7 +149,8 @@ def param_sets():
     cache.clear()
 
 
-OPTIMIZERS = ["pats-fused", "pats-eager", "adamax-foreach", "adamw-fused"]
+OPTIMIZERS = ["pats-fused", "pats-fused-capturable", "pats-fused-graph", "pats-eager", "adamax-foreach",
+              "adamw-fused"]
 GPU_SIZES = [pytest.param(s, marks=needs_cuda) for s in ("bert-base", "bert-large")]
 
 
@@ -141,14 +159,16 @@ def _optimizer_case(benchmark, param_sets, size, device, case, rounds):
     groups = pats_param_groups(model)
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    if case == "pats-fused" or case == "pats-reference":
-        opt = PATSAdamax(groups, seed=0, **PATS_KW)
-        backend = "auto" if case == "pats-fused" else "reference"
+    if case in ("pats-fused", "pats-reference", "pats-fused-capturable", "pats-fused-graph"):
+        opt = PATSAdamax(groups, seed=0, capturable=case in ("pats-fused-capturable", "pats-fused-graph"), **PATS_KW)
+        backend = "reference" if case == "pats-reference" else "auto"
 
         def fn():
             with fusednoise.backend(backend):
                 opt.step()
 
+        if case == "pats-fused-graph":
+            fn = _captured(fn)
         n_bytes, _ = _pats_bytes(groups)
     elif case == "pats-eager":
         state, counter = {}, [0]

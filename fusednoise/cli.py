@@ -15,7 +15,8 @@ import os
 import sys
 from typing import List, Optional
 
-from .finetune import METHODS, PATS_LR, FinetuneConfig, parse_recipe
+from .finetune import LNSR_DROPOUTS, METHODS, PATS_LR, FinetuneConfig, parse_recipe
+from .lnsr import REDUCTIONS
 from .glue import TASKS
 
 _TASK_CHOICES = sorted(TASKS)
@@ -85,6 +86,13 @@ def _add_training_arguments(parser: argparse.ArgumentParser, demo: bool) -> None
     lnsr.add_argument("--lnsr-k", type=int, default=defaults.lnsr_k, help="in-manifold neighbours (default 10)")
     lnsr.add_argument("--lnsr-mix-ratio", type=float, default=defaults.lnsr_mix_ratio,
                       help="in-manifold mix ratio (default 0.1)")
+    lnsr.add_argument("--lnsr-reduction", choices=REDUCTIONS, default=defaults.lnsr_reduction,
+                      help="||.||^2 of one example: summed over tokens and hidden units (sum), summed over hidden "
+                           "units and averaged over real tokens (token_mean), or averaged over both (mean); "
+                           f"docs/lnsr.md (default {defaults.lnsr_reduction})")
+    lnsr.add_argument("--lnsr-dropout", choices=LNSR_DROPOUTS, default=defaults.lnsr_dropout,
+                      help="dropout in the noisy pass: the clean pass's masks replayed, or drawn independently "
+                           f"(default {defaults.lnsr_dropout})")
     noisy = parser.add_argument_group("NoisyTune")
     noisy.add_argument("--noisytune-lambda", type=float, default=defaults.noisytune_lambda, help="(default 0.15)")
     pats = parser.add_argument_group("PATS (pats; adamax is PATS without noise)")
@@ -189,6 +197,7 @@ def _config(args, task: str, recipes) -> FinetuneConfig:
         device=args.device, hype_sigma=args.hype_sigma, hype_layers=args.hype_layers,
         hype_keep_dropout=args.hype_keep_dropout, lnsr_scale=args.lnsr_scale, lnsr_weight=args.lnsr_weight,
         lnsr_inject_layer=args.lnsr_inject_layer, lnsr_k=args.lnsr_k, lnsr_mix_ratio=args.lnsr_mix_ratio,
+        lnsr_reduction=args.lnsr_reduction, lnsr_dropout=args.lnsr_dropout,
         noisytune_lambda=args.noisytune_lambda, pats_lr=args.pats_lr, pats_noise_lambda=args.pats_noise_lambda,
         pats_gamma=args.pats_gamma, pats_beta=args.pats_beta, pats_prob=args.pats_prob,
         pats_noise_eps=args.pats_noise_eps, neftune_alpha=args.neftune_alpha)

@@ -30,6 +30,12 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .glue import TASKS, GlueTask, compute_metrics, get_task, load_glue, tokenize
+from .lnsr import DEFAULT_REDUCTION, DEFAULT_REPLAY_RNG, REDUCTIONS
+
+# How dropout enters LNSR's noisy pass: replayed from the clean pass, or drawn independently.
+LNSR_DROPOUTS = ("replay", "independent")
+# The flags to name when the LNSR penalty dominates the task loss at the first step.
+LNSR_ADVICE = "lower --lnsr-weight, or check --lnsr-reduction"
 
 # name -> what it is (the paper's defaults are the FinetuneConfig fields' defaults)
 METHODS: Dict[str, str] = {
@@ -110,6 +116,8 @@ class FinetuneConfig:
     lnsr_inject_layer: int = 0
     lnsr_k: int = 10
     lnsr_mix_ratio: float = 0.1
+    lnsr_reduction: str = DEFAULT_REDUCTION            # ||.||^2 per example: "sum", "token_mean" or "mean"
+    lnsr_dropout: str = LNSR_DROPOUTS[not DEFAULT_REPLAY_RNG]  # "replay" (the clean pass's masks) or "independent"
     # NoisyTune (noisytune-2022): lambda 0.15 on GLUE
     noisytune_lambda: float = 0.15
     # PATS (pats-2022): Adamax, lr per Table 2, lambda 2e-6, gamma 2e-3, beta 0.75, p 0.2
@@ -149,6 +157,10 @@ class FinetuneConfig:
             raise ValueError(f"pats_beta must be in [0, 1), got {self.pats_beta}")
         if not 0 <= self.pats_prob <= 1:
             raise ValueError(f"pats_prob must be in [0, 1], got {self.pats_prob}")
+        if self.lnsr_reduction not in REDUCTIONS:
+            raise ValueError(f"lnsr_reduction must be one of {REDUCTIONS}, got {self.lnsr_reduction!r}")
+        if self.lnsr_dropout not in LNSR_DROPOUTS:
+            raise ValueError(f"lnsr_dropout must be one of {LNSR_DROPOUTS}, got {self.lnsr_dropout!r}")
         if self.hype_layers not in ("all", "lower", "upper"):
             raise ValueError(f"hype_layers must be 'all', 'lower' or 'upper', got {self.hype_layers!r}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -181,7 +193,9 @@ class FinetuneConfig:
             kwargs["lnsr"] = LNSRConfig(scale=self.lnsr_scale, inject_layer=self.lnsr_inject_layer,
                                         weights=self.lnsr_weight,
                                         noise="in_manifold" if "lnsr-manifold" in methods else "standard",
-                                        k=self.lnsr_k, mix_ratio=self.lnsr_mix_ratio)
+                                        k=self.lnsr_k, mix_ratio=self.lnsr_mix_ratio,
+                                        reduction=self.lnsr_reduction,
+                                        replay_rng=self.lnsr_dropout == "replay")
         if "noisytune" in methods:
             kwargs["noisytune"] = NoisyTuneConfig(noise_lambda=self.noisytune_lambda)
         if methods & {"pats", "adamax"}:
@@ -368,6 +382,7 @@ def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = T
             model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["validation"],
             data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, compute_metrics=metrics,
             **config.trainer_kwargs())
+        trainer.lnsr_advice = LNSR_ADVICE
         with _PeakMemory(device) as memory:
             start = time.perf_counter()
             trainer.train()

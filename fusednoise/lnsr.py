@@ -6,6 +6,11 @@ penalised for how far its output moves::
     R = sum_{r=b}^{L-1} lambda_r * mean_b || f^{b,r}(x_b + eps) - f^{b,r}(x_b) ||^2
     loss = task_loss(f(x)) + R          (gradients flow through both the clean and the noisy pass)
 
+The papers do not say what ``||.||^2`` sums over. ``reduction=`` offers the three readings (SPEC section 2):
+``"sum"`` over the example's tokens and hidden units (the formula read literally), ``"token_mean"`` (summed over
+hidden units, averaged over its real tokens) and ``"mean"`` (averaged over both); padded tokens never count.
+The default, :data:`DEFAULT_REDUCTION`, is the one the measurements in ``docs/lnsr.md`` support.
+
 Usage::
 
     from fusednoise import lnsr
@@ -32,7 +37,9 @@ every layer's output. The noisy pass runs the model a second time with
 * the layers below ``b`` turned into pass-throughs that return their cached clean outputs (they are not run
   twice; only the embedding lookup in front of them is repeated),
 * the input of layer ``b`` replaced by ``x_b + eps`` (``x_b`` from the clean pass, so gradients reach the lower
-  layers through it),
+  layers through it) for standard noise; in-manifold noise instead goes where the journal puts it, into the output
+  of ``model.get_input_embeddings()`` (the word embeddings, before position embeddings, the embedding LayerNorm and
+  its dropout, which the noisy pass runs again),
 * the pass stopped right after the last layer (no second final norm, task head or loss).
 
 The model's own forward wires the noisy pass, so whatever a model passes between layers (attention masks, rotary
@@ -41,12 +48,13 @@ the model handles it. "A layer's output" is the hidden-state tensor it returns (
 a tuple). XLNet's (T, B, D) hidden states are read transposed, in place.
 
 Randomness: the noise seed is drawn once per call from torch's CPU generator (``torch.manual_seed`` reproduces a
-run). By default (``replay_rng=True``) the noisy pass then replays the clean pass's random draws: torch's CPU and
+run). With ``replay_rng=True`` the noisy pass then replays the clean pass's random draws: torch's CPU and
 CUDA generator states are set back to where the clean pass started, and each pass-through layer leaves them where
 its clean call did; afterwards they continue from where they were. Both passes therefore see the same dropout
 masks (and the same HyPe noise), the penalty measures the injected noise alone, and ``scale=0`` gives a penalty
-of exactly 0. ``replay_rng=False`` lets the passes draw independently (the penalty then also contains the dropout
-difference, R-Drop style).
+of exactly 0. ``replay_rng=False`` lets the passes draw independently, as two plain calls of the model would from
+layer ``b`` on (the penalty then also contains the dropout difference, R-Drop style; below ``b`` the clean pass's
+outputs are reused, dropout included). The default, :data:`DEFAULT_REPLAY_RNG`, is in ``docs/lnsr.md``.
 
 Batched mode (``batched=True``): one forward in which, from layer ``b`` on, the batch is doubled to 2B (clean
 then noisy half; attention masks and other batch-first tensors handed to the layers are repeated) and cut back to
@@ -73,12 +81,14 @@ import torch
 from torch import nn
 
 from . import rng
-from .ops_lnsr import (DEFAULT_K, DEFAULT_MIX_RATIO, DEFAULT_SCALE, clear_neighbor_cache, in_manifold_noise,
-                       layerwise_diff_norm, layerwise_diff_norm_paired, nearest_neighbors, neighbor_table,
-                       scaled_noise)
+from .ops_lnsr import (DEFAULT_K, DEFAULT_MIX_RATIO, DEFAULT_REDUCTION, DEFAULT_SCALE, REDUCTIONS,
+                       clear_neighbor_cache, in_manifold_noise, layerwise_diff_norm, layerwise_diff_norm_paired,
+                       nearest_neighbors, neighbor_table, scaled_noise)
 from .validation import check_module_list
 
 NOISES = ("standard", "in_manifold")
+# Whether the noisy pass replays the clean pass's dropout by default (two passes): see docs/lnsr.md.
+DEFAULT_REPLAY_RNG = True
 # Model types whose layers take batch-first hidden states and batch-first extra tensors, checked by the tests in
 # batched mode. Encoder-decoder models (the decoder would need the noisy encoder output on a batch of B), XLNet
 # ((T, B, D) layout, masks batched on dim 2) and DeBERTa-v2 (its optional conv mixes layer 0's output with the
@@ -171,6 +181,7 @@ class _Run:
         self.outputs: Dict[int, object] = {}    # clean pass: the raw outputs of the layers below b
         self.hidden: Dict[int, torch.Tensor] = {}  # this pass's hidden outputs from b on
         self.x_b: Optional[torch.Tensor] = None
+        self.embedded = False             # noisy pass, in-manifold: the noise went into the word embeddings
         self.batch: Optional[int] = None
         self.seed: Optional[int] = None   # the noise seed, drawn before the pass
         self.rng_start: Optional[_RngState] = None            # generator states at the start of the clean pass
@@ -191,15 +202,22 @@ class LNSR:
             Depths count layer calls: for ALBERT, whose layer is shared, depth d is the d-th call.
         weights: ``lambda_r`` for the layers ``b .. L-1``: None (1 each, the papers' default), one number for all
             (the journal's grid {1.0, 0.8, 0.6, 0.4, 0.2}), or ``L - b`` numbers.
-        noise: "standard" (scaled Gaussian) or "in_manifold" (journal Algorithm 1; needs ``input_ids`` in the
-            batch, ``inject_layer=0`` and word embeddings of the hidden size).
+        noise: "standard" (scaled Gaussian, added to the input of layer ``b``) or "in_manifold" (journal
+            Algorithm 1, added where the journal adds it: to the output of ``model.get_input_embeddings()``,
+            before position embeddings and the embedding LayerNorm; needs ``input_ids`` in the batch,
+            ``inject_layer=0`` and two passes).
         k: neighbours per token for in-manifold noise (journal: 10).
         mix_ratio: standard deviation of the in-manifold mixing coefficients (journal: 0.1 to 0.2).
         batched: run the clean and noisy pass from layer ``b`` on as one 2B batch (see the module docstring).
-        replay_rng: make the noisy pass replay the clean pass's random draws (dropout masks, HyPe noise), so
-            the penalty measures the injected noise alone. Default: True for two passes; batched mode cannot (it
-            raises if asked).
+        replay_rng: True: the noisy pass replays the clean pass's random draws (dropout masks, HyPe noise), so
+            the penalty measures the injected noise alone; False: each pass draws its own (two plain forward
+            calls; the penalty then also measures dropout). None: :data:`DEFAULT_REPLAY_RNG` for two passes,
+            False in batched mode (which cannot replay, and raises if asked).
         layers: the layer modules, in forward order, if :func:`find_layers` should not choose them.
+        reduction: what ``||.||^2`` of one example is: "sum" over its tokens and hidden units (the papers'
+            formula read literally), "token_mean" (summed over hidden units, averaged over its real tokens) or
+            "mean" (averaged over its real tokens and hidden units); every one averages over the batch. Default
+            :data:`DEFAULT_REDUCTION`; ``docs/lnsr.md`` has the measurements behind it.
 
     Attributes after a training call: ``last_terms`` (the per-layer penalty terms, float32, detached).
     """
@@ -207,7 +225,7 @@ class LNSR:
     def __init__(self, model: nn.Module, scale: float = DEFAULT_SCALE, inject_layer: int = 0,
                  weights: WeightsSpec = None, noise: str = "standard", k: int = DEFAULT_K,
                  mix_ratio: float = DEFAULT_MIX_RATIO, batched: bool = False, replay_rng: Optional[bool] = None,
-                 layers: Optional[Sequence[nn.Module]] = None):
+                 layers: Optional[Sequence[nn.Module]] = None, reduction: str = DEFAULT_REDUCTION):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = model
@@ -223,12 +241,15 @@ class LNSR:
             raise TypeError(f"batched must be a bool, got {type(batched).__name__}")
         self.batched = batched
         if replay_rng is None:
-            replay_rng = not batched
+            replay_rng = DEFAULT_REPLAY_RNG and not batched
         if not isinstance(replay_rng, bool):
             raise TypeError(f"replay_rng must be a bool or None, got {type(replay_rng).__name__}")
         if batched and replay_rng:
             raise ValueError("replay_rng=True needs two passes: batched=True draws the two halves' dropout together")
         self.replay_rng = replay_rng
+        if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
 
         config = getattr(model, "config", None)
         self.model_type = getattr(config, "model_type", None)
@@ -251,11 +272,10 @@ class LNSR:
             if self.inject_layer != 0:
                 raise ValueError("noise='in_manifold' is defined on the word-embedding space: it needs "
                                  f"inject_layer=0, got {inject_layer}")
+            if batched:
+                raise ValueError("noise='in_manifold' goes into the word embeddings, before the embedding layer "
+                                 "that batched=True runs once for both halves: use batched=False")
             embedding = self._embedding_weight()
-            hidden = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
-            if hidden is not None and embedding.shape[1] != hidden:
-                raise ValueError(f"noise='in_manifold' needs word embeddings of the hidden size ({hidden}); "
-                                 f"{type(model).__name__} embeds in {embedding.shape[1]} dimensions and projects")
             if not 1 <= self.k < embedding.shape[0]:
                 raise ValueError(f"k must be in [1, {embedding.shape[0] - 1}] (the vocabulary size - 1), got {k}")
         self.last_terms: Optional[torch.Tensor] = None
@@ -318,6 +338,13 @@ class LNSR:
                              f".weight); {type(self.model).__name__} has none")
         return weight
 
+    def _word_embeddings(self) -> List[nn.Module]:
+        """``model.get_input_embeddings()`` and the modules of its type that share its weight (T5's encoder and
+        decoder each look the tokens up through their own ``embed_tokens``, tied to ``shared``)."""
+        embedding = self.model.get_input_embeddings()
+        return [m for m in self.model.modules() if m is embedding or (
+            type(m) is type(embedding) and getattr(m, "weight", None) is embedding.weight)]
+
     def refresh_neighbors(self) -> None:
         """Recompute the in-manifold neighbour table from the current word embeddings."""
         if self.noise == "in_manifold":
@@ -355,6 +382,11 @@ class LNSR:
         if run.mode == "noisy":
             if depth != b:
                 return None
+            if self.noise == "in_manifold":
+                if not run.embedded:
+                    raise RuntimeError(f"noise='in_manifold': {type(self.model).__name__} did not call its input "
+                                       "embeddings (model.get_input_embeddings()) before layer 0 in the noisy pass")
+                return None
             _, in_args = self._hidden_arg(module, args, kwargs)
             return self._with_hidden(module, args, kwargs, self._make_noise(run.x_b, run.seed), in_args)
         # batched
@@ -391,20 +423,29 @@ class LNSR:
         return None
 
     def _make_noise(self, x_b: torch.Tensor, seed: int) -> torch.Tensor:
-        if self.noise == "standard":
-            return scaled_noise(x_b, self.scale, seed=seed)
-        ids = self._input_ids
-        if self.time_major:
-            ids = ids.transpose(0, 1)
-        if tuple(ids.shape) != tuple(x_b.shape[:-1]):
-            raise ValueError(f"noise='in_manifold': input_ids of shape {tuple(self._input_ids.shape)} do not match "
-                             f"the hidden states entering layer 0, {tuple(x_b.shape)}")
+        return scaled_noise(x_b, self.scale, seed=seed)
+
+    def _embedding_hook(self, module, args, output):
+        # In-manifold noise, noisy pass: x_w + eps on the word-embedding lookup of the first stack (the encoder's
+        # for T5), whose input is the token ids (already transposed for XLNet).
+        run = self._run
+        if run is None or run.mode != "noisy" or run.call != 0 or run.embedded or not args:
+            return None
+        ids = args[0]
+        if not isinstance(output, torch.Tensor) or not isinstance(ids, torch.Tensor) \
+                or tuple(ids.shape) != tuple(output.shape[:-1]):
+            raise ValueError("noise='in_manifold' needs the input embeddings called on token ids: got "
+                             f"{type(ids).__name__} {tuple(getattr(ids, 'shape', ()))} -> "
+                             f"{tuple(getattr(output, 'shape', ()))}")
+        run.embedded = True
         weight = self._embedding_weight()
-        return in_manifold_noise(x_b, ids, weight, self.k, self.mix_ratio, seed=seed,
+        return in_manifold_noise(output, ids, weight, self.k, self.mix_ratio, seed=run.seed,
                                  neighbors=neighbor_table(weight, self.k))
 
     def _install(self, passthrough: bool):
         handles, patched = [], []
+        if self.noise == "in_manifold":
+            handles.extend(m.register_forward_hook(self._embedding_hook) for m in self._word_embeddings())
         for layer in self._distinct_layers():
             handles.append(layer.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
             handles.append(layer.register_forward_hook(self._post_hook, with_kwargs=True))
@@ -478,25 +519,21 @@ class LNSR:
                     f"LNSR cannot run while {type(layer).__name__} runs its hooks inside gradient checkpointing (this "
                     "transformers version checkpoints the layer's __call__, so the recompute would not see the noise)"
                     ": turn gradient checkpointing off or use transformers >= 5.24, which checkpoints forward only")
-        self._input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if self.noise == "in_manifold" and not isinstance(self._input_ids, torch.Tensor):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if self.noise == "in_manifold" and not isinstance(ids, torch.Tensor):
             raise ValueError("noise='in_manifold' needs the token ids: call reg(input_ids=..., ...)")
-        try:
-            if self.batched:
-                run = _Run("batched")
-                run.seed = rng.draw_seed()
-                outputs, run = self._forward("batched", args, kwargs, run=run)
-                penalty = self._penalty(run, None, kwargs)
-            else:
-                outputs, clean = self._forward("clean", args, kwargs)
-                noisy_run = _Run("noisy")
-                noisy_run.seed = rng.draw_seed()  # before the replay, so it is not one of the clean pass's draws
-                noisy_run.x_b, noisy_run.outputs = clean.x_b, clean.outputs
-                noisy_run.rng_start, noisy_run.rng_after = clean.rng_start, clean.rng_after
-                _, noisy = self._forward("noisy", args, kwargs, passthrough=self.inject_layer > 0, run=noisy_run)
-                penalty = self._penalty(clean, noisy, kwargs)
-        finally:
-            self._input_ids = None
+        if self.batched:
+            run = _Run("batched")
+            run.seed = rng.draw_seed()
+            outputs, run = self._forward("batched", args, kwargs, run=run)
+            return outputs, self._penalty(run, None, kwargs)
+        outputs, clean = self._forward("clean", args, kwargs)
+        noisy_run = _Run("noisy")
+        noisy_run.seed = rng.draw_seed()  # before the replay, so it is not one of the clean pass's draws
+        noisy_run.x_b, noisy_run.outputs = clean.x_b, clean.outputs
+        noisy_run.rng_start, noisy_run.rng_after = clean.rng_start, clean.rng_after
+        _, noisy = self._forward("noisy", args, kwargs, passthrough=self.inject_layer > 0, run=noisy_run)
+        penalty = self._penalty(clean, noisy, kwargs)
         return outputs, penalty
 
     def _device(self, args, kwargs) -> torch.device:
@@ -560,18 +597,20 @@ class LNSR:
             if noisy is None:
                 batch = shape[0] // 2
                 mask = self._mask_for(stack, kwargs, (batch, shape[1]))
-                terms.append(layerwise_diff_norm_paired(cs, w, mask, per_layer=True))
+                terms.append(layerwise_diff_norm_paired(cs, w, mask, reduction=self.reduction, per_layer=True))
             else:
                 mask = self._mask_for(stack, kwargs, shape[:2])
-                terms.append(layerwise_diff_norm(cs, ns, w, mask, per_layer=True))
+                terms.append(layerwise_diff_norm(cs, ns, w, mask, reduction=self.reduction, per_layer=True))
         terms = torch.cat(terms) if len(terms) > 1 else terms[0]
         self.last_terms = terms.detach()
         return terms.sum()
 
     def __repr__(self) -> str:
         mode = "batched" if self.batched else "two passes"
+        dropout = "replayed" if self.replay_rng else "independent"
         return (f"LNSR({type(self.model).__name__}, noise={self.noise!r}, scale={self.scale:g}, "
-                f"inject_layer={self.inject_layer}, depth={self.depth}, {mode})")
+                f"inject_layer={self.inject_layer}, depth={self.depth}, reduction={self.reduction!r}, {mode}, "
+                f"{dropout} dropout)")
 
 
 def _real(value, name: str) -> float:
@@ -584,7 +623,8 @@ def _real(value, name: str) -> float:
 
 
 __all__ = [
-    "BATCHED_MODEL_TYPES", "DEFAULT_K", "DEFAULT_MIX_RATIO", "DEFAULT_SCALE", "LNSR", "NOISES",
+    "BATCHED_MODEL_TYPES", "DEFAULT_K", "DEFAULT_MIX_RATIO", "DEFAULT_REDUCTION", "DEFAULT_REPLAY_RNG",
+    "DEFAULT_SCALE", "LNSR", "NOISES", "REDUCTIONS",
     "clear_neighbor_cache", "in_manifold_noise", "layerwise_diff_norm", "layerwise_diff_norm_paired",
     "nearest_neighbors", "neighbor_table", "scaled_noise",
 ]

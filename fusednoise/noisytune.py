@@ -5,6 +5,10 @@ For every parameter matrix ``W``: ``W <- W + U(-lambda/2, lambda/2) * std(W)`` w
 deviation of that matrix (SPEC section 3). The exact arithmetic and random numbers are in
 :mod:`fusednoise.reference.noisytune`. On the Triton backend all matrices of one device and dtype take two
 launches (per-matrix statistics, then the noise), whatever their number.
+
+FSDP2-sharded parameters (DTensors, SPEC section 4c) are perturbed on their local shards with the std of the
+whole matrix (the shards' moments merged across the ranks, one collective for all matrices) and the noise of
+each element keyed by its index in the unsharded matrix: the same noise as on the unwrapped model.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import torch
 
 from . import backends as _backends
 from . import rng
+from . import sharding
 from .validation import check_name_patterns
 from .reference import noisytune as _reference
 
@@ -108,7 +113,10 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
             (e.g. ``"word_embeddings"``: the paper leaves token embeddings alone for multilingual models).
         seed: philox seed in [0, 2**62); ``None`` draws one from torch's CPU generator.
 
-    ``std`` is the matrix's unbiased standard deviation (float32). Matrices with std 0 (constant, such as
+    ``std`` is the matrix's unbiased standard deviation (float32). On an FSDP2-wrapped model (DTensor
+    parameters) each rank perturbs its shards with the std of the whole matrix and the noise of the unsharded
+    element, so the model ends as the unwrapped one would (call it on every rank, with the same seed).
+    Matrices with std 0 (constant, such as
     RoBERTa's token-type embeddings) or a non-finite std are left untouched bit for bit, as are excluded
     names, tensors with fewer than 2 elements and non-floating-point tensors. The noise of element ``i`` of
     the ``k``-th tensor (its position in ``model_or_params``, skipped ones counted) depends on ``(seed, k, i)``
@@ -125,29 +133,27 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
     named = _named_tensors(model_or_params)
     report = PerturbReport(noise_lambda=float(noise_lambda), seed=seed)
 
-    buckets: Dict[tuple, List[Tuple[str, torch.Tensor, int]]] = defaultdict(list)
+    # (device, dtype) -> (name, local tensor, k, ShardLayout of a sharded matrix or None)
+    buckets: Dict[tuple, List[tuple]] = defaultdict(list)
     for k, (name, x) in enumerate(named):
         reason = _skip_reason(name, x, patterns)
         if reason is not None:
             report.skipped[name] = reason
         else:
-            buckets[(x.device, x.dtype)].append((name, x, k))
+            layout = sharding.layout_of(x, f"model_or_params[{name!r}]")
+            buckets[(x.device, x.dtype)].append((name, sharding.local(x), k,
+                                                 layout if layout is not None and layout.sharded else None))
 
     stds: Dict[str, float] = {}
     with torch.no_grad():
+        merged = _merged_stds([item for items in buckets.values() for item in items if item[3] is not None])
         for (device, dtype), items in buckets.items():
-            if dtype in _KERNEL_DTYPES and _backends.resolve(items[0][1]) == "triton":
-                from .kernels.noisytune import launch_perturb
-
-                works = [x.detach() if x.is_contiguous() else x.detach().contiguous() for _, x, _ in items]
-                std = launch_perturb(works, [k for _, _, k in items], float(noise_lambda), seed).tolist()
-                for (_, x, _), work in zip(items, works):
-                    if work.data_ptr() != x.data_ptr():
-                        x.detach().copy_(work)
-            else:
-                std = [float(_reference.perturb_tensor_(x.detach(), float(noise_lambda), seed, k))
-                       for _, x, k in items]
-            stds.update({name: s for (name, _, _), s in zip(items, std)})
+            use_kernels = dtype in _KERNEL_DTYPES and _backends.resolve(items[0][1]) == "triton"
+            plain = [item for item in items if item[3] is None]
+            shards = [item for item in items if item[3] is not None]
+            stds.update(_perturb_bucket(plain, use_kernels, float(noise_lambda), seed))
+            _perturb_shards(shards, use_kernels, float(noise_lambda), seed, merged)
+            stds.update({name: float(merged[name]) for name, _, _, _ in shards})
 
     for name, _ in named:
         if name in stds:
@@ -160,3 +166,55 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
                 report.perturbed.append(name)
                 report.std[name] = s
     return report
+
+
+def _merged_stds(shards: List[tuple]) -> Dict[str, torch.Tensor]:
+    """The std (float32, 0-dim) of every sharded matrix in ``shards`` (name, local shard, k, layout), from its
+    ranks' float64 moments merged in rank order: one collective per process group (one under FSDP2)."""
+    by_group: Dict[object, List[tuple]] = {}
+    for item in shards:
+        by_group.setdefault(item[3].group, []).append(item)
+    stds = {}
+    for group, members in by_group.items():
+        moments = torch.stack([_reference.shard_moments(x) for _, x, _, _ in members])
+        std = _reference.merge_moments(sharding.gather_across_shards(moments, group))
+        stds.update({name: value for (name, _, _, _), value in zip(members, std)})
+    return stds
+
+
+def _perturb_bucket(items: List[tuple], use_kernels: bool, noise_lambda: float, seed: int) -> Dict[str, float]:
+    """Perturb unsharded ``items`` (name, tensor, k, None) of one device and dtype; returns their stds by name."""
+    if not items:
+        return {}
+    if use_kernels:
+        std = _launch(items, noise_lambda, seed).tolist()
+    else:
+        std = [float(_reference.perturb_tensor_(x.detach(), noise_lambda, seed, k)) for _, x, k, _ in items]
+    return {name: value for (name, _, _, _), value in zip(items, std)}
+
+
+def _perturb_shards(items: List[tuple], use_kernels: bool, noise_lambda: float, seed: int,
+                    merged: Dict[str, torch.Tensor]) -> None:
+    """Perturb local shards ``items`` (name, shard, k, layout) of one device and dtype with their matrices'
+    ``merged`` stds, the noise of each element keyed by its index in the unsharded matrix."""
+    items = [item for item in items if item[1].numel() > 0]  # an empty shard has nothing to perturb
+    if not items:
+        return
+    if use_kernels:
+        _launch(items, noise_lambda, seed, torch.stack([merged[name] for name, _, _, _ in items]))
+    else:
+        for name, x, k, layout in items:
+            _reference.add_scaled_noise_(x.detach(), noise_lambda, seed, k, merged[name], layout.offset)
+
+
+def _launch(items: List[tuple], noise_lambda: float, seed: int, std: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The kernels on ``items`` (staged through contiguous copies where needed); ``std`` given: shards."""
+    from .kernels.noisytune import launch_perturb
+
+    works = [x.detach() if x.is_contiguous() else x.detach().contiguous() for _, x, _, _ in items]
+    offsets = None if std is None else [layout.offset for _, _, _, layout in items]
+    std = launch_perturb(works, [k for _, _, k, _ in items], noise_lambda, seed, offsets, std)
+    for (_, x, _, _), work in zip(items, works):
+        if work.data_ptr() != x.data_ptr():
+            x.detach().copy_(work)
+    return std

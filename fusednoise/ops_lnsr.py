@@ -30,6 +30,9 @@ from .validation import check_float_tensor as _check_float_tensor, check_real as
 DEFAULT_SCALE = 0.05       # journal sec. III-E: ||eps|| = 0.05 ||x||
 DEFAULT_K = 10             # journal sec. III-E: 10 nearest neighbours
 DEFAULT_MIX_RATIO = 0.1    # journal Table V: 0.1 (RTE) to 0.2 (STS-B)
+# What ||.||^2 of one example means (the papers do not say): see docs/lnsr.md for the measurements behind it.
+DEFAULT_REDUCTION = "token_mean"
+REDUCTIONS = _reference.REDUCTIONS
 
 Layers = Union[torch.Tensor, Sequence[torch.Tensor]]
 Weights = Union[None, float, Sequence[float], torch.Tensor]
@@ -132,92 +135,73 @@ def _expand(clean: List[torch.Tensor], noisy: List[torch.Tensor], paired: bool):
     return cv, unbind(noisy)
 
 
-def _shared_strides(views: List[torch.Tensor]):
-    """(batch stride, token stride) shared by every view with unit stride along D; contiguous copies otherwise."""
-    first = views[0]
-    strides = first.stride()
-    if all(v.stride() == strides for v in views) and (strides[2] == 1 or first.shape[2] == 1):
-        return views, strides[0], strides[1]
-    views = [v.contiguous() for v in views]
-    _, T, D = views[0].shape
-    return views, T * D, D
-
-
-def _batch_of(clean: List[torch.Tensor], paired: bool) -> int:
-    t = clean[0]
-    batch = t.shape[-3]
-    return batch // 2 if paired else batch
-
-
-def _diff_norm_sums(cv, nv, mask) -> torch.Tensor:
+def _diff_norm_sums(cv, nv, rho) -> torch.Tensor:
     if _backend.resolve(cv[0]) == "reference":
-        return _reference.diff_norm_sums(cv, nv, mask)
+        return _reference.diff_norm_sums(cv, nv, rho)
     from .kernels.diff_norm import launch_forward
 
-    cv, s_cb, s_ct = _shared_strides(cv)
-    nv, s_nb, s_nt = _shared_strides(nv)
-    return launch_forward(cv, nv, (s_cb, s_ct, s_nb, s_nt), None if mask is None else mask.reshape(-1))
+    return launch_forward(cv, nv, rho)
 
 
 # --------------------------------------------------------------------------------------------- custom ops
+# ``row_weight`` is the (B, T) float32 rho of :func:`fusednoise.reference.lnsr.row_weights` (mask / c_b) or None,
+# ``scale`` the per-layer factor (1 / B with row weights, 1 / (B c) without).
 @torch.library.custom_op("fusednoise::layerwise_diff_norm", mutates_args=())
 def _diff_norm_op(clean: List[torch.Tensor], noisy: List[torch.Tensor], weights: Optional[torch.Tensor],
-                  mask: Optional[torch.Tensor], paired: bool) -> torch.Tensor:
+                  row_weight: Optional[torch.Tensor], scale: float, paired: bool) -> torch.Tensor:
     cv, nv = _expand(clean, noisy, paired)
     with torch.no_grad():
-        sums = _diff_norm_sums(cv, nv, mask)
-        return _reference.finish_terms(sums, weights, _batch_of(clean, paired))
+        return _reference.finish_terms(_diff_norm_sums(cv, nv, row_weight), weights, scale)
 
 
 @_diff_norm_op.register_fake
-def _(clean, noisy, weights, mask, paired):
+def _(clean, noisy, weights, row_weight, scale, paired):
     return clean[0].new_empty((_layer_count(clean),), dtype=torch.float32)
 
 
 @torch.library.custom_op("fusednoise::layerwise_diff_norm_backward", mutates_args=())
 def _diff_norm_backward_op(clean: List[torch.Tensor], noisy: List[torch.Tensor], coef: torch.Tensor,
-                           mask: Optional[torch.Tensor], paired: bool) -> List[torch.Tensor]:
-    grads_clean = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in clean]
-    grads_noisy = [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in noisy]
+                           row_weight: Optional[torch.Tensor], paired: bool) -> List[torch.Tensor]:
+    # Laid out like the inputs where they are dense (XLNet's token-major hidden states get token-major gradients,
+    # which the kernel writes in place), contiguous otherwise.
+    grads_clean = [torch.empty_like(t) for t in clean]
+    grads_noisy = [torch.empty_like(t) for t in noisy]
     cv, nv = _expand(clean, noisy, paired)
     gcv, gnv = _expand(grads_clean, grads_noisy, paired)
     with torch.no_grad():
         if _backend.resolve(cv[0]) == "reference":
-            _reference.diff_norm_backward_into(cv, nv, coef, mask, gcv, gnv)
+            _reference.diff_norm_backward_into(cv, nv, coef, row_weight, gcv, gnv)
         else:
             from .kernels.diff_norm import launch_backward
 
-            cv, s_cb, s_ct = _shared_strides(cv)
-            nv, s_nb, s_nt = _shared_strides(nv)
-            launch_backward(cv, nv, (s_cb, s_ct, s_nb, s_nt), None if mask is None else mask.reshape(-1),
-                            coef.contiguous(), gcv, gnv)
+            launch_backward(cv, nv, row_weight, coef.contiguous(), gcv, gnv)
     return grads_clean + grads_noisy
 
 
 @_diff_norm_backward_op.register_fake
-def _(clean, noisy, coef, mask, paired):
-    return [torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in list(clean) + list(noisy)]
+def _(clean, noisy, coef, row_weight, paired):
+    return [torch.empty_like(t) for t in list(clean) + list(noisy)]
 
 
 def _diff_norm_setup(ctx, inputs, output):
-    clean, noisy, weights, mask, paired = inputs
+    clean, noisy, weights, row_weight, scale, paired = inputs
     ctx.n_clean = len(clean)
     ctx.n_noisy = len(noisy)
     ctx.paired = paired
-    ctx.batch = _batch_of(clean, paired)
-    ctx.save_for_backward(*clean, *noisy, weights, mask)
+    ctx.scale = scale
+    ctx.save_for_backward(*clean, *noisy, weights, row_weight)
 
 
 def _diff_norm_backward(ctx, grad_terms):
     saved = ctx.saved_tensors
     clean = list(saved[:ctx.n_clean])
     noisy = list(saved[ctx.n_clean:ctx.n_clean + ctx.n_noisy])
-    weights, mask = saved[-2], saved[-1]
-    coef = grad_terms.to(torch.float32) * (2.0 / ctx.batch)
+    weights, row_weight = saved[-2], saved[-1]
+    coef = grad_terms.to(torch.float32) * (2.0 * ctx.scale)
     if weights is not None:
         coef = coef * weights
-    grads = torch.ops.fusednoise.layerwise_diff_norm_backward(clean, noisy, coef, mask, ctx.paired)
-    return list(grads[:ctx.n_clean]), list(grads[ctx.n_clean:]), None, None, None
+    grads = torch.ops.fusednoise.layerwise_diff_norm_backward(clean, noisy, coef, row_weight, ctx.paired)
+    return list(grads[:ctx.n_clean]), list(grads[ctx.n_clean:]), None, None, None, None
 
 
 torch.library.register_autograd("fusednoise::layerwise_diff_norm", _diff_norm_backward,
@@ -345,8 +329,26 @@ def _reduce(terms: torch.Tensor, per_layer: bool) -> torch.Tensor:
     return terms if per_layer else terms.sum()
 
 
+def _check_reduction(reduction) -> str:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def _diff_norm_terms(clean_items, noisy_items, weights, mask, reduction, paired: bool) -> torch.Tensor:
+    first = clean_items[0]
+    B, T, D = _layer_shape(first)
+    if paired:
+        B //= 2
+    L = _layer_count(clean_items)
+    w = _weights_tensor(weights, L, first.device)
+    m = _mask_tensor(mask, B, T, first.device)
+    rho, scale = _reference.row_weights(m, _check_reduction(reduction), B, T, D)
+    return torch.ops.fusednoise.layerwise_diff_norm(clean_items, noisy_items, w, rho, scale, paired)
+
+
 def layerwise_diff_norm(clean: Layers, noisy: Layers, weights: Weights = None, mask: Optional[torch.Tensor] = None,
-                        per_layer: bool = False) -> torch.Tensor:
+                        reduction: str = DEFAULT_REDUCTION, per_layer: bool = False) -> torch.Tensor:
     """LNSR's penalty ``sum_r w_r * mean_b ||clean_r - noisy_r||^2`` (SPEC section 2) in one fused launch.
 
     Args:
@@ -357,16 +359,21 @@ def layerwise_diff_norm(clean: Layers, noisy: Layers, weights: Weights = None, m
             journal's grid is {1.0, 0.8, 0.6, 0.4, 0.2}), or L numbers / a (L,) tensor. No gradient flows to them.
         mask: (B, T) tensor, nonzero for real tokens (a Hugging Face ``attention_mask``); padded tokens contribute
             nothing and get a zero gradient. The mean is still over the B examples.
+        reduction: what ``||.||^2`` of one example is (the papers do not say; :data:`DEFAULT_REDUCTION` is the
+            default, ``docs/lnsr.md`` the evidence): ``"sum"`` over its tokens and hidden units (the formula read
+            literally), ``"token_mean"`` summed over hidden units and averaged over its unmasked tokens, or
+            ``"mean"`` averaged over its unmasked tokens and hidden units (``F.mse_loss``-style).
         per_layer: return the L weighted terms (float32, shape (L,), summing to the total) instead of the total.
 
     Returns:
         A float32 scalar (or (L,) tensor), accumulated in float32 whatever the input dtype. Deterministic: the
         same inputs give the same bits (fixed-slot partial sums, no atomics). Backward:
-        ``2 w_r (clean_r - noisy_r) / B`` for clean (masked), its negation for noisy, one launch for all layers.
+        ``2 w_r m (clean_r - noisy_r) / (B c_b)`` for clean (``c_b`` = 1, the example's token count, or that
+        times D), its negation for noisy, one launch for all layers.
 
     Raises:
         TypeError / ValueError naming the argument: mismatched layer counts, shapes, dtypes or devices, weights of
-        the wrong length, a mask that is not (B, T).
+        the wrong length, a mask that is not (B, T), an unknown reduction.
     """
     clean_items = _as_layer_list(clean, "clean")
     noisy_items = _as_layer_list(noisy, "noisy")
@@ -377,15 +384,11 @@ def layerwise_diff_norm(clean: Layers, noisy: Layers, weights: Weights = None, m
     shape, dtype, device = _layer_shape(first), first.dtype, first.device
     _check_same(clean_items, "clean", shape, dtype, device)
     _check_same(noisy_items, "noisy", shape, dtype, device)
-    B, T, _ = shape
-    w = _weights_tensor(weights, L, device)
-    m = _mask_tensor(mask, B, T, device)
-    terms = torch.ops.fusednoise.layerwise_diff_norm(clean_items, noisy_items, w, m, False)
-    return _reduce(terms, per_layer)
+    return _reduce(_diff_norm_terms(clean_items, noisy_items, weights, mask, reduction, False), per_layer)
 
 
 def layerwise_diff_norm_paired(outputs: Layers, weights: Weights = None, mask: Optional[torch.Tensor] = None,
-                               per_layer: bool = False) -> torch.Tensor:
+                               reduction: str = DEFAULT_REDUCTION, per_layer: bool = False) -> torch.Tensor:
     """:func:`layerwise_diff_norm` for layer outputs of one 2B batch: examples ``[:B]`` are the clean pass and
     ``[B:]`` the noisy one (LNSR's batched mode). ``outputs``: L tensors (2B, T, D) or a stacked (L, 2B, T, D)
     tensor; ``mask`` is (B, T). The gradient of each layer is written into one (2B, T, D) buffer (no slicing
@@ -396,11 +399,7 @@ def layerwise_diff_norm_paired(outputs: Layers, weights: Weights = None, mask: O
     _check_same(items, "outputs", shape, dtype, device)
     if shape[0] % 2:
         raise ValueError(f"outputs must hold an even batch (clean then noisy halves), got batch {shape[0]}")
-    L = _layer_count(items)
-    w = _weights_tensor(weights, L, device)
-    m = _mask_tensor(mask, shape[0] // 2, shape[1], device)
-    terms = torch.ops.fusednoise.layerwise_diff_norm(items, [], w, m, True)
-    return _reduce(terms, per_layer)
+    return _reduce(_diff_norm_terms(items, [], weights, mask, reduction, True), per_layer)
 
 
 def scaled_noise(x: torch.Tensor, scale: float = DEFAULT_SCALE, seed: Optional[int] = None) -> torch.Tensor:
@@ -577,6 +576,6 @@ def in_manifold_noise(x: torch.Tensor, token_ids: torch.Tensor, embedding_weight
 
 
 __all__ = [
-    "DEFAULT_K", "DEFAULT_MIX_RATIO", "DEFAULT_SCALE", "clear_neighbor_cache", "in_manifold_noise",
+    "DEFAULT_K", "DEFAULT_MIX_RATIO", "DEFAULT_REDUCTION", "DEFAULT_SCALE", "REDUCTIONS", "clear_neighbor_cache", "in_manifold_noise",
     "layerwise_diff_norm", "layerwise_diff_norm_paired", "nearest_neighbors", "neighbor_table", "scaled_noise",
 ]

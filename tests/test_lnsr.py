@@ -6,7 +6,7 @@ import transformers as hf
 from torch import nn
 
 import fusednoise
-from fusednoise import hype, lnsr, ops_lnsr
+from fusednoise import hype, lnsr, ops_lnsr, rng
 from fusednoise.integrations.transformers import find_layers
 from test_integrations_transformers import ARCH_NAMES, ARCHS, BATCH, SEQ, build_model, main_output, model_inputs
 
@@ -98,8 +98,8 @@ def test_eval_mode_is_untouched(name):
 
 
 # --------------------------------------------------------------------------------------------- what runs twice
-def _deep_model(name, layers=4):
-    config = ARCHS[name].config(0.0, 0.0)
+def _deep_model(name, layers=4, dropout=0.0):
+    config = ARCHS[name].config(dropout, dropout)
     if name == "t5":
         config.num_layers = config.num_decoder_layers = layers // 2
     else:
@@ -151,63 +151,130 @@ def _fixed_seed_noise(monkeypatch, seed=1234):
     monkeypatch.setattr(lnsr, "scaled_noise", lambda x, scale, seed=None: ops_lnsr.scaled_noise(x, scale, seed=1234))
 
 
-@pytest.mark.parametrize("name, inject_layer", [("bert", 0), ("llama", 1), ("xlnet", 0)])
-def test_penalty_and_gradients_match_a_hand_written_lnsr(monkeypatch, name, inject_layer):
-    _fixed_seed_noise(monkeypatch)
-    model = _deep_model(name, layers=3)
-    layers = find_layers(model)
-    batch = _batch(name)
-    weights = [1.0, 0.6, 0.2][inject_layer:]
-    reg = lnsr.LNSR(model, inject_layer=inject_layer, weights=weights)
-    _, penalty = reg(**batch)
-    penalty.backward()
-    fused_grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
+def _reduced(sq, mask, reduction):
+    """Per-example reduction of the squared differences (B, T, D), averaged over the batch, written out."""
+    keep = mask.float()
+    per_example = (sq.sum(-1) * keep).sum(-1)
+    if reduction == "token_mean":
+        per_example = per_example / keep.sum(-1)
+    elif reduction == "mean":
+        per_example = per_example / (keep.sum(-1) * sq.shape[-1])
+    return per_example.mean()
 
-    # By hand: record every layer's output in a clean and a noisy run; the noisy run adds the noise at b's input.
+
+def _hand_written(model, layers, batch, inject_layer, weights, reduction, replay, noise):
+    """LNSR by hand: a clean and a noisy ``model(**batch)`` with every layer's output recorded; the noisy run's
+    layer ``inject_layer`` gets ``noise(x_b)`` of the clean run's input ``x_b`` of that layer (what comes before
+    is the clean pass's). ``replay``: the noisy run starts from the clean run's generator state and the generator
+    then continues from where LNSR's seed draw left it (``torch.set_rng_state``); otherwise the two runs draw one
+    after the other, as two plain calls of the model do."""
+    class Stop(Exception):
+        pass
+
+    def record(depth, output, outs, stop):
+        outs[depth] = output[0] if isinstance(output, tuple) else output
+        if stop and depth == len(layers) - 1:
+            raise Stop  # the noisy run needs nothing after the last layer (the task head's dropout is not drawn)
+
+    x_b = []
+
     def run(noisy):
         outs, handles = {}, []
         for depth, layer in enumerate(layers):
             handles.append(layer.register_forward_hook(
-                lambda m, a, o, depth=depth: outs.__setitem__(depth, o[0] if isinstance(o, tuple) else o)))
+                lambda m, a, o, depth=depth: record(depth, o, outs, noisy)))
         if noisy:
-            handles.append(layers[inject_layer].register_forward_pre_hook(
-                lambda m, a: (ops_lnsr.scaled_noise(a[0], 0.05, seed=1234),) + a[1:]))
+            handles.append(layers[inject_layer].register_forward_pre_hook(lambda m, a: (noise(x_b[0]),) + a[1:]))
+        else:
+            handles.append(layers[inject_layer].register_forward_pre_hook(lambda m, a: x_b.append(a[0])))
         try:
             model(**batch)
+        except Stop:
+            pass
         finally:
             for handle in handles:
                 handle.remove()
         return outs
 
-    clean, noisy = run(False), run(True)
-    mask = batch["attention_mask"].float()
-    expected = 0.0
+    start = torch.get_rng_state()
+    clean = run(False)
+    rng.draw_seed()  # LNSR draws its noise seed here (the noise below uses a fixed one)
+    after = torch.get_rng_state()
+    if replay:
+        torch.set_rng_state(start)
+    noisy = run(True)
+    if replay:
+        torch.set_rng_state(after)
+    total = 0.0
     for r in range(inject_layer, len(layers)):
         diff = clean[r] - noisy[r]
-        if name == "xlnet":
+        if diff.shape[0] != BATCH:  # XLNet: (T, B, D)
             diff = diff.transpose(0, 1)
-        expected = expected + weights[r - inject_layer] * ((diff ** 2).sum(-1) * mask).sum() / BATCH
-    torch.testing.assert_close(penalty, expected.float(), rtol=1e-5, atol=0)
-    expected.backward()
+        total = total + weights[r - inject_layer] * _reduced(diff ** 2, batch["attention_mask"], reduction)
+    return total
+
+
+def _grads(model):
+    return [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def _assert_same_grads(fused_grads, model):
     reached = 0
     for fused, (pname, p) in zip(fused_grads, model.named_parameters()):
         if fused is None or p.grad is None:  # the task head is not part of the penalty
             assert fused is None and p.grad is None, (pname, fused is None, p.grad is None)
             continue
         reached += 1
-        torch.testing.assert_close(fused, p.grad, rtol=1e-4, atol=2e-6, msg=lambda m: f"{pname}: {m}")
+        # float32 sums in another order, of clean- and noisy-pass contributions that nearly cancel: an absolute
+        # tolerance relative to the tensor's largest gradient (a wrong dropout mask changes it by O(1)).
+        atol = 5e-5 * float(p.grad.abs().max()) + 1e-7
+        torch.testing.assert_close(fused, p.grad, rtol=1e-4, atol=atol, msg=lambda m: f"{pname}: {m}")
     assert reached > 0
+
+
+# Independent dropout from b > 0: LNSR does not run the layers below b again (nor draw their dropout), which a
+# plain second call of the model would, so the hand-written version covers it at b = 0 only.
+@pytest.mark.parametrize("reduction", lnsr.REDUCTIONS)
+@pytest.mark.parametrize("name, inject_layer, replay", [
+    ("bert", 0, True), ("bert", 2, True), ("llama", 1, True), ("xlnet", 0, True), ("bert", 0, False),
+    ("xlnet", 0, False)], ids=["bert-0-replayed", "bert-2-replayed", "llama-1-replayed", "xlnet-0-replayed",
+                               "bert-0-independent", "xlnet-0-independent"])
+def test_penalty_and_gradients_match_a_hand_written_lnsr_on_a_model_with_dropout(monkeypatch, name, inject_layer,
+                                                                                reduction, replay):
+    _fixed_seed_noise(monkeypatch)
+    model = _deep_model(name, layers=3, dropout=0.2)
+    layers = find_layers(model)
+    batch = _batch(name)
+    weights = [1.0, 0.6, 0.2][inject_layer:]
+    reg = lnsr.LNSR(model, inject_layer=inject_layer, weights=weights, reduction=reduction, replay_rng=replay)
+    torch.manual_seed(11)
+    _, penalty = reg(**batch)
+    penalty.backward()
+    fused_grads, state_after = _grads(model), torch.get_rng_state()
+    model.zero_grad()
+
+    torch.manual_seed(11)
+    expected = _hand_written(model, layers, batch, inject_layer, weights, reduction, replay,
+                             lambda x: ops_lnsr.scaled_noise(x, 0.05, seed=1234))
+    assert torch.equal(torch.get_rng_state(), state_after)  # the generator ends where LNSR left it
+    torch.testing.assert_close(penalty, expected.float(), rtol=1e-5, atol=0)
+    expected.backward()
+    _assert_same_grads(fused_grads, model)
+    # The dropout is real: drawn the other way, the hand-written penalty is another number.
+    torch.manual_seed(11)
+    other = _hand_written(model, layers, batch, inject_layer, weights, reduction, not replay,
+                          lambda x: ops_lnsr.scaled_noise(x, 0.05, seed=1234))
+    assert abs(other.item() - expected.item()) > 1e-3 * expected.item()
 
 
 def test_padded_tokens_do_not_count():
     model = build_model("bert")
     batch = _batch("bert")
     torch.manual_seed(0)
-    _, masked = lnsr.LNSR(model)(**batch)
+    _, masked = lnsr.LNSR(model, reduction="sum")(**batch)
     batch["attention_mask"] = torch.ones_like(batch["attention_mask"])
     torch.manual_seed(0)
-    _, unmasked = lnsr.LNSR(model)(**batch)
+    _, unmasked = lnsr.LNSR(model, reduction="sum")(**batch)
     assert 0 < masked.item() < unmasked.item()
 
 
@@ -298,7 +365,7 @@ def test_composes_with_hype(name):
     assert _hook_counts(model) == hooks_before
 
 
-@pytest.mark.parametrize("name", ["bert", "xlnet", "t5", "llama"])
+@pytest.mark.parametrize("name", ["bert", "xlnet", "t5", "llama", "albert"])
 def test_in_manifold_lnsr(name):
     model = build_model(name)
     reg = lnsr.LNSR(model, noise="in_manifold", k=5, mix_ratio=0.15)
@@ -314,6 +381,74 @@ def test_in_manifold_lnsr(name):
     assert zero.item() == 0.0
 
 
+def _fixed_seed_manifold_noise(monkeypatch, seed=4321):
+    monkeypatch.setattr(lnsr, "in_manifold_noise", lambda x, ids, weight, k, mix_ratio, seed=None, neighbors=None:
+                        ops_lnsr.in_manifold_noise(x, ids, weight, k, mix_ratio, seed=4321, neighbors=neighbors))
+
+
+def test_in_manifold_noise_goes_into_the_word_embeddings_before_the_layernorm():
+    # With the embedding LayerNorm's weight at 0 its output is its bias whatever its input: noise added before it
+    # cannot reach the encoder (penalty exactly 0), noise added after it (standard noise) does.
+    model = build_model("bert", hidden_dropout=0.1, attention_dropout=0.1)
+    with torch.no_grad():
+        model.bert.embeddings.LayerNorm.weight.zero_()
+        model.bert.embeddings.LayerNorm.bias.normal_()  # a nonzero output, for standard noise to scale with
+    torch.manual_seed(0)
+    _, manifold = lnsr.LNSR(model, noise="in_manifold", k=5, mix_ratio=0.2)(**_batch("bert"))
+    assert manifold.item() == 0.0
+    torch.manual_seed(0)
+    _, standard = lnsr.LNSR(model)(**_batch("bert"))
+    assert standard.item() > 0
+
+
+@pytest.mark.parametrize("reduction", ["sum", "token_mean"])
+def test_in_manifold_penalty_equals_a_noisy_run_from_noisy_word_embeddings(monkeypatch, reduction):
+    # By hand: the noisy run is the model called on inputs_embeds = word embeddings + eps (BERT then adds the
+    # position and token-type embeddings and applies its LayerNorm and dropout, as for input_ids).
+    _fixed_seed_manifold_noise(monkeypatch)
+    model = _deep_model("bert", layers=3, dropout=0.1)
+    layers = find_layers(model)
+    batch = _batch("bert")
+    reg = lnsr.LNSR(model, noise="in_manifold", k=5, mix_ratio=0.2, reduction=reduction)
+    torch.manual_seed(3)
+    _, penalty = reg(**batch)
+    penalty.backward()
+    fused_grads = _grads(model)
+    model.zero_grad()
+
+    def run(**inputs):
+        outs, handles = {}, []
+        for depth, layer in enumerate(layers):
+            handles.append(layer.register_forward_hook(
+                lambda m, a, o, depth=depth: outs.__setitem__(depth, o[0] if isinstance(o, tuple) else o)))
+        try:
+            model(**inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return outs
+
+    torch.manual_seed(3)
+    start = torch.get_rng_state()
+    clean = run(**batch)
+    embedding = model.get_input_embeddings()
+    noisy_embeds = ops_lnsr.in_manifold_noise(embedding(batch["input_ids"]), batch["input_ids"], embedding.weight,
+                                              k=5, mix_ratio=0.2, seed=4321)
+    torch.set_rng_state(start)  # replayed dropout
+    inputs = {key: value for key, value in batch.items() if key != "input_ids"}
+    noisy = run(inputs_embeds=noisy_embeds, **inputs)
+    expected = sum(_reduced((clean[r] - noisy[r]) ** 2, batch["attention_mask"], reduction) for r in range(3))
+    assert expected.item() > 0
+    torch.testing.assert_close(penalty, expected.float(), rtol=1e-5, atol=0)
+    expected.backward()
+    _assert_same_grads(fused_grads, model)
+
+
+def test_in_manifold_lnsr_needs_two_passes():
+    with pytest.raises(ValueError, match="use batched=False"):
+        lnsr.LNSR(build_model("bert"), noise="in_manifold", batched=True)
+
+
 # --------------------------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("kwargs, match", [
     (dict(weights=[1.0]), r"weights must have one entry per penalised layer: 2 \(layers 0 to 1\), got 1"),
@@ -327,6 +462,8 @@ def test_in_manifold_lnsr(name):
     (dict(noise="in_manifold", inject_layer=1), "needs inject_layer=0"),
     (dict(batched=True, replay_rng=True), "replay_rng=True needs two passes"),
     (dict(batched="yes"), "batched must be a bool"),
+    (dict(reduction="max"), "reduction must be one of"),
+    (dict(replay_rng="yes"), "replay_rng must be a bool or None"),
     (dict(layers=nn.Linear(2, 2)), "layers must be an nn.ModuleList or a list of modules"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, match):
@@ -339,8 +476,6 @@ def test_model_specific_errors():
         lnsr.LNSR("bert")
     with pytest.raises(ValueError, match="batched=True supports the model types"):
         lnsr.LNSR(build_model("t5"), batched=True)
-    with pytest.raises(ValueError, match="word embeddings of the hidden size"):
-        lnsr.LNSR(build_model("albert"), noise="in_manifold")
     model = build_model("bert")
     batch = _batch("bert")
     batch["attention_mask"] = torch.ones(BATCH, SEQ, 1, dtype=torch.long).squeeze(-1)[:, :SEQ - 1]
@@ -372,3 +507,76 @@ def test_deeper_albert_counts_depths_not_modules():
     assert reg.depth == 8
     _, penalty = reg(**_batch("albert"))
     assert penalty.item() > 0 and reg.last_terms.shape == (5,)
+
+
+# --------------------------------------------------------------------------------------------- Trainer and CLI
+def test_cli_flags_reach_the_trainer_config():
+    from fusednoise import cli
+    from fusednoise.integrations.trainer import LNSRConfig
+
+    args = cli._parser().parse_args(["finetune", "--task", "rte", "--method", "lnsr", "--lnsr-reduction", "mean",
+                                     "--lnsr-dropout", "independent"])
+    (base, _), = cli._configs(args)
+    config = base.trainer_kwargs()["lnsr"]
+    assert (config.reduction, config.replay_rng) == ("mean", False)
+    args = cli._parser().parse_args(["finetune", "--task", "rte", "--method", "lnsr"])
+    (base, _), = cli._configs(args)
+    defaults = LNSRConfig()
+    assert (base.trainer_kwargs()["lnsr"].reduction, base.trainer_kwargs()["lnsr"].replay_rng) == (
+        lnsr.DEFAULT_REDUCTION, lnsr.DEFAULT_REPLAY_RNG) == (defaults.reduction, defaults.replay_rng)
+    reg = lnsr.LNSR(build_model("bert"))
+    assert (reg.reduction, reg.replay_rng) == (lnsr.DEFAULT_REDUCTION, lnsr.DEFAULT_REPLAY_RNG)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lnsr-reduction", "max"], "--lnsr-reduction: invalid choice"),
+    (["--lnsr-dropout", "none"], "--lnsr-dropout: invalid choice"),
+])
+def test_cli_rejects_bad_lnsr_options(capsys, argv, message):
+    from fusednoise import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--task", "rte"] + argv)
+    assert message in capsys.readouterr().err
+
+
+def test_finetune_config_checks_and_warning_names_the_cli_flags(monkeypatch):
+    import warnings
+
+    from fusednoise import finetune
+    from fusednoise.integrations import trainer
+
+    with pytest.raises(ValueError, match="lnsr_reduction must be one of"):
+        finetune.FinetuneConfig(lnsr_reduction="max")
+    with pytest.raises(ValueError, match="lnsr_dropout must be one of"):
+        finetune.FinetuneConfig(lnsr_dropout="off")
+    # run_one hands the Trainer the CLI's advice; stop it there rather than train.
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def train(self, *args, **kwargs):
+        seen["advice"] = self.lnsr_advice
+        raise Stop
+
+    monkeypatch.setattr(trainer.FusedNoiseTrainer, "train", train)
+    monkeypatch.setattr(finetune, "_data", lambda config: _tiny_glue())
+    with pytest.raises(Stop):
+        finetune.run_one(finetune.FinetuneConfig(methods=("lnsr",), device="cpu"), "unused")
+    assert seen["advice"] == finetune.LNSR_ADVICE
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer._warn_if_penalty_dominates(50.0, 1.0, seen["advice"])
+        trainer._warn_if_penalty_dominates(50.0, 1.0)
+    assert "--lnsr-weight" in str(caught[0].message) and "--lnsr-reduction" in str(caught[0].message)
+    assert "LNSRConfig(weights=...)" in str(caught[1].message)  # outside fusednoise finetune: the Python names
+
+
+def _tiny_glue():
+    import datasets
+
+    pairs = {"sentence1": ["a cat sat", "dogs bark"] * 2, "sentence2": ["a cat is sitting", "it rains"] * 2,
+             "label": [0, 1] * 2}
+    return datasets.DatasetDict(train=datasets.Dataset.from_dict(pairs),
+                                validation=datasets.Dataset.from_dict(pairs))

@@ -30,14 +30,18 @@ def _mask(B, T, seed, device=KERNEL_DEVICE):
     return mask.to(device=device, dtype=torch.long)
 
 
-def _formula(clean, noisy, weights, mask):
-    """sum_r w_r * mean_b ||m * (clean_r - noisy_r)||^2 by plain autograd in float64."""
+def _formula(clean, noisy, weights, mask, reduction="sum"):
+    """sum_r w_r * mean_b ||m * (clean_r - noisy_r)||^2 / c_b by plain autograd in float64, with c_b = 1 (sum),
+    the example's real-token count (token_mean) or that times D (mean)."""
     c = clean.detach().double().requires_grad_()
     n = noisy.detach().double().requires_grad_()
-    diff = c - n
-    if mask is not None:
-        diff = diff * (mask != 0).double()[None, :, :, None]
-    per_layer = diff.pow(2).sum(dim=(1, 2, 3)) / clean.shape[1]
+    L, B, T, D = clean.shape
+    keep = torch.ones(B, T, dtype=torch.float64, device=clean.device) if mask is None else (mask != 0).double()
+    diff = (c - n) * keep[None, :, :, None]
+    per_example = diff.pow(2).sum(dim=(2, 3))                     # (L, B)
+    if reduction != "sum":
+        per_example = per_example / (keep.sum(dim=1) * (D if reduction == "mean" else 1))
+    per_layer = per_example.sum(dim=1) / B
     if weights is not None:
         per_layer = per_layer * torch.tensor(weights, dtype=torch.float64, device=clean.device)
     total = per_layer.sum()
@@ -45,31 +49,33 @@ def _formula(clean, noisy, weights, mask):
     return total.detach(), per_layer.detach(), c.grad, n.grad
 
 
-def _fused(clean, noisy, weights, mask, backend, as_list=True):
+def _fused(clean, noisy, weights, mask, backend, as_list=True, reduction="sum"):
     c = clean.detach().clone().requires_grad_()
     n = noisy.detach().clone().requires_grad_()
     with fusednoise.backend(backend):
         ci = list(c.unbind(0)) if as_list else c
-        per_layer = ops_lnsr.layerwise_diff_norm(ci, n, weights=weights, mask=mask, per_layer=True)
-        total = ops_lnsr.layerwise_diff_norm(ci, n, weights=weights, mask=mask)
+        per_layer = ops_lnsr.layerwise_diff_norm(ci, n, weights=weights, mask=mask, reduction=reduction,
+                                                 per_layer=True)
+        total = ops_lnsr.layerwise_diff_norm(ci, n, weights=weights, mask=mask, reduction=reduction)
         total.backward()
     return total.detach(), per_layer.detach(), c.grad, n.grad
 
 
 # --------------------------------------------------------------------------------------------- diff norm
+@pytest.mark.parametrize("reduction", ops_lnsr.REDUCTIONS)
 @pytest.mark.parametrize("L", [1, 12])
 @pytest.mark.parametrize("use_weights", [False, True], ids=["unweighted", "weighted"])
 @pytest.mark.parametrize("use_mask", [False, True], ids=["nomask", "mask"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_diff_norm_kernel_matches_reference_and_formula(dtype, use_mask, use_weights, L):
+def test_diff_norm_kernel_matches_reference_and_formula(dtype, use_mask, use_weights, L, reduction):
     B, T, D = 3, 5, 24
     clean, noisy = _layers(L, B, T, D, dtype, seed=L * 7 + use_mask)
     mask = _mask(B, T, seed=L) if use_mask else None
     weights = [0.2 + 0.8 * r / max(L - 1, 1) for r in range(L)] if use_weights else None
 
-    total, per_layer, gc, gn = _fused(clean, noisy, weights, mask, "triton")
-    r_total, r_per_layer, r_gc, r_gn = _fused(clean, noisy, weights, mask, "reference")
-    f_total, f_per_layer, f_gc, f_gn = _formula(clean, noisy, weights, mask)
+    total, per_layer, gc, gn = _fused(clean, noisy, weights, mask, "triton", reduction=reduction)
+    r_total, r_per_layer, r_gc, r_gn = _fused(clean, noisy, weights, mask, "reference", reduction=reduction)
+    f_total, f_per_layer, f_gc, f_gn = _formula(clean, noisy, weights, mask, reduction)
 
     assert total.dtype == per_layer.dtype == torch.float32  # float32 accumulation whatever the input dtype
     assert per_layer.shape == (L,)
@@ -99,21 +105,81 @@ def test_diff_norm_is_deterministic(backend):
         assert torch.equal(a, b)
 
 
-def test_diff_norm_stacked_list_and_strided_inputs_agree():
-    L, B, T, D = 4, 2, 5, 16
-    clean, noisy = _layers(L, B, T, D, torch.float32, seed=11)
+@pytest.mark.parametrize("reduction", ops_lnsr.REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_diff_norm_across_several_programs_per_layer(monkeypatch, dtype, reduction):
+    # On a GPU every layer is split over many programs whose partial sums the host adds in a fixed order; under
+    # the interpreter the plan is one program per layer unless forced. 14 rows of 3 per program: 4 programs per
+    # layer (4 rows each, the last one 2), the row blocks smaller than a program's range.
+    from fusednoise.kernels import diff_norm
+
+    monkeypatch.setattr(diff_norm, "ROWS_PER_PROGRAM_OVERRIDE", 3)
+    L, B, T, D = 5, 2, 7, 40
+    block_r, _, rows_per_prog, chunks = diff_norm.plan(B * T, D, L, torch.device(KERNEL_DEVICE))
+    assert (block_r, rows_per_prog, chunks) == (4, 4, 4)
+    clean, noisy = _layers(L, B, T, D, dtype, seed=21)
+    mask = _mask(B, T, seed=21)
+    weights = [1.0, 0.8, 0.6, 0.4, 0.2]
+    first = _fused(clean, noisy, weights, mask, "triton", reduction=reduction)
+    second = _fused(clean, noisy, weights, mask, "triton", reduction=reduction)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)  # deterministic: fixed slots, summed in a fixed order
+    total, per_layer, gc, gn = first
+    f_total, f_per_layer, f_gc, f_gn = _formula(clean, noisy, weights, mask, reduction)
+    torch.testing.assert_close(per_layer.double(), f_per_layer, rtol=1e-5, atol=0)
+    torch.testing.assert_close(total.double(), f_total, rtol=1e-5, atol=0)
+    torch.testing.assert_close(gc.double(), f_gc, rtol=GRAD_RTOL[dtype], atol=1e-6)
+    torch.testing.assert_close(gn, -gc, rtol=0, atol=0)
+
+
+def _time_major(t):
+    """(B, T, D) values stored as (T, B, D), XLNet's layout."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+def test_diff_norm_row_layouts_and_vector_width():
+    # The kernel addresses row i at i * stride: batch-major rows for contiguous layouts and padded rows,
+    # token-major for (T, B, D) storage read as (B, T, D), contiguous copies otherwise; 16-byte accesses only
+    # when every row starts on a 16-byte boundary.
+    from fusednoise.kernels import diff_norm
+
+    B, T, D = 2, 5, 16
+    x = torch.randn(B, T, D)
+    time_major = _time_major(x)
+    assert diff_norm.row_layout([time_major], [_time_major(x)])[2:] == (D, D, True)
+    cv, _, s_c, s_n, token_major = diff_norm.row_layout([time_major], [x])  # mixed: the token-major side copied
+    assert (s_c, s_n, token_major) == (D, D, False) and cv[0].is_contiguous()
+    wide = torch.randn(B, T, 3 * D)[:, :, :D]  # rows with gaps: read in place
+    assert diff_norm.row_layout([wide], [x])[0][0] is wide and diff_norm.row_layout([wide], [x])[2] == 3 * D
+    skipping = torch.randn(B, 2 * T, D)[:, :T]  # no single row stride: copied
+    assert diff_norm.row_layout([skipping], [x])[0][0].is_contiguous()
+    assert diff_norm.vector_width([x], (D,)) == 4
+    assert diff_norm.vector_width([x.bfloat16()], (D,)) == 8
+    assert diff_norm.vector_width([x], (D + 2,)) == 1
+    shifted = torch.randn(B * T * D + 1)[1:].view(B, T, D)
+    assert diff_norm.vector_width([x, shifted], (D,)) == 1
+    # Column blocks: the widest power of two that wastes the fewest masked lanes.
+    assert [diff_norm.block_d_for(d, 1024) for d in (384, 768, 1024, 4096, 24, 1000)] == [128, 256, 1024, 1024, 8,
+                                                                                          1024]
+
+
+def test_diff_norm_token_major_and_unaligned_inputs_match_the_formula():
+    L, B, T, D = 3, 2, 5, 16
+    clean, noisy = _layers(L, B, T, D, torch.float32, seed=13)
+    mask = _mask(B, T, seed=13)
+    f_total, _, f_gc, f_gn = _formula(clean, noisy, None, mask, "token_mean")
+    c = [_time_major(v).requires_grad_() for v in clean.unbind(0)]     # token-major, aligned
+    storage = torch.zeros(L * B * T * D + 1, device=clean.device)
+    storage[1:] = noisy.reshape(-1)
+    n = storage[1:].view(L, B, T, D).detach().requires_grad_()         # 4 bytes off a 16-byte boundary
     with fusednoise.backend("triton"):
-        stacked = ops_lnsr.layerwise_diff_norm(clean, noisy, per_layer=True)
-        listed = ops_lnsr.layerwise_diff_norm(list(clean.unbind(0)), list(noisy.unbind(0)), per_layer=True)
-        # (T, B, D) storage read as (B, T, D) in place (XLNet's layout), one side strided, one contiguous.
-        time_major = [c.transpose(0, 1).contiguous().transpose(0, 1) for c in clean.unbind(0)]
-        assert not time_major[0].is_contiguous()
-        strided = ops_lnsr.layerwise_diff_norm(time_major, noisy, per_layer=True)
-        # Layers with different strides fall back to contiguous copies.
-        mixed = ops_lnsr.layerwise_diff_norm(time_major[:2] + list(clean[2:].unbind(0)), noisy, per_layer=True)
-    torch.testing.assert_close(stacked, listed, rtol=0, atol=0)
-    torch.testing.assert_close(strided, listed, rtol=0, atol=0)
-    torch.testing.assert_close(mixed, listed, rtol=0, atol=0)
+        total = ops_lnsr.layerwise_diff_norm(c, n, mask=mask, reduction="token_mean")
+        total.backward()
+    torch.testing.assert_close(total.double(), f_total, rtol=1e-5, atol=0)
+    for r in range(L):
+        assert c[r].grad.stride() == c[r].stride()  # token-major gradients, written in place
+        torch.testing.assert_close(c[r].grad.double(), f_gc[r], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(n.grad.double(), f_gn, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
@@ -123,11 +189,26 @@ def test_paired_diff_norm_equals_the_two_halves(backend):
     mask = _mask(B, T, seed=5)
     both = torch.cat([clean, noisy], dim=1).requires_grad_()
     with fusednoise.backend(backend):
-        paired = ops_lnsr.layerwise_diff_norm_paired(list(both.unbind(0)), weights=[1.0, 0.5, 0.25], mask=mask)
+        paired = ops_lnsr.layerwise_diff_norm_paired(list(both.unbind(0)), weights=[1.0, 0.5, 0.25], mask=mask,
+                                                     reduction="token_mean")
         paired.backward()
-    total, _, f_gc, f_gn = _formula(clean, noisy, [1.0, 0.5, 0.25], mask)
+    total, _, f_gc, f_gn = _formula(clean, noisy, [1.0, 0.5, 0.25], mask, "token_mean")
     torch.testing.assert_close(paired.double(), total, rtol=1e-6, atol=0)
     torch.testing.assert_close(both.grad.double(), torch.cat([f_gc, f_gn], dim=1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_diff_norm_reductions_of_an_example_without_real_tokens(backend):
+    # An all-padding example adds 0 (no division by a zero token count) and gets a zero gradient; the others'
+    # terms are divided by their own token counts, and the batch mean still counts B examples.
+    clean, noisy = _layers(2, 3, 4, 8, torch.float32, seed=9)
+    mask = torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], device=clean.device)
+    for reduction in ops_lnsr.REDUCTIONS:
+        total, per_layer, gc, gn = _fused(clean, noisy, None, mask, backend, reduction=reduction)
+        f_total, f_per_layer, f_gc, _ = _formula(clean[:, [0, 2]], noisy[:, [0, 2]], None, mask[[0, 2]], reduction)
+        torch.testing.assert_close(total.double(), f_total * 2 / 3, rtol=1e-5, atol=0)
+        assert torch.isfinite(gc).all() and gc[:, 1].abs().max() == 0
+        torch.testing.assert_close(gc[:, [0, 2]].double(), f_gc * 2 / 3, rtol=1e-5, atol=1e-7)
 
 
 def test_diff_norm_scalar_weight_and_bool_mask():
@@ -173,6 +254,7 @@ def test_diff_norm_traces_under_torch_compile():
     (lambda c, n: ops_lnsr.layerwise_diff_norm(c[0], n), r"clean must be a stacked \(L, B, T, D\) tensor"),
     (lambda c, n: ops_lnsr.layerwise_diff_norm([], n), "clean must hold at least one layer"),
     (lambda c, n: ops_lnsr.layerwise_diff_norm(c, n, per_layer=1), "per_layer must be a bool"),
+    (lambda c, n: ops_lnsr.layerwise_diff_norm(c, n, reduction="max"), "reduction must be one of"),
     (lambda c, n: ops_lnsr.layerwise_diff_norm_paired(c[:, :1], mask=None), "even batch"),
 ])
 def test_diff_norm_bad_inputs_raise_clear_errors(call, match):

@@ -207,3 +207,37 @@ def test_bad_model_or_params():
         perturb_([torch.randn(3), "w"])
     report = perturb_([torch.arange(6), torch.randn(4, dtype=torch.complex64)], seed=0)
     assert set(report.skipped.values()) == {"not a real floating-point tensor"}
+
+
+# --------------------------------------------------------------------------------------------- shards (FSDP2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shards_perturbed_with_the_merged_std_equal_the_whole_matrix(dtype):
+    """The sharded perturbation in one process: each "rank" takes its rows' float64 moments, the moments merge into
+    the matrix's std, and each shard takes the noise of its unsharded elements (offsets 640 and 1280, a multiple of
+    4; 1281 and 3 are not: the per-element launch). Both backends give the whole matrix's perturbation."""
+    gen = torch.Generator().manual_seed(8)
+    whole = (0.3 + 0.05 * torch.randn(3201, generator=gen)).to(dtype)
+    bounds = [0, 640, 1280, 1281, 3201]
+    shards = [whole[a:b].clone() for a, b in zip(bounds, bounds[1:])]
+    moments = torch.stack([reference.shard_moments(s) for s in shards]).unsqueeze(1)  # (ranks, 1 matrix, 3)
+    std = reference.merge_moments(moments)[0]
+    assert std.item() == pytest.approx(reference.matrix_std(whole).item(), rel=1e-6)
+    perturbed = whole.clone()
+    reference.perturb_tensor_(perturbed, 0.15, seed=6, stream=2)
+    for backend in BACKENDS:
+        parts = [s.clone().to(_device(backend)) for s in shards]
+        for part, offset in zip(parts, bounds):
+            if backend == "reference":
+                reference.add_scaled_noise_(part, 0.15, 6, 2, std, offset)
+            else:
+                kernels.launch_perturb([part], [2], 0.15, 6, [offset], std.reshape(1).to(part.device))
+        joined = torch.cat([p.cpu() for p in parts]).float()
+        ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps
+        assert torch.allclose(joined, perturbed.float(), rtol=ulp, atol=1e-6), backend
+
+
+def test_merged_moments_keep_constant_matrices_at_zero_and_skip_empty_shards():
+    shards = [torch.full((4, 3), 0.1), torch.zeros(0, 3), torch.full((2, 3), 0.1)]
+    moments = torch.stack([reference.shard_moments(s) for s in shards]).unsqueeze(1)
+    assert reference.merge_moments(moments).item() == 0.0
+    assert reference.merge_moments(moments[[1, 0, 2]]).item() == 0.0  # an empty first shard

@@ -673,8 +673,9 @@ def test_complex_and_integer_parameters_rejected(dtype):
         PATSAdamax([torch.nn.Parameter(torch.ones(2)), torch.ones(3, dtype=dtype)])
 
 
-def test_sharded_parameters_rejected():
-    """FSDP-sharded parameters would get a per-shard mean: refused until that is implemented."""
+def test_fsdp1_flattened_parameters_rejected():
+    """FSDP1's flattened parameters cut across the original tensors: refused, pointing at FSDP2 (tests/test_fsdp.py
+    runs FSDP2's DTensor parameters)."""
     p = torch.nn.Parameter(torch.ones(4))
     p._fsdp_flattened = True  # what FSDP1 sets on the parameters it flattens
     with pytest.raises(TypeError, match="FSDP"):
@@ -776,7 +777,7 @@ def test_step_counts_follow_checkpoints_and_hand_edits():
     assert float(saved["state"][0]["step"]) == 2  # the loaded checkpoint was copied, not advanced
 
 
-def test_parameter_sharded_after_construction_is_refused_at_step():
+def test_parameter_flattened_after_construction_is_refused_at_step():
     p = torch.nn.Parameter(torch.ones(4))
     opt = PATSAdamax([p], lr=0.1, seed=0)
     p._fsdp_flattened = True
@@ -811,3 +812,175 @@ def test_kept_draws_are_the_full_draws_at_the_kept_elements():
     assert torch.equal(index, (uniform < 0.2).nonzero().squeeze(1))
     assert torch.equal(kept_normal, normal[index])
     assert 0.15 < index.numel() / 5000 < 0.25
+
+
+# --------------------------------------------------------------------------------------------- shards (FSDP2)
+def _shards_of(whole, rows):
+    """Row blocks of ``whole`` as separate tensors (what the ranks of FSDP2's Shard(0) hold) and their offsets."""
+    shards, offsets, start = [], [], 0
+    for n in rows:
+        shards.append(whole[start:start + n].clone())
+        offsets.append(start * (whole[0].numel() if whole.dim() > 1 else 1))
+        start += n
+    return shards, offsets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shards_stepped_with_the_reduced_mean_equal_the_whole_tensor(backend):
+    """The sharded step in one process: each "rank" runs the first half on its shard (the sensitivity EMA and
+    its local sum), the sums are added, each runs the second half with the sum and its offset. The shards end as
+    the rows of the whole tensor's step: the noise is keyed by the unsharded index and the mean is the whole
+    matrix's. Offsets 20, 4 and 6 (not a multiple of 4), and an empty shard."""
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(3)
+    shapes_rows = [((7, 5), (4, 3)), ((7,), (4, 3)), ((3, 3), (2, 1, 0))]
+    sc = reference.step_scalars(step=2, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                decoupled_weight_decay=True, noise=True, sensitivity_beta=0.75, noise_lambda=1e-2,
+                                gamma=2e-3, noise_prob=0.5, noise_eps=1e-6, seed=21)
+    for k, (shape, rows) in enumerate(shapes_rows):
+        theta, grad = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        sens = torch.rand(shape, generator=gen)
+        whole = [t.clone().to(device) for t in (theta, grad, torch.zeros(shape), torch.zeros(shape), sens)]
+        job = reference.PatsJob(*whole, sc, k)
+        if backend == "triton":
+            kernels.PatsLauncher().step([job])
+        else:
+            reference.pats_adamax_step_(*job[:7])
+
+        parts = [_shards_of(t.to(device), rows) for t in (theta, grad, torch.zeros(shape), torch.zeros(shape), sens)]
+        offsets = parts[0][1]
+        jobs = [reference.PatsJob(*(part[0][r] for part in parts), sc, k, offset=offsets[r], mean_slot=0,
+                                  total_numel=theta.numel()) for r in range(len(rows))]
+        sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in rows]
+        finish = []
+        for job, total in zip(jobs, sums):
+            if backend == "triton":
+                launches = kernels.PatsLauncher().launches([job], total)
+                for launch in launches[:-1]:
+                    launch.run()
+                finish.append(launches[-1].run if launches else (lambda: None))
+            elif job.param.numel():
+                total[0] = reference.sensitivity_ema_(job.param, job.grad, job.sensitivity, sc)
+                finish.append(lambda job=job, total=total: reference.adamax_update_(
+                    *job[:7], mean=total[0] / job.total_numel, offset=job.offset))
+        reduced = sum(total for total in sums)  # what sharding.sum_across_shards gives every rank
+        for total in sums:
+            total.copy_(reduced)
+        for run in finish:
+            run()
+        for name, index in (("param", 0), ("exp_avg", 2), ("sensitivity", 4)):
+            joined = torch.cat([job[index] for job in jobs])
+            assert torch.allclose(joined.cpu(), whole[index].cpu(), rtol=1e-6, atol=1e-7), (shape, name)
+        assert not torch.allclose(whole[0].cpu(), theta, atol=1e-3)  # the noise was drawn
+
+
+# --------------------------------------------------------------------------------------------- capturable
+def test_power_is_pow_within_float64_rounding():
+    for base in (0.9, 0.999, 0.5, 0.0):
+        for t in (0, 1, 2, 3, 17, 1000, 2**20 + 3):
+            assert reference.power(base, t) == pytest.approx(base ** t, rel=1e-13, abs=1e-300)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_capturable_path_equals_the_normal_path_step_by_step(backend):
+    """capturable=True: the step counts live on the parameters' device and the kernel derives the bias
+    correction and the noise key from them (the reference from the count it reads back): every step gives the
+    normal path's bits, for every group kind (noise, no noise, L2 and decoupled weight decay)."""
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(5)
+    runs = []
+    for capturable in (False, True):
+        params = _random_params(device, torch.float32, gen.manual_seed(5))
+        opt = PATSAdamax(_groups(params), lr=1e-3, noise_lambda=1e-4, noise_prob=0.5, seed=11, capturable=capturable)
+        grads = torch.Generator().manual_seed(6)
+        history = []
+        with fusednoise.backend(backend):
+            for _ in range(4):
+                for p in params:
+                    p.grad = (1e-2 * torch.randn(p.shape, generator=grads)).to(device)
+                opt.step()
+                history.append([p.detach().clone() for p in params])
+        runs.append((history, opt))
+    (normal, normal_opt), (captured, captured_opt) = runs
+    for step_a, step_b in zip(normal, captured):
+        assert _params_equal(step_a, step_b)
+    for state in captured_opt.state.values():
+        assert state["step"].device == torch.device(device) and float(state["step"]) == 4
+    assert all(s["step"].device == torch.device("cpu") for s in normal_opt.state.values())
+
+
+def test_capturable_scalars_kernel_matches_the_host_rule():
+    """The one-warp kernel of a capturable step writes step_seed(seed, t) and lr / (1 - power(beta1, t)) for the
+    count t on the device: the host's numbers bit for bit, up to counts of 2**24 - 1."""
+    counts = [1, 2, 3, 17, 1000, 65537, 2**24 - 1]
+    steps = torch.tensor(counts, dtype=torch.float32, device=KERNEL_DEVICE)
+    jobs = []
+    for k, t in enumerate(counts):
+        sc = reference.step_scalars(step=1, lr=3e-4, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                    decoupled_weight_decay=True, noise=True, sensitivity_beta=0.75,
+                                    noise_lambda=1e-3, gamma=2e-3, noise_prob=0.5, noise_eps=1e-8, seed=2**61 + k)
+        x = torch.zeros(4, device=KERNEL_DEVICE)
+        jobs.append(reference.PatsJob(x, x, x, x, x, sc, k, step=steps[k]))
+    launches = kernels.PatsLauncher().launches(jobs)
+    assert launches[0].kernel is kernels._capturable_scalars_kernel
+    launches[0].run()
+    meta = launches[0].args[0].cpu()
+    for k, t in enumerate(counts):
+        assert int(meta[k, kernels.F_SEED.value]) == reference.step_seed(2**61 + k, t)
+        clr = meta[k, kernels.F_CLR.value:kernels.F_CLR.value + 1].view(torch.float64).item()
+        assert clr == 3e-4 / (1.0 - reference.power(0.9, t)), t
+
+
+def test_capturable_table_is_the_same_at_every_step():
+    """Nothing step-dependent is written on the host, so while the tensors stay where they are (static gradients,
+    as in a captured graph) the device table of the last step is reused: no copy per step."""
+    params = [torch.nn.Parameter(torch.randn(40, device=KERNEL_DEVICE)) for _ in range(2)]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    opt = PATSAdamax(params, lr=1e-3, noise_lambda=1e-3, seed=4, capturable=True)
+    tables = []
+    slot = (str(params[0].device), torch.float32)
+    with fusednoise.backend("triton"):
+        for _ in range(2):
+            for p in params:
+                p.grad.copy_(torch.randn_like(p))
+            opt.step()
+            tables.append(opt._launcher._tables._last[slot][1])
+        assert tables[0] is tables[1]
+        params[0].grad = torch.randn_like(params[0])  # a gradient elsewhere: a new table
+        opt.step()
+    assert opt._launcher._tables._last[slot][1] is not tables[0]
+
+
+def test_a_captured_step_needs_capturable(monkeypatch):
+    """Captured with capturable=False, a step would replay its host-computed step forever: refused before
+    anything changes. With capturable=True only the kernels can be captured."""
+    from fusednoise.optim import pats as optim_pats
+
+    model = _mlp()
+    opt = PATSAdamax(model.parameters(), lr=1e-2, seed=3)
+    _train(model, opt, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setattr(optim_pats, "_capturing", lambda devices: True)
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        opt.step()
+    assert _params_equal(before, model.parameters())
+    assert all(float(s["step"]) == 1 for s in opt.state.values())
+    opt = PATSAdamax(model.parameters(), lr=1e-2, seed=3, capturable=True)
+    with fusednoise.backend("reference"), pytest.raises(RuntimeError, match="only the Triton kernels"):
+        opt.step()
+    assert _params_equal(before, model.parameters()) and len(opt.state) == 0
+
+
+def test_capturable_is_one_setting_for_the_optimizer_and_survives_loading():
+    model = _mlp()
+    opt = PATSAdamax(model.parameters(), lr=1e-2, seed=3, capturable=True)
+    with pytest.raises(ValueError, match="capturable"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "capturable": False})
+    with pytest.raises(TypeError, match="capturable"):
+        PATSAdamax(model.parameters(), capturable="yes")
+    _train(model, opt, 2)
+    plain = PATSAdamax(model.parameters(), lr=1e-2, seed=3)
+    plain.load_state_dict(opt.state_dict())  # a capturable checkpoint into a plain optimizer: stays plain
+    assert plain.param_groups[0]["capturable"] is False
+    assert all(s["step"].device == torch.device("cpu") and float(s["step"]) == 2 for s in plain.state.values())

@@ -4,12 +4,13 @@ function of (seed, step, tensor, element) and the mean sensitivity is a fixed-or
 (different seeds on the two ranks) shows the comparison does detect replicas that drift apart.
 """
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from processes import join_or_fail
 
 STEPS = 20
 WORLD_SIZE = 2
@@ -58,12 +59,7 @@ def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     context = mp.spawn(_worker, args=(str(out / "init"), str(out), device), nprocs=WORLD_SIZE, join=False)
-    deadline = time.monotonic() + 300
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the DDP workers did not finish within 300 s")
+    join_or_fail(context, 300, "DDP")
     return {name: [torch.load(out / f"{name}-rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
             for name, _, _ in CONFIGS}
 

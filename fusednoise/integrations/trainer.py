@@ -52,6 +52,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
+from ..lnsr import DEFAULT_REDUCTION, DEFAULT_REPLAY_RNG
+
 try:
     from transformers import Trainer, TrainerCallback
 except ImportError as error:  # pragma: no cover - transformers is a dependency of the package
@@ -74,7 +76,9 @@ class HyPeConfig:
 @dataclass
 class LNSRConfig:
     """Arguments of :class:`fusednoise.lnsr.LNSR`. Paper defaults: scale 0.05, lambda_r = 1, noise at the
-    embedding output (``inject_layer=0``); in-manifold noise with k = 10 neighbours and mix ratio 0.1."""
+    embedding output (``inject_layer=0``); in-manifold noise with k = 10 neighbours and mix ratio 0.1. The papers
+    do not say what ``||.||^2`` sums over nor how dropout enters the noisy pass: ``reduction`` and ``replay_rng``
+    default to what the measurements in ``docs/lnsr.md`` support."""
 
     scale: float = 0.05
     inject_layer: int = 0
@@ -82,6 +86,8 @@ class LNSRConfig:
     noise: str = "standard"       # "standard" or "in_manifold"
     k: int = 10
     mix_ratio: float = 0.1
+    reduction: str = DEFAULT_REDUCTION  # "sum", "token_mean" or "mean" per example (every one: mean over the batch)
+    replay_rng: bool = DEFAULT_REPLAY_RNG  # True: the noisy pass replays the clean pass's dropout; False: its own
 
 
 @dataclass
@@ -259,12 +265,15 @@ def pats_optimizer(model: nn.Module, args=None, config: Union[PATSConfig, dict, 
 LNSR_DOMINANCE_RATIO = 10.0
 
 
-def _warn_if_penalty_dominates(penalty: float, task_loss: float) -> None:
+LNSR_ADVICE = "lower LNSRConfig(weights=...), or check LNSRConfig(reduction=...)"
+
+
+def _warn_if_penalty_dominates(penalty: float, task_loss: float, advice: str = LNSR_ADVICE) -> None:
     if task_loss > 0 and penalty > LNSR_DOMINANCE_RATIO * task_loss:
         warnings.warn(f"LNSR's penalty ({penalty:.3g}) is {penalty / task_loss:.0f}x the task loss ({task_loss:.3g}) "
                       "at the first step: the optimiser will mostly minimise the penalty, which on small models "
-                      "collapses fine-tuning to one class (docs/lnsr.md). Compare with a vanilla run, or lower "
-                      "LNSRConfig(weights=...).", UserWarning, stacklevel=3)
+                      f"collapses fine-tuning to one class (docs/lnsr.md). Compare with a vanilla run, or {advice}.",
+                      UserWarning, stacklevel=3)
 
 
 class FusedNoiseMixin:
@@ -275,6 +284,9 @@ class FusedNoiseMixin:
     dataclass (:class:`HyPeConfig`, :class:`LNSRConfig`, :class:`NoisyTuneConfig`, :class:`PATSConfig`,
     :class:`NEFTuneConfig`).
     """
+
+    # What the warning on a dominating LNSR penalty tells the user to change (``fusednoise finetune`` names its flags).
+    lnsr_advice = LNSR_ADVICE
 
     def __init__(self, *args, hype=None, lnsr=None, noisytune=None, pats=None, neftune=None, **kwargs):
         self.hype_config = _as_config(hype, HyPeConfig, "hype")
@@ -331,7 +343,7 @@ class FusedNoiseMixin:
         task_loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         if not self._lnsr_checked:
             self._lnsr_checked = True
-            _warn_if_penalty_dominates(float(penalty.detach()), float(task_loss.detach()))
+            _warn_if_penalty_dominates(float(penalty.detach()), float(task_loss.detach()), self.lnsr_advice)
         self._lnsr_sum = penalty.detach() if self._lnsr_sum is None else self._lnsr_sum + penalty.detach()
         self._lnsr_count += 1
         loss = task_loss + penalty

@@ -14,8 +14,8 @@ must move, the elements one launch covers, the bulk loop's trip count per progra
 Cases without a target (small inputs: int scalars that fit in 32 bits, unaligned sizes) are compiled, and
 modelled for information, but not held to a target.
 
-The LNSR diff-norm cases do not go through a launcher: ``diff_norm.plan`` asks the CUDA driver for the SM count,
-so they rebuild its GPU plan here for an H100 (132 SMs). They must change with the diff-norm kernel's arguments.
+The LNSR diff-norm launch builders take ``sm_count=``, which stands in for the CUDA driver's SM count (an H100's
+132 here), since their plan depends on it.
 """
 from __future__ import annotations
 
@@ -54,6 +54,10 @@ class Case:
     target: Optional[Target] = None
     skip_noise: bool = False   # the PATS update of a tensor without noise: the noise path is off the hot path
     modelled: bool = True      # False: compiled only (a shape the per-element model does not describe)
+    # At most this many bytes per element of per-row float32 weights (LNSR's diff norm) that threads load again
+    # for each row they cover (how often depends on the compiler's layout): cache hits, not DRAM traffic, so not
+    # in bytes_per_element, and 32-bit loads that are not bulk accesses.
+    row_weight_bytes_per_element: float = 0.0
 
     @property
     def kernel_name(self) -> str:
@@ -70,8 +74,7 @@ HYPE_STOCHASTIC = Target(0.90, min_access_bits=128)
 NOISYTUNE = Target(0.95, min_access_bits=128)
 LNSR_NOISE = Target(0.90)
 PATS = Target(0.95, min_warps_per_sm=16)
-DIFF_NORM = Target(0.95, max_budget_share=0.60, min_access_bits=64,
-                   pending="the diff-norm rewrite (branch lnsr) is not merged yet")
+DIFF_NORM = Target(0.95, max_budget_share=0.60, min_access_bits=64)
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -115,10 +118,20 @@ def _noisytune() -> Iterator[Case]:
                            target=NOISYTUNE)
             elif dname == "fp32":
                 yield Case(f"noisytune.noise[{dname},seed={seed}]", noise, 2 * dtype.itemsize, numel, dtype.itemsize)
+        # Shards of FSDP2-sharded matrices (rank 1 of 2): the noise alone, with the merged std and the offsets.
+        std = _meta(len(tensors), torch.float32)
+        offsets = [t.numel() for t in tensors]
+        _, (noise,) = noisytune.perturb_launches(tensors, list(range(len(tensors))), 0.15, DRAWN_SEED, offsets, std)
+        yield Case(f"noisytune.noise[{dname},sharded]", noise, 2 * dtype.itemsize, numel, dtype.itemsize,
+                   target=NOISYTUNE)
+        if dname == "fp32":  # shards cut inside a philox block: a block per element, compiled only
+            _, (noise,) = noisytune.perturb_launches(tensors, list(range(len(tensors))), 0.15, DRAWN_SEED,
+                                                     [o + 2 for o in offsets], std)
+            yield Case("noisytune.noise[fp32,sharded,per-element]", noise, 8, numel, 4, modelled=False)
 
 
-def _pats_jobs(dtype, shapes, noise: bool):
-    from ..reference.pats import step_scalars
+def _pats_jobs(dtype, shapes, noise: bool, capturable: bool = False, sharded: bool = False):
+    from ..reference.pats import PatsJob, step_scalars
 
     sc = step_scalars(step=3, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
                       decoupled_weight_decay=True, noise=noise, sensitivity_beta=0.85, noise_lambda=0.05,
@@ -126,7 +139,11 @@ def _pats_jobs(dtype, shapes, noise: bool):
     jobs = []
     for k, shape in enumerate(shapes):
         state = [_meta(shape, torch.float32) for _ in range(3)]
-        jobs.append((_meta(shape, dtype), _meta(shape, dtype), state[0], state[1], state[2] if noise else None, sc, k))
+        numel = shape[0] * shape[1]
+        # a shard of rank 1 of 2 under FSDP2: the second half of a tensor of twice the rows
+        shard = dict(offset=numel, mean_slot=k, total_numel=2 * numel) if sharded else {}
+        jobs.append(PatsJob(_meta(shape, dtype), _meta(shape, dtype), state[0], state[1], state[2] if noise else None,
+                            sc, k, step=_meta((), torch.float32) if capturable else None, **shard))
     return jobs
 
 
@@ -145,6 +162,16 @@ def _pats() -> Iterator[Case]:
         (plain,) = pats.PatsLauncher().launches(_pats_jobs(dtype, shapes, noise=False))
         yield Case(f"pats.update[{dname},no noise]", plain, 3 * item + 16, numel, item, target=PATS,
                    skip_noise=True)
+        # A sharded step (FSDP2: the mean from the reduced sums, the noise keyed by the unsharded index), and the
+        # capturable step's per-tensor scalars (its passes are the kernels above).
+        sums = _meta(len(shapes), torch.float64)
+        _, local_sums, update = pats.PatsLauncher().launches(_pats_jobs(dtype, shapes, noise=True, sharded=True),
+                                                             sums)
+        yield Case(f"pats.update[{dname},sharded]", update, 3 * item + 20, numel, item, target=PATS)
+        if dname == "fp32":  # one program per tensor (adding its partial sums; deriving clr, seed_t): compiled only
+            yield Case("pats.local_sums", local_sums, 4, len(shapes), 4, modelled=False)
+            scalars = pats.PatsLauncher().launches(_pats_jobs(dtype, shapes, noise=True, capturable=True))[0]
+            yield Case("pats.capturable_scalars", scalars, 8, len(shapes), 8, modelled=False)
 
 
 def _lnsr_noise() -> Iterator[Case]:
@@ -174,42 +201,31 @@ def _lnsr_noise() -> Iterator[Case]:
 
 
 def _diff_norm() -> Iterator[Case]:
-    """LNSR's diff norm at BERT-large width, 24 layers: the GPU plan of ``diff_norm.plan`` on an H100 and the
-    arguments of ``diff_norm.launch_forward`` / ``launch_backward``."""
-    import triton
-
+    """LNSR's diff norm at BERT-large width, 24 layers, (32, 128, 1024) per layer: ``diff_norm.forward_launch``
+    and ``backward_launch`` with an H100's SM count, without row weights (reduction="sum", no mask) and with them
+    (a mask or token_mean / mean); and the unaligned inputs that fall back to scalar accesses."""
     from . import diff_norm
 
     L, B, T, D = 24, 32, 128, 1024
-    n_rows = B * T
-    block_d = min(triton.next_power_of_2(D), diff_norm.MAX_BLOCK_D_GPU, diff_norm.TILE_GPU)
-    block_r = min(max(1, diff_norm.TILE_GPU // block_d), triton.next_power_of_2(n_rows))
-    chunks = max(1, min(triton.cdiv(diff_norm.PROGRAMS_PER_SM * H100_SMS, L), triton.cdiv(n_rows, block_r)))
-    rows_per_prog = triton.cdiv(triton.cdiv(n_rows, chunks), block_r) * block_r
-    chunks = max(1, triton.cdiv(n_rows, rows_per_prog))
-    strides = (T * D, D, T * D, D)
-    table = _meta(L, torch.int64)
     for dname, dtype in DTYPES.items():
         item = dtype.itemsize
-        for has_mask in (False, True):
-            mask = _meta(n_rows, torch.uint8)
-            partial, coef = _meta((L, chunks), torch.float32), _meta(L, torch.float32)
-            ref = _meta((B, T, D), dtype)
-            tag = f"{dname}{',mask' if has_mask else ''}"
+        clean = [_meta((B, T, D), dtype) for _ in range(L)]
+        noisy = [_meta((B, T, D), dtype) for _ in range(L)]
+        grads = [_meta((B, T, D), dtype) for _ in range(L)]
+        coef = _meta(L, torch.float32)
+        for row_weight in (False, True):
+            rho = _meta((B, T), torch.float32) if row_weight else None
+            tag = f"{dname}{',row_weight' if row_weight else ''}"
             target = DIFF_NORM if dname == "bf16" else None
-            forward = Launch(diff_norm._diff_norm_fwd_kernel, (L, chunks),
-                             (table, table, mask if has_mask else partial, partial, ref, n_rows, T, D, *strides,
-                              rows_per_prog, chunks),
-                             dict(HAS_MASK=has_mask, BLOCK_R=block_r, BLOCK_D=block_d), diff_norm.NUM_WARPS)
-            yield Case(f"lnsr.diff_norm.forward[{tag}]", forward, 2 * item, L * n_rows * D, item,
-                       iterations=rows_per_prog // block_r, target=target)
-            backward = Launch(diff_norm._diff_norm_bwd_kernel, (L, chunks),
-                              (table, table, table, table, coef, mask if has_mask else coef, ref, n_rows, T, D,
-                               *strides, rows_per_prog),
-                              dict(HAS_MASK=has_mask, BF16_BY_BITS=False, BLOCK_R=block_r, BLOCK_D=block_d),
-                              diff_norm.NUM_WARPS)
-            yield Case(f"lnsr.diff_norm.backward[{tag}]", backward, 4 * item, L * n_rows * D, item,
-                       iterations=rows_per_prog // block_r, target=target)
+            forward, _, _ = diff_norm.forward_launch(clean, noisy, rho, sm_count=H100_SMS)
+            iterations = forward.args[-2] // forward.constexprs["BLOCK_R"]  # rows_per_prog / BLOCK_R
+            # At most one 4-byte weight per vector of VEC elements a thread reads.
+            row_weights = 4 / forward.constexprs["VEC"] if row_weight else 0.0
+            yield Case(f"lnsr.diff_norm.forward[{tag}]", forward, 2 * item, L * B * T * D, item,
+                       iterations=iterations, target=target, row_weight_bytes_per_element=row_weights)
+            backward, _, _ = diff_norm.backward_launch(clean, noisy, rho, coef, grads, grads, sm_count=H100_SMS)
+            yield Case(f"lnsr.diff_norm.backward[{tag}]", backward, 4 * item, L * B * T * D, item,
+                       iterations=iterations, target=target, row_weight_bytes_per_element=row_weights)
 
 
 def _neftune() -> Iterator[Case]:

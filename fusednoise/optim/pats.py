@@ -8,12 +8,15 @@ design and the defaults are explained in ``docs/pats.md``.
 The step is fused: on the Triton backend all tensors of one device and dtype take two kernel launches per
 step (pass 1: sensitivity EMA and per-chunk partial sums; pass 2: the Adamax update and the noise), whatever
 their number. On the reference backend (the default for CPU tensors) each tensor takes the eager reference.
+
+FSDP2 (DTensor parameters, SPEC section 4c): each rank steps its local shards; the mean sensitivities of all
+sharded tensors are added across the ranks in one collective per step between the two halves of the step, and
+every draw is keyed by the element's index in the unsharded tensor (:mod:`fusednoise.sharding`).
 """
 from __future__ import annotations
 
 import math
 import re
-import sys
 from collections import defaultdict
 from itertools import chain
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -22,6 +25,7 @@ import torch
 
 from .. import backends as _backends
 from .. import rng
+from .. import sharding
 from ..validation import check_name_patterns
 from ..reference import pats as _reference
 
@@ -72,32 +76,29 @@ def _check_hyperparameters(group: Dict[str, Any]) -> None:
     _check_unit(group["noise_prob"], "noise_prob", closed=True)
     if _number(group["noise_eps"], "noise_eps") <= 0.0:
         raise ValueError(f"noise_eps must be > 0 (it bounds s_bar / (s~ + noise_eps)), got {group['noise_eps']}")
-    for flag in ("noise", "decoupled_weight_decay"):
+    for flag in ("noise", "decoupled_weight_decay", "capturable"):
         if not isinstance(group[flag], bool):
             raise TypeError(f"{flag} must be a bool, got {type(group[flag]).__name__}")
     rng.check_seed(group["seed"], "seed")
 
 
-def _is_sharded(p: torch.Tensor) -> bool:
-    # FSDP2 parameters are DTensors; FSDP1 marks the original parameters it flattens and its FlatParameters.
-    dtensor_module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(dtensor_module, "DTensor", None) if dtensor_module is not None else None
-    if dtensor is not None and isinstance(p, dtensor):
-        return True
+def _is_fsdp1(p: torch.Tensor) -> bool:
+    # FSDP1 marks the original parameters it flattens and its FlatParameters.
     return bool(getattr(p, "_fsdp_flattened", False) or getattr(p, "_is_flat_param", False))
 
 
 def _check_param(p: torch.Tensor, where: str) -> None:
-    if _is_sharded(p):
-        raise TypeError(f"PATSAdamax does not support sharded (FSDP / DTensor) parameters yet: {where} is "
-                        "sharded, and the per-matrix mean sensitivity would cover only this rank's shard; "
-                        "see docs/pats.md, 'FSDP'")
+    if _is_fsdp1(p):
+        raise TypeError(f"PATSAdamax does not support FSDP1's flattened parameters: {where} is one, and its "
+                        "shard boundaries cut across the original tensors; shard with FSDP2 "
+                        "(torch.distributed.fsdp.fully_shard), see docs/pats.md, 'FSDP2'")
     if p.is_complex():
         raise TypeError(f"PATSAdamax does not support complex parameters: {where} is {p.dtype}")
     if p.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"PATSAdamax needs float32, float16, bfloat16 or float64 parameters: {where} is {p.dtype}")
     if p.layout != torch.strided:
         raise TypeError(f"PATSAdamax needs dense (strided) parameters: {where} has layout {p.layout}")
+    sharding.layout_of(p, where)  # the TypeError of an unsupported DTensor placement
 
 
 _STRIDED = torch.strided
@@ -107,7 +108,7 @@ _SUPPORTED_SET = frozenset(SUPPORTED_DTYPES)
 
 def _plain_param(p: torch.Tensor) -> bool:
     """The per-step fast path of :func:`_check_param`: True for a plain dense float tensor or Parameter that
-    no FSDP wrapper has flattened (False means: run the full check)."""
+    no FSDP wrapper has flattened or sharded (False means: run the full check)."""
     if not (type(p) in _PLAIN_TYPES and p.dtype in _SUPPORTED_SET and p.layout is _STRIDED):
         return False
     attributes = p.__dict__  # a failed getattr costs an exception; most parameters have no attributes at all
@@ -119,6 +120,9 @@ def _refuse_param(p: torch.Tensor, grad: torch.Tensor, where: str) -> None:
     if grad.is_sparse or grad.layout != torch.strided:
         raise TypeError(f"PATSAdamax does not support sparse gradients: {where} has a {grad.layout} gradient")
     _check_param(p, where)
+    if sharding.is_dtensor(p) != sharding.is_dtensor(grad):
+        raise TypeError(f"{where}: the parameter and its gradient must both be DTensors or both plain tensors, "
+                        f"got {type(p).__name__} and {type(grad).__name__}")
 
 
 def _group_scalars(group: Dict[str, Any], step: int) -> "_reference.StepScalars":
@@ -141,38 +145,60 @@ def _check_one_device(params: Sequence[torch.Tensor], where: str) -> None:
 
 
 class _StepCounts:
-    """Every parameter's ``state["step"]`` as a 0-dim view into one float32 CPU tensor (indexed by the
-    parameter's position ``k``), so a step reads all counts with one op and advances them with one op.
+    """Every parameter's ``state["step"]`` as a 0-dim view into one float32 tensor (indexed by the parameter's
+    position ``k``), so a step reads all counts with one op and advances them with one op.
 
-    A tensor per parameter is what torch's optimizers keep and what checkpoints hold; reading and advancing
-    200 separate tensors costs more host time than the rest of a fused step. A state whose ``"step"`` is not
-    the linked view (a parameter's first step, a loaded checkpoint, a value set by hand) is linked again,
-    keeping its value.
+    The tensor lives on the CPU, like torch's step counts, or, for capturable steps, on the parameters' device,
+    where the kernels read it and a captured graph advances it. A tensor per parameter is what torch's optimizers
+    keep and what checkpoints hold; reading and advancing 200 separate tensors costs more host time than the rest
+    of a fused step. A state whose ``"step"`` is not the linked view (a parameter's first step, a loaded
+    checkpoint, a value set by hand) is linked again, keeping its value.
     """
 
-    def __init__(self):
-        self.storage = torch.zeros(0, dtype=torch.float32)
+    def __init__(self, device: torch.device = torch.device("cpu")):
+        self.device = device
+        self.storage = torch.zeros(0, dtype=torch.float32, device=device)
         self.views: Sequence[torch.Tensor] = ()
         self._index_cache: Dict[tuple, torch.Tensor] = {}
 
-    def read(self, states: Sequence[Dict[str, Any]], ks: Sequence[int]) -> List[float]:
-        """The step counts of ``states`` (those of parameters ``ks``), linking any that are not linked yet."""
+    def link(self, states: Sequence[Dict[str, Any]], ks: Sequence[int], frozen: bool = False) -> None:
+        """Make the ``"step"`` of ``states`` (those of parameters ``ks``) the views of their slots, keeping their
+        values; ``frozen`` (a CUDA graph is being captured): a RuntimeError instead, as nothing may move then."""
         needed = max(ks) + 1
         if needed > self.storage.numel():
-            grown = torch.zeros(max(needed, 2 * self.storage.numel()), dtype=torch.float32)
+            if frozen:
+                raise RuntimeError(f"PATSAdamax: a parameter's first step is being captured: {_warm_up_hint()}")
+            grown = torch.zeros(max(needed, 2 * self.storage.numel()), dtype=torch.float32, device=self.device)
             grown[:self.storage.numel()] = self.storage
             self.storage, self.views = grown, grown.unbind()
             self._index_cache.clear()
         views = self.views
         for state, k in zip(states, ks):
             if state["step"] is not views[k]:
-                views[k].fill_(float(state["step"]))
+                if frozen:
+                    raise RuntimeError(f"PATSAdamax: a step count set since the last step is being captured: "
+                                       f"{_warm_up_hint()}")
+                step = state["step"]
+                views[k].copy_(step) if isinstance(step, torch.Tensor) else views[k].fill_(float(step))
                 state["step"] = views[k]
+
+    def read(self, states: Sequence[Dict[str, Any]], ks: Sequence[int]) -> List[float]:
+        """The step counts of ``states`` (those of parameters ``ks``), linking any that are not linked yet."""
+        self.link(states, ks)
         counts = self.storage.tolist()
         return [counts[k] for k in ks]
 
     def advance(self, ks: Sequence[int]) -> None:
-        """Add 1 to the counts of parameters ``ks`` (in place: the states hold views of the storage)."""
+        """Add 1 to the counts of parameters ``ks`` (in place: the states hold views of the storage). On a GPU
+        one slice per run of consecutive ``ks`` (usually one): no index tensor to copy to the device, so a
+        captured graph can hold it."""
+        if self.device.type != "cpu":
+            start = 0
+            for i in range(1, len(ks) + 1):
+                if i == len(ks) or ks[i] != ks[i - 1] + 1:
+                    self.storage[ks[start]:ks[i - 1] + 1].add_(1.0)
+                    start = i
+            return
         key = tuple(ks)
         index = self._index_cache.get(key)
         if index is None:
@@ -180,6 +206,30 @@ class _StepCounts:
                 self._index_cache.clear()
             index = self._index_cache[key] = torch.tensor(ks, dtype=torch.int64)
         self.storage.index_add_(0, index, torch.ones((), dtype=torch.float32).expand(len(ks)))
+
+
+def _warm_up_hint() -> str:
+    from ..kernels.pats import WARM_UP  # only reached while capturing, which only the kernels can
+
+    return WARM_UP
+
+
+def _capturing(devices: Iterable[torch.device]) -> bool:
+    """Whether work on one of ``devices`` is being captured into a CUDA graph now."""
+    return any(d.type == "cuda" for d in devices) and torch.cuda.is_current_stream_capturing()
+
+
+def _state_tensor(value: torch.Tensor, p: torch.Tensor, layout: Optional["sharding.ShardLayout"]) -> torch.Tensor:
+    """``value`` as the state tensor of ``p``: its device, the state dtype, contiguous, a fresh copy; for a
+    sharded ``p`` a DTensor placed as ``p`` (a plain ``value`` of ``p``'s unsharded shape, from an unsharded
+    checkpoint, is cut to the rank's shard)."""
+    value = value.detach().to(device=p.device, dtype=_reference.state_dtype(p.dtype), copy=True).contiguous()
+    if layout is not None and not sharding.is_dtensor(value):
+        if tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"state tensor of shape {tuple(value.shape)} for a parameter of shape "
+                             f"{tuple(p.shape)}")
+        return sharding.shard_of(value, p, layout)
+    return value
 
 
 # ----------------------------------------------------------------------------------------------- optimizer
@@ -195,9 +245,10 @@ class PATSAdamax(torch.optim.Optimizer):
 
     Args:
         params: tensors or param-group dicts (float32, float16, bfloat16 or float64; see
-            :func:`pats_param_groups` for the paper's groups). A group may set any argument below, and
-            ``noise`` (bool, default True): groups with ``noise=False`` take exactly the Adamax step, with no
-            sensitivity state.
+            :func:`pats_param_groups` for the paper's groups). A group may set any argument below but
+            ``capturable``, and ``noise`` (bool, default True): groups with ``noise=False`` take exactly the
+            Adamax step, with no sensitivity state. FSDP2 parameters (DTensors) are stepped on their local shards
+            (see below).
         lr: step size (default 2e-5; the paper's Table 2 uses 1e-4 to 3e-4 for BERT-base, 1e-5 to 1e-4 for
             RoBERTa-large, with 10% linear warm-up).
         betas: Adamax's ``(beta1, beta2)``, each in [0, 1) (paper: 0.9, 0.999).
@@ -219,6 +270,11 @@ class PATSAdamax(torch.optim.Optimizer):
             before the update. False: torch.optim.Adamax's form, ``g += weight_decay * theta`` (then with
             ``noise_lambda=0`` the step equals ``torch.optim.Adamax`` with the same weight decay).
         noise: the default of the per-group ``noise`` flag.
+        capturable: keep the step counts on the parameters' device and derive the bias correction and the
+            step's noise key from them inside the kernel (like ``torch.optim.Adamax(capturable=True)``), so that
+            a step captured in a CUDA graph advances on every replay. Default False: the counts are CPU tensors
+            and those numbers are computed on the host, which a captured graph would freeze: capturing such a
+            step raises a RuntimeError. Both give the same numbers (docs/pats.md, "CUDA graphs").
 
     The noise of element ``i`` of parameter ``k`` (its index in this optimizer's parameter list, counted over
     all groups) at its step ``t`` is a function of ``(seed, t, k, i)`` only: a run resumed from
@@ -226,10 +282,17 @@ class PATSAdamax(torch.optim.Optimizer):
     grouped or launched. The mean sensitivity is a fixed-order reduction (no atomics), so replicas with equal
     gradients stay bitwise equal.
 
-    State per parameter: ``step`` (a 0-dim CPU float tensor, like torch's; the optimizer keeps them as views of
-    one tensor, so a step reads and advances all of them in one op), ``exp_avg`` and ``exp_inf`` (Adamax's),
-    ``sensitivity`` (noise groups only) and ``stream`` (the ``k`` above). State tensors are float32 (float64 for
-    float64 parameters) even for float16/bfloat16 parameters, whose new values are rounded to nearest.
+    FSDP2 (``fully_shard``; SPEC section 4c): a DTensor parameter is stepped on its local shard, its state
+    tensors are DTensors placed like it (so ``torch.distributed.checkpoint`` saves and loads them sharded), its
+    mean sensitivity is the unsharded tensor's (the local sums of all sharded tensors are added across the ranks
+    in one collective per step, in rank order), and ``i`` above is the element's index in the unsharded tensor:
+    the result does not depend on the number of ranks.
+
+    State per parameter: ``step`` (a 0-dim float32 tensor, like torch's: on the CPU, or on the parameter's
+    device when capturable; the optimizer keeps them as views of one tensor, so a step reads and advances all of
+    them in one op), ``exp_avg`` and ``exp_inf`` (Adamax's), ``sensitivity`` (noise groups only) and ``stream``
+    (the ``k`` above). State tensors are float32 (float64 for float64 parameters) even for float16/bfloat16
+    parameters, whose new values are rounded to nearest.
 
     Parameters without a gradient are skipped (their step count does not advance). With
     ``torch.amp.GradScaler``, a step skipped for inf/NaN gradients leaves parameters and state untouched.
@@ -238,17 +301,19 @@ class PATSAdamax(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 2e-5, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, sensitivity_beta: float = 0.75, noise_lambda: float = 2e-6,
                  gamma: float = 2e-3, noise_prob: float = 0.2, noise_eps: float = DEFAULT_NOISE_EPS,
-                 seed: Optional[int] = None, *, decoupled_weight_decay: bool = True, noise: bool = True):
+                 seed: Optional[int] = None, *, decoupled_weight_decay: bool = True, noise: bool = True,
+                 capturable: bool = False):
         if seed is None:
             seed = rng.draw_seed()
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, sensitivity_beta=sensitivity_beta, noise_lambda=noise_lambda,
                         gamma=gamma, noise_prob=noise_prob, noise_eps=noise_eps, seed=seed,
-                        decoupled_weight_decay=decoupled_weight_decay, noise=noise)
+                        decoupled_weight_decay=decoupled_weight_decay, noise=noise, capturable=capturable)
         _check_hyperparameters(defaults)
         self._launcher = None
         self._state_layouts: Dict[int, tuple] = {}  # id(param): the (dtype, device, noise) its state was checked for
-        self._steps = _StepCounts()
+        self._shard_layouts: Dict[int, tuple] = {}  # id(DTensor param): (its local shape, its ShardLayout)
+        self._steps: Dict[torch.device, _StepCounts] = {}  # where the step counts live: CPU, or (capturable) GPUs
         super().__init__(params, defaults)
 
     # -------------------------------------------------------------------------------------- param groups
@@ -270,13 +335,18 @@ class PATSAdamax(torch.optim.Optimizer):
                     _check_param(p, f"{where}, params[{i}]")
             _check_one_device([p for p in tensors if isinstance(p, torch.Tensor)], where)
         _check_hyperparameters({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        if param_group.get("capturable", self.defaults["capturable"]) != self.defaults["capturable"]:
+            raise ValueError("capturable is a setting of the whole optimizer (where the step counts live): a param "
+                             f"group cannot set capturable={param_group['capturable']}")
         super().add_param_group(param_group)
 
     # -------------------------------------------------------------------------------------- state dict
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Like torch's, except that state tensors keep the state dtype (float32 for half parameters) instead
-        of being cast to the parameter's dtype, and are copied (never aliased with ``state_dict``'s). A
-        ``torch.optim.Adamax`` checkpoint loads too (its groups get this optimizer's PATS defaults)."""
+        of being cast to the parameter's dtype, are copied (never aliased with ``state_dict``'s), and are
+        DTensors placed like their parameter for sharded parameters (a plain tensor of the unsharded shape is cut
+        to the rank's shard). ``capturable`` stays this optimizer's. A ``torch.optim.Adamax`` checkpoint loads
+        too (its groups get this optimizer's PATS defaults)."""
         saved_state = state_dict["state"]
         id_map = dict(zip(chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
@@ -287,18 +357,21 @@ class PATSAdamax(torch.optim.Optimizer):
             if key in id_map:
                 held[key] = {name: st.pop(name) for name in STATE_TENSORS if isinstance(st.get(name), torch.Tensor)}
             stripped[key] = st
+        layouts = {key: self._layout(p, f"parameter {key}") for key, p in id_map.items() if key in held}
         super().load_state_dict({**state_dict, "state": stripped})
         self._state_layouts.clear()
+        capturable = self.defaults["capturable"]
         for key, tensors in held.items():
             p = id_map[key]
             for name, value in tensors.items():
-                self.state[p][name] = value.detach().to(device=p.device, dtype=_reference.state_dtype(p.dtype),
-                                                         copy=True).contiguous()
+                self.state[p][name] = _state_tensor(value, p, layouts[key])
             if isinstance(self.state[p].get("step"), torch.Tensor):
-                self.state[p]["step"] = self.state[p]["step"].detach().to("cpu", torch.float32, copy=True)
+                self.state[p]["step"] = self.state[p]["step"].detach().to(
+                    p.device if capturable else "cpu", torch.float32, copy=True)
         for group in self.param_groups:  # e.g. a torch.optim.Adamax checkpoint: fill PATS' own keys
             for name, default in self.defaults.items():
                 group.setdefault(name, default)
+            group["capturable"] = capturable
 
     # -------------------------------------------------------------------------------------- step
     def _gather(self) -> List[tuple]:
@@ -325,17 +398,31 @@ class PATSAdamax(torch.optim.Optimizer):
                 k += 1
         return work
 
-    def _state_for(self, group, p, k, device) -> Dict[str, Any]:
+    def _layout(self, p: torch.Tensor, where: str) -> Optional[sharding.ShardLayout]:
+        """The :class:`~fusednoise.sharding.ShardLayout` of a DTensor parameter (cached), None for a plain one."""
+        if not sharding.is_dtensor(p):
+            return None
+        shape = tuple(sharding.local(p).shape)
+        cached = self._shard_layouts.get(id(p))
+        if cached is None or cached[0] != shape:
+            cached = self._shard_layouts[id(p)] = (shape, sharding.layout_of(p, where))
+        return cached[1]
+
+    def _state_for(self, group, p, k, device, layout, frozen: bool) -> Dict[str, Any]:
         """``self.state[p]``, created on the parameter's first step; state tensors that do not match the
-        parameter (device, state dtype, contiguity) are converted, checked once per parameter layout."""
+        parameter (device, state dtype, contiguity, sharding) are converted, checked once per parameter layout.
+        ``frozen`` (a CUDA graph is being captured): a RuntimeError instead of any change."""
         state = self.state[p]
-        layout = (p.dtype, device, group["noise"])
-        if self._state_layouts.get(id(p)) != layout or "exp_avg" not in state:
-            self._init_state(group, p, k)
-            self._state_layouts[id(p)] = layout
+        key = (p.dtype, device, group["noise"], layout)
+        if self._state_layouts.get(id(p)) != key or "exp_avg" not in state:
+            if frozen:
+                raise RuntimeError("PATSAdamax: a parameter's state is being created while capturing: "
+                                   f"{_warm_up_hint()}")
+            self._init_state(group, p, k, layout)
+            self._state_layouts[id(p)] = key
         return state
 
-    def _init_state(self, group, p, k) -> Dict[str, Any]:
+    def _init_state(self, group, p, k, layout) -> Dict[str, Any]:
         state = self.state[p]
         sdt = _reference.state_dtype(p.dtype)
         if "step" not in state:
@@ -346,10 +433,18 @@ class PATSAdamax(torch.optim.Optimizer):
         for name in needed:
             t = state.get(name)
             if t is None:
-                state[name] = torch.zeros(p.shape, dtype=sdt, device=p.device)
-            elif t.dtype != sdt or t.device != p.device or not t.is_contiguous():
-                state[name] = t.to(device=p.device, dtype=sdt).contiguous()
+                zeros = torch.zeros(sharding.local(p).shape, dtype=sdt, device=p.device)
+                state[name] = zeros if layout is None else sharding.sharded_like(zeros, p)
+            elif (t.dtype != sdt or t.device != p.device or not t.is_contiguous()
+                  or sharding.is_dtensor(t) != (layout is not None)):
+                state[name] = _state_tensor(t, p, layout)
         return state
+
+    def _step_counts(self, device: torch.device) -> _StepCounts:
+        counts = self._steps.get(device)
+        if counts is None:
+            counts = self._steps[device] = _StepCounts(device)
+        return counts
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -357,6 +452,7 @@ class PATSAdamax(torch.optim.Optimizer):
 
         Under ``torch.compile`` the step is a graph break: it runs eagerly (the fused kernels on a GPU, the
         reference on a CPU) between the compiled graphs, so a compiled training step gives the eager result.
+        Inside a CUDA graph capture it needs ``capturable=True`` and the Triton backend.
         """
         loss = None
         if closure is not None:
@@ -370,62 +466,164 @@ class PATSAdamax(torch.optim.Optimizer):
         work = self._gather()
         if not work:
             return
+        capturable = self.defaults["capturable"]
+        frozen = _capturing({device for *_, device in work})
+        if frozen and not capturable:
+            raise RuntimeError(
+                "PATSAdamax.step is being captured into a CUDA graph, but the optimizer was built with "
+                "capturable=False: its step count, bias correction and noise key are host numbers, so every replay "
+                "would repeat the captured step. Build it with PATSAdamax(..., capturable=True).")
         use_kernels = {}  # resolved before any state is created: a backend error leaves everything as it was
         for _, p, _, _, device in work:
             key = (device, p.dtype)
             if key not in use_kernels:
                 use_kernels[key] = p.dtype in _KERNEL_DTYPES and _backends.resolve(p) == "triton"
-        states = [self._state_for(group, p, k, device) for group, p, _, k, device in work]
+        if frozen and not all(use_kernels.values()):
+            raise RuntimeError("PATSAdamax: only the Triton kernels can be captured into a CUDA graph (the reference "
+                               "draws its noise on the host); float64 parameters and the reference backend cannot")
+        dtensor = sharding.dtensor_type()  # None unless torch.distributed.tensor is in use: no check per parameter
+        layouts = ([self._layout(p, f"parameter {k}") if isinstance(p, dtensor) else None for _, p, _, k, _ in work]
+                   if dtensor is not None else [None] * len(work))
+        states = [self._state_for(group, p, k, device, layout, frozen)
+                  for (group, p, _, k, device), layout in zip(work, layouts)]
         ks = [k for _, _, _, k, _ in work]
-        steps = self._steps.read(states, ks)
-        buckets: Dict[tuple, List[tuple]] = defaultdict(list)
+        if capturable:
+            # torch's capturable form: advance the counts on the device first, then read them in the kernels (or,
+            # for the reference, on the host); the scalars' t-dependent fields are then not used by the kernels
+            by_device: Dict[torch.device, List[int]] = defaultdict(list)
+            for i, (_, p, _, _, _) in enumerate(work):
+                by_device[p.device].append(i)
+            for device, idx in by_device.items():
+                counts = self._step_counts(device)
+                counts.link([states[i] for i in idx], [ks[i] for i in idx], frozen)
+                counts.advance([ks[i] for i in idx])
+            needs_t = not all(use_kernels.values())
+            steps = ([float(states[i]["step"]) - 1.0 for i in range(len(work))] if needs_t
+                     else [0.0] * len(work))
+        else:
+            steps = self._step_counts(torch.device("cpu")).read(states, ks)
+        self._run(*self._jobs(work, layouts, states, steps, capturable), use_kernels)
+        if not capturable:
+            self._steps[torch.device("cpu")].advance(ks)
+
+    def _jobs(self, work, layouts, states, steps, capturable):
+        """The step's :class:`~fusednoise.reference.pats.PatsJob` per parameter, in ``(device, dtype)`` buckets
+        (DTensors: their local shards and where those start in the unsharded tensors), and the sharded noise
+        tensors by process group, as ``(bucket key, position)`` in parameter order."""
         scalars: Dict[tuple, _reference.StepScalars] = {}  # one per (group, step): shared by its tensors
-        for (group, p, grad, _, device), state, step in zip(work, states, steps):
+        buckets: Dict[tuple, List[_reference.PatsJob]] = defaultdict(list)
+        shared: Dict[Any, List[tuple]] = {}
+        make = _reference.PatsJob._make  # from a tuple: less host time than the keyword constructor
+        for (group, p, grad, k, device), layout, state, step in zip(work, layouts, states, steps):
             t = int(step) + 1
             sc = scalars.get((id(group), t))
             if sc is None:
                 sc = scalars[(id(group), t)] = _group_scalars(group, t)
-            buckets[(device, p.dtype)].append((p, grad, state["exp_avg"], state["exp_inf"],
-                                               state["sensitivity"] if sc.noise else None, sc, state["stream"]))
-        for key, jobs in buckets.items():
-            if use_kernels[key]:
-                self._triton_step(jobs)
-            else:
-                for job in jobs:
-                    _reference.pats_adamax_step_(*job)
-        self._steps.advance(ks)
+            step_count = state["step"] if capturable else None
+            key = (device, p.dtype)
+            bucket = buckets[key]
+            if layout is None:  # a plain tensor
+                bucket.append(make((p, grad, state["exp_avg"], state["exp_inf"],
+                                    state["sensitivity"] if sc.noise else None, sc, state["stream"], 0, -1, 0,
+                                    step_count)))
+                continue
+            if layout.sharded and sc.draw:
+                shared.setdefault(layout.group, []).append((key, len(bucket)))
+            local = sharding.local
+            bucket.append(_reference.PatsJob(local(p), local(grad), local(state["exp_avg"]), local(state["exp_inf"]),
+                                             local(state["sensitivity"]) if sc.noise else None, sc, state["stream"],
+                                             offset=layout.offset, total_numel=layout.numel, step=step_count))
+        return buckets, shared
 
-    def _triton_step(self, jobs: List[tuple]) -> None:
+    def _run(self, buckets, shared, use_kernels) -> None:
+        """Run the step: per ``(device, dtype)`` bucket the kernels or the reference; the sharded noise tensors in
+        ``shared`` in two halves around one collective per process group (their local sums of s~ added across
+        the ranks in rank order), through slots of one vector of sums assigned here, group by group."""
+        sums = None
+        if shared:
+            slot = 0
+            for positions in shared.values():
+                for key, i in positions:
+                    buckets[key][i] = buckets[key][i]._replace(mean_slot=slot)
+                    slot += 1
+            devices = {buckets[key][i].param.device for positions in shared.values() for key, i in positions}
+            if len(devices) > 1:
+                raise ValueError("PATSAdamax: the sharded parameters lie on several devices "
+                                 f"({sorted(map(str, devices))}); their mean sensitivities are reduced in one vector")
+            sums = torch.zeros(slot, dtype=torch.float64, device=devices.pop())
+        finish = []  # what runs after the collective
+        for key, bucket in buckets.items():
+            begin = self._triton_begin if use_kernels[key] else self._reference_begin
+            finish.append(begin(bucket, sums))
+        start = 0
+        for group, positions in shared.items():
+            part = sums[start:start + len(positions)]
+            part.copy_(sharding.sum_across_shards(part, group))
+            start += len(positions)
+        for done in finish:
+            done()
+
+    @staticmethod
+    def _reference_begin(bucket, sums):
+        """The reference's first half for one bucket (the whole step of unsharded tensors); returns the second."""
+        second = []
+        for job in bucket:
+            if not job.param.numel():  # an empty shard: nothing to step, and 0 towards its tensor's sum
+                continue
+            if job.mean_slot < 0:
+                _reference.pats_adamax_step_(*job[:7])
+            else:
+                sums[job.mean_slot] = _reference.sensitivity_ema_(job.param, job.grad, job.sensitivity, job.scalars)
+                second.append(job)
+
+        def finish():
+            for job in second:
+                mean = sums[job.mean_slot] / job.total_numel
+                _reference.adamax_update_(*job[:7], mean=mean, offset=job.offset)
+        return finish
+
+    def _triton_begin(self, jobs, sums):
+        """Stage non-contiguous tensors, build the launches and run all but the update; returns the rest."""
         from ..kernels.pats import PatsLauncher  # triton is imported only when a kernel runs
 
         if self._launcher is None:
             self._launcher = PatsLauncher()
         staged = []
-        kernel_jobs = jobs
-        if not all(p.is_contiguous() and grad.is_contiguous() for p, grad, *_ in jobs):
-            kernel_jobs = []
-            for p, grad, m, u, s, sc, stream in jobs:
-                work = p
-                if not p.is_contiguous():
-                    work = p.detach().contiguous()
-                    staged.append((p, work))
-                kernel_jobs.append((work, grad.contiguous(), m, u, s, sc, stream))
-        self._launcher.step(kernel_jobs)  # reads data pointers only: no autograd involved
-        for p, work in staged:
-            p.detach().copy_(work)
+        if not all(job[0].is_contiguous() and job[1].is_contiguous() for job in jobs):
+            contiguous = []
+            for job in jobs:
+                work = job.param
+                if not work.is_contiguous():
+                    work = job.param.detach().contiguous()
+                    staged.append((job.param, work))
+                contiguous.append(job._replace(param=work, grad=job.grad.contiguous()))
+            jobs = contiguous
+        launches = self._launcher.launches(jobs, sums)  # reads data pointers only: no autograd involved
+        for launch in launches[:-1]:
+            launch.run()
+
+        def finish():
+            if launches:
+                launches[-1].run()
+            for p, work in staged:
+                p.detach().copy_(work)
+        return finish
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.pop("_launcher", None)
-        state.pop("_state_layouts", None)
-        state.pop("_steps", None)
+        for name in ("_launcher", "_state_layouts", "_shard_layouts", "_steps"):
+            state.pop(name, None)
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_launcher", None)
         self.__dict__.setdefault("_state_layouts", {})
-        self.__dict__.setdefault("_steps", _StepCounts())
+        self.__dict__.setdefault("_shard_layouts", {})
+        self.__dict__.setdefault("_steps", {})
+        for group in self.param_groups:
+            group.setdefault("capturable", False)
+        self.defaults.setdefault("capturable", False)
 
 
 # ----------------------------------------------------------------------------------------------- groups

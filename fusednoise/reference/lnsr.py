@@ -3,14 +3,19 @@ and ``fusednoise/kernels/lnsr_noise.py``.
 
 Layer-wise diff norm
 --------------------
-For L pairs of hidden states ``clean_r``, ``noisy_r`` of shape (B, T, D), a mask ``m`` (B, T) (1 keeps a token,
-0 drops it; all ones when absent) and weights ``w_r`` (all ones when absent)::
+For L pairs of hidden states ``clean_r``, ``noisy_r`` of shape (B, T, D), a mask ``m`` (B, T) (nonzero keeps a
+token, 0 drops it; all ones when absent), weights ``w_r`` (all ones when absent) and a reduction::
 
-    term_r = w_r / B * sum_{b,t,d} m_bt * (clean_r - noisy_r)_btd ** 2        (float32 whatever the input dtype)
-    dterm_r / dclean_r = 2 w_r / B * m * (clean_r - noisy_r),   dterm_r / dnoisy_r = -dterm_r / dclean_r
+    term_r = w_r / B * sum_b 1/c_b * sum_{t,d} m_bt * (clean_r - noisy_r)_btd ** 2   (float32 whatever the dtype)
+    c_b = 1 ("sum"),  n_b ("token_mean"),  n_b * D ("mean"),     n_b = sum_t [m_bt != 0]
+    dterm_r / dclean_r = 2 w_r / (B c_b) * m * (clean_r - noisy_r),   dterm_r / dnoisy_r = -dterm_r / dclean_r
 
-i.e. the squared L2 distance over tokens and hidden units of one example, averaged over the batch (B is the batch
-size, padded tokens included in B but contributing nothing).
+"sum" is the squared L2 distance over the tokens and hidden units of one example (the papers' formula read
+literally), "token_mean" the squared distance per token vector averaged over the example's real tokens, "mean"
+the mean squared error over its real tokens and hidden units. Every reduction averages over the B examples (an
+example without a real token contributes 0). Both backends compute it as one float32 *row weight* per token,
+``rho_bt = [m_bt != 0] / c_b`` (:func:`row_weights`; omitted when there is no mask, where ``c_b`` is the same for
+every example and folds into the per-layer scale ``1 / (B c)``), so the kernel reads one float per token row.
 
 Scaled Gaussian noise (LNSR "standard" noise, journal sec. III-E)
 -----------------------------------------------------------------
@@ -40,7 +45,7 @@ block ``n * ceil(k / 4) + j // 4``. ``out = x + eps``, computed in float32 and s
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -51,49 +56,74 @@ DEPENDENT_RTOL2 = 1e-8
 
 
 # --------------------------------------------------------------------------------------------- diff norm
-def _keep(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if mask is None else (mask != 0)
+REDUCTIONS = ("sum", "token_mean", "mean")
 
 
-def finish_terms(sums: torch.Tensor, weights: Optional[torch.Tensor], batch: int) -> torch.Tensor:
-    """Per-layer float32 sums of squares -> the weighted, batch-averaged terms (shared by every backend)."""
-    terms = sums / batch
+def row_weights(mask: Optional[torch.Tensor], reduction: str, batch: int, tokens: int,
+                hidden: int) -> Tuple[Optional[torch.Tensor], float]:
+    """``(rho, scale)`` with ``term_r = w_r * scale * sum_{b,t} rho_bt * sum_d (clean_r - noisy_r)^2``.
+
+    With a mask: ``rho = [m != 0] / c_b`` as float32 (B, T) and ``scale = 1 / B``. Without one every example has
+    ``c_b = c`` (1, T or T * D), so ``rho`` is None and ``scale = 1 / (B c)``.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    per_token = float(hidden) if reduction == "mean" else 1.0
+    if mask is None:
+        count = 1.0 if reduction == "sum" else tokens * per_token
+        return None, 1.0 / (max(batch, 1) * count)
+    keep = (mask != 0).to(torch.float32)
+    if reduction != "sum":
+        # c_b = n_b (* D); an example without a real token has only zero weights, whatever c_b is.
+        keep = keep / (keep.sum(dim=1, keepdim=True).clamp_min(1.0) * per_token)
+    return keep, 1.0 / max(batch, 1)
+
+
+def finish_terms(sums: torch.Tensor, weights: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """Per-layer float32 weighted sums of squares -> the terms ``w_r * scale * sums_r`` (shared by every backend)."""
+    terms = sums * scale
     if weights is not None:
         terms = terms * weights.to(torch.float32)
     return terms
 
 
+def _weighted(values: torch.Tensor, rho: Optional[torch.Tensor]) -> torch.Tensor:
+    # Padded rows are dropped, not multiplied by 0: what a padded position holds (even inf) must not leak in.
+    if rho is None:
+        return values
+    return torch.where(rho[..., None] != 0, values * rho[..., None], torch.zeros((), dtype=values.dtype,
+                                                                                device=values.device))
+
+
 def diff_norm_sums(clean: Sequence[torch.Tensor], noisy: Sequence[torch.Tensor],
-                   mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """``sum m * (clean_r - noisy_r)^2`` per layer, float32, shape (L,): the Python loop the kernel replaces."""
-    keep = _keep(mask)
+                   rho: Optional[torch.Tensor]) -> torch.Tensor:
+    """``sum rho * (clean_r - noisy_r)^2`` per layer, float32, shape (L,): the Python loop the kernel replaces.
+    ``rho``: the (B, T) row weights of :func:`row_weights`, or None (all ones)."""
     sums = []
     for c, n in zip(clean, noisy):
         diff = c.to(torch.float32) - n.to(torch.float32)
-        if keep is not None:
-            diff = torch.where(keep[..., None], diff, torch.zeros((), dtype=diff.dtype, device=diff.device))
-        sums.append(diff.pow(2).sum())
+        sums.append(_weighted(diff * diff, rho).sum())
     return torch.stack(sums)
 
 
 def diff_norm(clean: Sequence[torch.Tensor], noisy: Sequence[torch.Tensor], weights: Optional[torch.Tensor],
-              mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """The (L,) per-layer terms ``w_r / B * sum m (clean_r - noisy_r)^2`` in float32."""
-    return finish_terms(diff_norm_sums(clean, noisy, mask), weights, clean[0].shape[0])
+              mask: Optional[torch.Tensor], reduction: str = "sum") -> torch.Tensor:
+    """The (L,) per-layer terms of the module docstring, float32."""
+    B, T, D = clean[0].shape
+    rho, scale = row_weights(mask, reduction, B, T, D)
+    return finish_terms(diff_norm_sums(clean, noisy, rho), weights, scale)
 
 
 def diff_norm_backward_into(clean: Sequence[torch.Tensor], noisy: Sequence[torch.Tensor], coef: torch.Tensor,
-                            mask: Optional[torch.Tensor], grad_clean: Sequence[torch.Tensor],
+                            rho: Optional[torch.Tensor], grad_clean: Sequence[torch.Tensor],
                             grad_noisy: Sequence[torch.Tensor]) -> None:
-    """Write ``coef_r * m * (clean_r - noisy_r)`` into ``grad_clean[r]`` and its negation into ``grad_noisy[r]``.
+    """Write ``coef_r * rho * (clean_r - noisy_r)`` into ``grad_clean[r]`` and its negation into ``grad_noisy[r]``.
 
-    ``coef_r = 2 w_r g_r / B`` (float32, shape (L,)), with ``g_r`` the incoming gradient of term r.
+    ``coef_r = 2 w_r g_r * scale`` (float32, shape (L,)), with ``g_r`` the incoming gradient of term r and
+    ``scale`` from :func:`row_weights`.
     """
-    keep = _keep(mask)
     for r, (c, n) in enumerate(zip(clean, noisy)):
-        grad = coef[r] * (c.to(torch.float32) - n.to(torch.float32))
-        if keep is not None:
-            grad = torch.where(keep[..., None], grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+        grad = _weighted(coef[r] * (c.to(torch.float32) - n.to(torch.float32)), rho)
         grad_clean[r].copy_(grad)
         grad_noisy[r].copy_(-grad)
 
@@ -221,7 +251,7 @@ def in_manifold_noise(x: torch.Tensor, token_ids: torch.Tensor, weight: torch.Te
 
 
 __all__ = [
-    "DEPENDENT_RTOL2", "diff_norm", "diff_norm_backward_into", "diff_norm_sums", "finish_terms",
+    "DEPENDENT_RTOL2", "REDUCTIONS", "diff_norm", "diff_norm_backward_into", "diff_norm_sums", "finish_terms",
     "gram_schmidt_noise", "in_manifold_noise", "nearest_neighbors", "nearest_neighbors_bruteforce", "row_normals",
-    "scaled_noise", "scaled_noise_backward",
+    "row_weights", "scaled_noise", "scaled_noise_backward",
 ]

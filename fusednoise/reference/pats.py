@@ -29,13 +29,22 @@ with the per-step key ``seed_t = step_seed(seed, t)`` (see :func:`step_seed`). T
 tensor ``k`` at step ``t`` is therefore a function of ``(seed, t, k, i)`` only: it does not depend on which
 other tensors share a launch, and a run resumed from a ``state_dict`` draws exactly what it would have drawn.
 
+Sharded tensors (SPEC section 4c): ``i`` is the element's index in the *unsharded* tensor (a shard's elements
+are ``offset .. offset + n - 1``), and ``s_bar`` is the unsharded tensor's mean, reduced across the shards
+between the two halves of the step (:func:`sensitivity_ema_`, then :func:`adamax_update_` with the reduced mean).
+
+The step's scalars ``clr = lr / (1 - beta1**t)`` and ``seed_t`` are pure functions of ``t``, computed by the
+exact rules of :func:`power` (float64 products by binary exponentiation) and :func:`step_seed` (uint64
+arithmetic): the capturable kernel (``PATSAdamax(capturable=True)``) derives them from the device step count by
+the same operations, so a step captured in a CUDA graph draws and updates bit for bit as the eager one.
+
 All arithmetic is float32 (float64 for float64 parameters); half-precision parameters keep float32 state and
 are rounded to nearest when the new value is stored.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -50,6 +59,22 @@ def _splitmix64(x: int) -> int:
     x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
     x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
     return x ^ (x >> 31)
+
+
+def power(base: float, exponent: int) -> float:
+    """``base ** exponent`` for an integer ``exponent >= 0`` by binary exponentiation in float64: the products the
+    capturable kernel forms in the same order (IEEE double multiplies, correctly rounded on host and device), so
+    the bias correction derived on the device equals the host's bit for bit. Within a few float64 ulps of
+    ``base ** exponent`` (at most 2 log2(exponent) roundings), far below the float32 it is used in."""
+    result = 1.0
+    base = float(base)
+    exponent = int(exponent)
+    while exponent > 0:
+        if exponent & 1:
+            result *= base
+        base *= base
+        exponent >>= 1
+    return result
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -77,7 +102,9 @@ class StepScalars:
     draw: bool               # noise and noise_lambda > 0 and noise_prob > 0: the noise can be nonzero
     l2: bool                 # weight decay as L2 on the gradient (torch.optim.Adamax's form)
     seed_t: int              # philox key of this step, step_seed(seed, t)
-    clr: float               # lr / (1 - beta1**t)
+    clr: float               # lr / (1 - power(beta1, t))
+    seed: int                # the optimizer's seed (the capturable kernel derives seed_t from it and t)
+    lr: float                # the learning rate (the capturable kernel derives clr from it, beta1 and t)
     decay: float             # 1 - lr * weight_decay for decoupled decay, else 1.0
     weight_decay: float      # the L2 coefficient when l2, else 0.0
     beta1: float
@@ -90,6 +117,25 @@ class StepScalars:
     noise_eps: float
 
 
+class PatsJob(NamedTuple):
+    """One tensor's part of a step. ``offset``: its first element's index in the unsharded tensor (a shard's);
+    ``mean_slot`` (>= 0): its slot in the vector of sums that the caller reduces across ranks (sharded noise
+    tensors), with ``total_numel`` the unsharded element count; ``step``: its float32 step count on the device,
+    already advanced to this step (capturable steps; None otherwise)."""
+
+    param: torch.Tensor
+    grad: torch.Tensor
+    exp_avg: torch.Tensor
+    exp_inf: torch.Tensor
+    sensitivity: Optional[torch.Tensor]
+    scalars: StepScalars
+    stream: int
+    offset: int = 0
+    mean_slot: int = -1
+    total_numel: int = 0
+    step: Optional[torch.Tensor] = None
+
+
 def step_scalars(*, step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                  decoupled_weight_decay: bool, noise: bool, sensitivity_beta: float, noise_lambda: float,
                  gamma: float, noise_prob: float, noise_eps: float, seed: int) -> StepScalars:
@@ -100,8 +146,8 @@ def step_scalars(*, step: int, lr: float, beta1: float, beta2: float, eps: float
     l2 = (not decoupled_weight_decay) and weight_decay != 0.0
     return StepScalars(
         noise=bool(noise), draw=bool(noise) and noise_lambda > 0 and noise_prob > 0, l2=l2,
-        seed_t=step_seed(seed, step),
-        clr=lr / (1.0 - beta1 ** step), decay=(1.0 - lr * weight_decay) if decoupled else 1.0,
+        seed_t=step_seed(seed, step), clr=lr / (1.0 - power(beta1, step)), seed=int(seed), lr=lr,
+        decay=(1.0 - lr * weight_decay) if decoupled else 1.0,
         weight_decay=weight_decay if l2 else 0.0, beta1=float(beta1), beta2=float(beta2), eps=float(eps),
         sensitivity_beta=float(sensitivity_beta), noise_lambda=float(noise_lambda), gamma=float(gamma),
         noise_prob=float(noise_prob), noise_eps=float(noise_eps))
@@ -122,13 +168,14 @@ def noise_draws(numel: int, seed_t: int, stream: int, device="cpu"):
     return rng.box_muller_cos(uniforms[:, 0], uniforms[:, 1]), uniforms[:, 2]
 
 
-def kept_noise_draws(numel: int, seed_t: int, stream: int, p: float, device="cpu"):
+def kept_noise_draws(numel: int, seed_t: int, stream: int, p: float, device="cpu", first: int = 0):
     """``(index, n)``: the elements perturbed at this step (``uniform < p``), increasing, and their N(0, 1) draw.
 
-    The same numbers as :func:`noise_draws` at those elements; the normals of the others (``1 - p`` of them,
-    multiplied by zero in the formula) are never computed.
+    The elements are ``first .. first + numel - 1`` of the tensor (``first``: a shard's offset in the unsharded
+    tensor), ``index`` counts from ``first``. The same numbers as :func:`noise_draws` at those elements; the
+    normals of the others (``1 - p`` of them, multiplied by zero in the formula) are never computed.
     """
-    index, u0, u1 = rng.philox_select(seed_t, numel, p, 0, stream, rng.PURPOSE_NOISE, device)
+    index, u0, u1 = rng.philox_select(seed_t, numel, p, first, stream, rng.PURPOSE_NOISE, device)
     return index, rng.box_muller_cos(u0, u1)
 
 
@@ -139,13 +186,24 @@ def noise_variance(sensitivity: torch.Tensor, mean: torch.Tensor, noise_lambda: 
     return ratio.sub_(gamma).clamp_(min=0.0).mul_(noise_lambda)  # noise_lambda * max(ratio - gamma, 0), in place
 
 
-def pats_adamax_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_inf: torch.Tensor,
-                      sensitivity: Optional[torch.Tensor], sc: StepScalars, stream: int) -> None:
-    """One PATS-Adamax step of one tensor, in place on ``param`` and the state tensors.
+def sensitivity_ema_(param: torch.Tensor, grad: torch.Tensor, sensitivity: torch.Tensor,
+                     sc: StepScalars) -> torch.Tensor:
+    """The first half of a noise tensor's step: ``s~ = beta * s~ + (1 - beta) * |theta * g|`` in place (theta
+    before the step); returns ``sum(s~)`` (0-dim, :func:`state_dtype`), the numerator of ``s_bar``."""
+    with torch.no_grad():
+        acc = state_dtype(param.dtype)
+        s_ema = sensitivity.view(-1)
+        theta_g = torch.mul(param.detach().reshape(-1).to(acc), grad.reshape(-1).to(acc))
+        s_ema.mul_(sc.sensitivity_beta).add_(theta_g.abs_(), alpha=1.0 - sc.sensitivity_beta)
+        return s_ema.sum()
 
-    ``exp_avg``, ``exp_inf`` and ``sensitivity`` have ``param``'s shape and :func:`state_dtype`;
-    ``sensitivity`` may be None when ``sc.noise`` is False. ``stream`` is the tensor's index ``k``.
-    """
+
+def adamax_update_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_inf: torch.Tensor,
+                   sensitivity: Optional[torch.Tensor], sc: StepScalars, stream: int,
+                   mean: Optional[torch.Tensor], offset: int = 0) -> None:
+    """The second half of a step: the Adamax update and, when ``sc.draw``, the noise with the matrix's mean
+    sensitivity ``mean`` (0-dim; unused without noise). ``offset``: the index of ``param``'s first element in
+    the unsharded tensor (0 unless ``param`` is a shard), which keys the noise."""
     with torch.no_grad():
         acc = state_dtype(param.dtype)
         # A view of param when it is contiguous in the state dtype (updated in place), else a copy written back.
@@ -153,11 +211,6 @@ def pats_adamax_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Te
         g = grad.reshape(-1).to(acc)
         m = exp_avg.view(-1)
         u = exp_inf.view(-1)
-
-        if sc.noise:
-            s_ema = sensitivity.view(-1)
-            s_ema.mul_(sc.sensitivity_beta).add_(torch.mul(theta, g).abs_(), alpha=1.0 - sc.sensitivity_beta)
-            mean = s_ema.sum() / theta.numel()
 
         if sc.l2:
             g = g + sc.weight_decay * theta
@@ -169,9 +222,20 @@ def pats_adamax_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Te
 
         if sc.draw:  # with lambda = 0 or p = 0 the noise is 0: skip drawing it (the step is exactly Adamax's)
             # theta += sqrt(r) * n * z, added where z = 1 only (elsewhere the term is 0)
-            index, normal = kept_noise_draws(theta.numel(), sc.seed_t, stream, sc.noise_prob, theta.device)
-            r = noise_variance(s_ema[index], mean, sc.noise_lambda, sc.gamma, sc.noise_eps)
+            index, normal = kept_noise_draws(theta.numel(), sc.seed_t, stream, sc.noise_prob, theta.device, offset)
+            r = noise_variance(sensitivity.view(-1)[index], mean.to(acc), sc.noise_lambda, sc.gamma, sc.noise_eps)
             theta.index_add_(0, index, r.sqrt_().mul_(normal.to(acc)))  # sqrt(r) * n
 
         if theta.data_ptr() != param.data_ptr():
             param.copy_(theta.view(param.shape))
+
+
+def pats_adamax_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_inf: torch.Tensor,
+                      sensitivity: Optional[torch.Tensor], sc: StepScalars, stream: int) -> None:
+    """One PATS-Adamax step of one (unsharded) tensor, in place on ``param`` and the state tensors.
+
+    ``exp_avg``, ``exp_inf`` and ``sensitivity`` have ``param``'s shape and :func:`state_dtype`;
+    ``sensitivity`` may be None when ``sc.noise`` is False. ``stream`` is the tensor's index ``k``.
+    """
+    mean = sensitivity_ema_(param, grad, sensitivity, sc) / param.numel() if sc.noise else None
+    adamax_update_(param, grad, exp_avg, exp_inf, sensitivity, sc, stream, mean)
