@@ -44,6 +44,13 @@ def kernel_offset(x: torch.Tensor, backend: str, op: str) -> Optional[torch.Tens
     return zero if zero is not None else _prepare(x)
 
 
+def offset_path_active(device: torch.device) -> bool:
+    """Whether noise op calls on ``device`` take the offset path now (a capture on the current CUDA stream, or
+    ``rng.graph_safe()``): code that replays its random draws (LNSR's noisy pass) then saves and restores the
+    device's counter as well as torch's generators."""
+    return (device.type == "cuda" and _is_capturing()) or rng.offsets_forced()
+
+
 def is_ticket(x: torch.Tensor, offset: Optional[torch.Tensor]) -> bool:
     """Whether ``offset`` (from :func:`kernel_offset` for ``x``) is a ticket, not the host path's 0."""
     return offset is not None and offset is not _host_zeros.get(x.get_device())
