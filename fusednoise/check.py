@@ -5,7 +5,7 @@ on the real pretrained all-MiniLM-L6-v2.
    float32, float16 and bfloat16 where the op takes them: HyPe's three noise ops; LNSR's layer-wise diff norm
    (forward and backward, every ``reduction`` the op offers) and both noise makers (scaled standard noise forward
    and backward, in-manifold noise); NoisyTune's perturbation; the PATS step (parameters and optimizer state
-   after a few steps). A line per (op, dtype): the largest difference and ok / MISMATCH against the tolerance of
+   after a few steps); NEFTune's noise, where the package has it. A line per (op, dtype): the largest difference and ok / MISMATCH against the tolerance of
    the test suite for that dtype.
 2. Timings on MiniLM (sentences from GLUE's RTE when ``--data-dir`` is given, else built-in ones): a training
    step with and without HyPe-N (the overhead HyPe adds), and the PATS optimizer step against
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+import fusednoise
 
 # Real sentences (premise / hypothesis style) used when no GLUE folder is given.
 SENTENCES = [
@@ -197,6 +199,17 @@ def _pats_step(device, dtype, generator) -> Results:
             "PATSAdamax.step x3 state": (state, ref_state, (1e-5, 1e-9))}
 
 
+def _neftune(device, dtype, generator) -> Results:
+    import fusednoise
+    from fusednoise import rng
+
+    x = _randn((2, 16, 384), device, dtype, generator)
+    mask = torch.ones(2, 16, device=device, dtype=torch.long)
+    mask[1, 10:] = 0  # padded positions stay as they are
+    seed = rng.draw_seed()
+    return {"add_neftune_noise": _both(lambda: fusednoise.add_neftune_noise(x, 5.0, mask, seed=seed))}
+
+
 OP_CHECKS: Dict[str, Tuple[Callable, Sequence[torch.dtype]]] = {
     "HyPe": (_hype_ops, DTYPES),
     "LNSR diff norm": (_diff_norm, DTYPES),
@@ -204,6 +217,8 @@ OP_CHECKS: Dict[str, Tuple[Callable, Sequence[torch.dtype]]] = {
     "NoisyTune": (_noisytune, (torch.float32, torch.bfloat16)),
     "PATS": (_pats_step, (torch.float32, torch.bfloat16)),
 }
+if hasattr(fusednoise, "add_neftune_noise"):  # NEFTune's op, where this version of the package has it
+    OP_CHECKS["NEFTune"] = (_neftune, DTYPES)
 
 
 def _verdict(fused: torch.Tensor, eager: torch.Tensor, tolerance: Tuple[float, float]) -> Tuple[float, bool]:
@@ -319,7 +334,7 @@ def run_check(model: Optional[str] = None, device: Optional[str] = None, steps: 
     for line in lines:
         print("   " + line)
 
-    print(f"\n2. Timings on {resolve_model_path(model)}")
+    print(f"\n2. Timings on {model or 'the packaged all-MiniLM-L6-v2'} ({resolve_model_path(model)})")
     torch.manual_seed(0)
     network, tokenizer = load_classifier(model, num_labels=2)
     network.to(device)

@@ -70,6 +70,7 @@ METHOD_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "noisytune": ("noisytune_lambda", "noisytune_include_head"),
     "pats": ("pats_lr", "pats_noise_lambda", "pats_gamma", "pats_beta", "pats_prob", "pats_noise_eps"),
     "adamax": ("pats_lr",),
+    "neftune": ("neftune_alpha",),
 }
 # Settings added after run files were committed, with the value those older files (which lack the field) ran with.
 LEGACY_SETTINGS: Dict[str, object] = {"noisytune_include_head": True}

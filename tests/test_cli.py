@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fusednoise
 from fusednoise import cli, finetune
 from fusednoise.cli import main
 
@@ -102,6 +103,8 @@ CHECKED_OPS = {
     "layerwise_diff_norm bwd": 3, "scaled_noise fwd": 3, "scaled_noise bwd": 3, "in_manifold_noise": 3,
     "noisytune.perturb_": 2, "PATSAdamax.step x3 params": 2, "PATSAdamax.step x3 state": 2,
 }
+if hasattr(fusednoise, "add_neftune_noise"):
+    CHECKED_OPS["add_neftune_noise"] = 3
 
 
 @needs_glue
