@@ -25,7 +25,8 @@ from fusednoise.optim import pats_param_groups
 from fusednoise.optim.pats import DEFAULT_NOISE_EPS
 
 KINDS = (("query/key weights", r"\.(query|key)\.weight$"),
-         ("value, attention-output, FFN weights", r"\.(value|attention\.output\.dense|intermediate\.dense|output\.dense)\.weight$"),
+         ("value, attention-output, FFN weights",
+          r"\.(value|attention\.output\.dense|intermediate\.dense|output\.dense)\.weight$"),
          ("biases", r"\.bias$"))
 
 

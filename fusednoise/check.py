@@ -5,8 +5,8 @@ on the real pretrained all-MiniLM-L6-v2.
    float32, float16 and bfloat16 where the op takes them: HyPe's three noise ops; LNSR's layer-wise diff norm
    (forward and backward, every ``reduction`` the op offers) and both noise makers (scaled standard noise forward
    and backward, in-manifold noise); NoisyTune's perturbation; the PATS step (parameters and optimizer state
-   after a few steps); NEFTune's noise, where the package has it. A line per (op, dtype): the largest difference and ok / MISMATCH against the tolerance of
-   the test suite for that dtype.
+   after a few steps); NEFTune's noise, where the package has it. A line per (op, dtype): the largest difference
+   and ok / MISMATCH against the tolerance of the test suite for that dtype.
 2. Timings on MiniLM (sentences from GLUE's RTE when ``--data-dir`` is given, else built-in ones): a training
    step with and without HyPe-N (the overhead HyPe adds), and the PATS optimizer step against
    ``torch.optim.Adamax`` (single-tensor, ``foreach=False``) over the same parameters and gradients.

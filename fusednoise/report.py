@@ -213,7 +213,8 @@ def summary_table(runs: Sequence[dict]) -> str:
             if key in controls:
                 versus, control_runs = controls[key]
                 if control_runs:
-                    delta = f"{_mean_std([_main(r, task) for r in group])[0] - _mean_std([_main(r, task) for r in control_runs])[0]:+.2f}"
+                    mean = statistics.fmean(_main(r, task) for r in group)
+                    delta = f"{mean - statistics.fmean(_main(r, task) for r in control_runs):+.2f}"
                 else:
                     delta = "no run"
             warned = sorted({w for r in group for w in r.get("warnings") or ()})
@@ -363,5 +364,5 @@ def write_report(output: Union[str, Path]) -> Tuple[Path, Path]:
     return table, plot
 
 
-__all__ = ["control_config", "curves_figure", "load_runs", "per_seed_table", "plot_curves", "rename_runs", "settings_statement",
-           "summary_table", "write_report"]
+__all__ = ["control_config", "curves_figure", "load_runs", "per_seed_table", "plot_curves", "rename_runs",
+           "settings_statement", "summary_table", "write_report"]

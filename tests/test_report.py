@@ -9,8 +9,8 @@ from fusednoise.cli import main
 from fusednoise.finetune import FinetuneConfig
 
 
-def fake_run(task, recipe, seed, value, epochs=2, schema=finetune.SCHEMA, baseline=0.5, steps=0.25, warnings=(),
-             **settings):
+def fake_run(task, recipe, seed, value, epochs=2, schema=finetune.SCHEMA, baseline=0.5, steps=0.25,
+             warnings=(), **settings):
     spec = finetune.get_task(task)
     metric = spec.main_metric
     config = FinetuneConfig(task=task, methods=tuple(recipe.split("+")), seed=seed, max_train_samples=100,
@@ -23,7 +23,8 @@ def fake_run(task, recipe, seed, value, epochs=2, schema=finetune.SCHEMA, baseli
     if schema != finetune.SCHEMA:  # written before the setting existed
         del run["config"]["noisytune_include_head"]
     else:
-        run.update(majority_baseline={"prediction": "always class 1 (train majority)", "metrics": {m: baseline for m in spec.metrics}},
+        run.update(majority_baseline={"prediction": "always class 1 (train majority)",
+                                      "metrics": {m: baseline for m in spec.metrics}},
                    step_time_s={"median": steps, "mean": steps, "steps_timed": 18, "steps_skipped": 2},
                    warnings=list(warnings), label=config.label)
     return run
@@ -44,7 +45,8 @@ def test_summary_table_by_hand():
     # the class-majority baseline first, then vanilla: mean 55, sample std sqrt(50) = 7.07; hype-n: mean 57, std
     # sqrt(2) = 1.41, +2.00 over vanilla; 250 ms per step
     assert "| majority baseline: always class 1 (train majority) | — | 50.00 |" in table
-    assert "| vanilla | 0,1 | 55.00 ± 7.07 | — |  | 60.00 | 56.00 ± 7.07 | 100/277 | 2 | 2e-05 | 250 | 100 |" in table
+    assert ("| vanilla | 0,1 | 55.00 ± 7.07 | — |  | 60.00 | 56.00 ± 7.07 | 100/277 | 2 | 2e-05 | 250 | 100 |"
+            in table)
     assert "| hype-n | 0,1 | 57.00 ± 1.41 | +2.00 | vanilla | 58.00 |" in table
     assert table.index("majority baseline") < table.index("| vanilla |") < table.index("| hype-n |")
     assert "Shared by every row: AdamW at lr 2e-05; batch 32, 2 epochs, max length 128" in table
@@ -76,7 +78,8 @@ def test_method_settings_name_the_file_and_the_row():
     assert finetune.run_file("out", control).name == "stsb__hype-n__hype_sigma=0__seed2.json"
     assert control.label == "hype-n (hype_sigma=0)"
     two = FinetuneConfig(task="rte", methods=("lnsr", "pats"), lnsr_weight=0.2, pats_gamma=0.01, pats_lr=1e-4)
-    assert finetune.run_file("o", two).name == "rte__lnsr+pats__lnsr_weight=0.2,pats_lr=0.0001,pats_gamma=0.01__seed0.json"
+    assert (finetune.run_file("o", two).name
+            == "rte__lnsr+pats__lnsr_weight=0.2,pats_lr=0.0001,pats_gamma=0.01__seed0.json")
     # pats_lr equal to the task's default rate is the default
     assert FinetuneConfig(task="rte", methods=("adamax",), pats_lr=3e-4).label == "adamax"
     # A run file older than a setting: the value it ran with (NoisyTune perturbed the task head then).
@@ -118,7 +121,7 @@ def test_legacy_runs_load_and_their_times_are_marked(tmp_path):
 
 def test_schedule_warnings_are_marked_in_the_table():
     message = "4 optimizer steps, 3 of them at a nonzero learning rate: too few to train"
-    runs = [fake_run("rte", "vanilla", 0, 0.5, warnings=[message]), fake_run("rte", "pats", 0, 0.5, warnings=[message])]
+    runs = [fake_run("rte", recipe, 0, 0.5, warnings=[message]) for recipe in ("vanilla", "pats")]
     table = report.summary_table(runs)
     assert "| vanilla ⚠ | 0 |" in table and "| pats ⚠ | 0 |" in table
     assert f"⚠ vanilla, pats: {message}" in table
@@ -156,7 +159,8 @@ def test_report_command_rewrites_table_and_plot(tmp_path, capsys):
     (tmp_path / "runs" / "not-a-run.json").write_text(json.dumps({"something": "else"}))
     assert main(["report", "--output", str(tmp_path), "--rename-runs"]) == 0
     table = (tmp_path / "results.md").read_text()
-    assert "| vanilla | 0,1 | 35.00 ± 7.07 | — |" in table and "| pats | 0 | 45.00 ± 0.00 | +5.00 | adamax |" in table
+    assert "| vanilla | 0,1 | 35.00 ± 7.07 | — |" in table
+    assert "| pats | 0 | 45.00 ± 0.00 | +5.00 | adamax |" in table
     assert "## Per seed" in table
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
