@@ -5,7 +5,7 @@ on the real pretrained all-MiniLM-L6-v2.
    float32, float16 and bfloat16 where the op takes them: HyPe's three noise ops; LNSR's layer-wise diff norm
    (forward and backward, every ``reduction`` the op offers) and both noise makers (scaled standard noise forward
    and backward, in-manifold noise); NoisyTune's perturbation; the PATS step (parameters and optimizer state
-   after a few steps); NEFTune's noise, where the package has it. A line per (op, dtype): the largest difference
+   after three steps in float32, one in bfloat16); NEFTune's noise, where the package has it. A line per (op, dtype): the largest difference
    and ok / MISMATCH against the tolerance of the test suite for that dtype.
 2. Timings on MiniLM (sentences from GLUE's RTE when ``--data-dir`` is given, else built-in ones): a training
    step with and without HyPe-N (the overhead HyPe adds), and the PATS optimizer step against
@@ -176,7 +176,11 @@ def _pats_step(device, dtype, generator) -> Results:
 
     shapes = [(384, 384), (33000,), (384,)]  # 33000: a mean sensitivity reduced from several partial sums
     start = [0.05 * _randn(shape, device, dtype, generator) for shape in shapes]
-    grads = [[1e-2 * _randn(shape, device, dtype, generator) for shape in shapes] for _ in range(3)]
+    # Three steps in float32 (the state's history matters). One in half precision: there the two backends' float32
+    # results, one ulp apart, can round to neighbouring half values, and a later step's noise, whose variance
+    # depends on those parameters, would carry the difference further than rounding explains.
+    steps = 3 if dtype == torch.float32 else 1
+    grads = [[1e-2 * _randn(shape, device, dtype, generator) for shape in shapes] for _ in range(steps)]
     seed = rng.draw_seed()
 
     def run():
@@ -191,12 +195,10 @@ def _pats_step(device, dtype, generator) -> Results:
         return torch.cat([p.detach().float().flatten() for p in params]), torch.cat([s.flatten() for s in state])
 
     (params, state), (ref_params, ref_state) = _both(run)
-    # Half-precision parameters: float32 results one ulp apart may round to neighbouring values, at each of the
-    # three steps (tests/test_pats.py allows 4 ulp).
-    ulp = torch.finfo(dtype).eps
-    tolerance = (1e-5, 1e-6) if dtype == torch.float32 else (4 * ulp, 1e-6)
-    return {"PATSAdamax.step x3 params": (params, ref_params, tolerance),
-            "PATSAdamax.step x3 state": (state, ref_state, (1e-5, 1e-9))}
+    eps = torch.finfo(dtype).eps
+    tolerance = (1e-5, 1e-6) if dtype == torch.float32 else (eps, 1e-7)  # one half-precision ulp
+    name = f"PATSAdamax.step x{steps}"
+    return {f"{name} params": (params, ref_params, tolerance), f"{name} state": (state, ref_state, (1e-5, 1e-9))}
 
 
 def _neftune(device, dtype, generator) -> Results:
@@ -221,12 +223,17 @@ if hasattr(fusednoise, "add_neftune_noise"):  # NEFTune's op, where this version
     OP_CHECKS["NEFTune"] = (_neftune, DTYPES)
 
 
-def _verdict(fused: torch.Tensor, eager: torch.Tensor, tolerance: Tuple[float, float]) -> Tuple[float, bool]:
+def _verdict(fused: torch.Tensor, eager: torch.Tensor, tolerance: tuple) -> Tuple[float, bool]:
+    """The largest difference, and whether ``|fused - eager| <= atol + rtol * |eager|`` everywhere (``atol`` a
+    number or a tensor of eager's shape)."""
     rtol, atol = tolerance
     fused, eager = fused.detach().float().cpu(), eager.detach().float().cpu()
-    max_diff = (fused - eager).abs().max().item() if fused.numel() else 0.0
-    ok = fused.shape == eager.shape and bool(torch.allclose(fused, eager, rtol=rtol, atol=atol))
-    return max_diff, ok
+    if fused.shape != eager.shape:
+        return float("inf"), False
+    difference = (fused - eager).abs()
+    atol = atol.float().cpu() if isinstance(atol, torch.Tensor) else atol
+    ok = bool((difference <= atol + rtol * eager.abs()).all())
+    return (difference.max().item() if difference.numel() else 0.0), ok
 
 
 def check_ops(device: str, methods: Optional[Sequence[str]] = None,

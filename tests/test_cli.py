@@ -101,7 +101,8 @@ def test_python_m_fusednoise_lists_the_commands():
 CHECKED_OPS = {
     "add_noise_ (normal)": 3, "add_noise (uniform)": 3, "add_residual_noise": 3, "layerwise_diff_norm fwd": 3,
     "layerwise_diff_norm bwd": 3, "scaled_noise fwd": 3, "scaled_noise bwd": 3, "in_manifold_noise": 3,
-    "noisytune.perturb_": 2, "PATSAdamax.step x3 params": 2, "PATSAdamax.step x3 state": 2,
+    "noisytune.perturb_": 2, "PATSAdamax.step x3 params": 1, "PATSAdamax.step x3 state": 1,  # float32
+    "PATSAdamax.step x1 params": 1, "PATSAdamax.step x1 state": 1,  # bfloat16
 }
 if hasattr(fusednoise, "add_neftune_noise"):
     CHECKED_OPS["add_neftune_noise"] = 3
