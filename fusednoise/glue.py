@@ -268,4 +268,24 @@ def compute_metrics(task: Union[str, GlueTask], predictions: Sequence, labels: S
     return {"accuracy": float(accuracy_score(labels, predictions))}
 
 
-__all__ = ["GlueTask", "HUB_DATASET", "TASKS", "compute_metrics", "get_task", "load_glue", "tokenize"]
+def majority_baseline(task: Union[str, GlueTask], splits) -> Dict[str, object]:
+    """What a model that ignores its input scores on the dev set: always the training set's majority class (its
+    smallest id on a tie), or for STS-B always the training set's mean score (correlation 0).
+
+    ``splits``: the ``DatasetDict`` of :func:`load_glue` (the training subset a run used). Returns
+    ``{"prediction": "...", "metrics": {...}}`` with :func:`compute_metrics`'s fractions."""
+    spec = get_task(task)
+    train = np.asarray(splits["train"]["label"])
+    dev = np.asarray(splits["validation"]["label"])
+    if spec.is_regression:
+        value = float(train.mean())
+        prediction, constant = f"always {value:.3f} (train mean)", np.full(len(dev), value)
+    else:
+        classes, counts = np.unique(train, return_counts=True)
+        majority = int(classes[np.argmax(counts)])  # argmax keeps the first (smallest id) of tied counts
+        prediction, constant = f"always class {majority} (train majority)", np.full(len(dev), majority)
+    return {"prediction": prediction, "metrics": compute_metrics(spec, constant, dev)}
+
+
+__all__ = ["GlueTask", "HUB_DATASET", "TASKS", "compute_metrics", "get_task", "load_glue", "majority_baseline",
+           "tokenize"]

@@ -22,22 +22,28 @@ Usage::
     with hype.apply(model):   # or scoped
         train(model)
 
-The noise is added by forward pre-hooks on the layers that :func:`fusednoise.integrations.transformers.find_layers`
-finds (or the ``layers=`` you choose), through :func:`fusednoise.add_noise`: one fused pass, no noise tensor.
+The noise is added by forward pre-hooks on the layers that :func:`fusednoise.layers.find_layers` finds (or the
+``layers=`` you choose), through :func:`fusednoise.add_noise`: one fused pass, no noise tensor.
+
+With ``seed=``, the noise of a layer call depends on how many noisy calls that layer has made: ``handle.state_dict()``
+holds those counters and ``handle.load_state_dict()`` restores them, so a run resumed from a checkpoint continues
+the noise sequence instead of replaying it from call 0 (the Trainer integration saves them in its checkpoints).
 """
 from __future__ import annotations
 
 import inspect
 import math
 import numbers
+import warnings
 import weakref
-from typing import List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import ops, rng
-from .integrations.transformers import find_layer_stacks, find_layers, hidden_dropout_modules
+from .layers import (configured_hidden_dropout, find_layer_stacks, find_layers, hidden_dropout_attributes,
+                     hidden_dropout_modules)
 from .validation import check_module_list
 
 DEFAULT_SIGMA = 1e-5
@@ -47,9 +53,10 @@ LayersSpec = Union[None, str, nn.ModuleList, Sequence[int], Sequence[nn.Module]]
 
 # Layers that carry a HyPe hook now: a second apply() on the same layer would add the noise twice.
 _HOOKED_LAYERS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
-# Dropout modules switched off by live handles: module -> [original p, number of handles holding it]. Shared
-# bookkeeping so two handles that both disable dropout restore the original p whichever is removed first.
-_DISABLED_DROPOUT: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+# Dropout probabilities switched off by live handles: module -> {attribute: [original value, number of handles
+# holding it]}, the attribute being ``p`` of an nn.Dropout or a float such as BART's ``dropout``. Shared
+# bookkeeping so two handles that both disable dropout restore the original value whichever is removed first.
+_DISABLED_DROPOUT: "weakref.WeakKeyDictionary[nn.Module, Dict[str, list]]" = weakref.WeakKeyDictionary()
 
 _MASK64 = (1 << 64) - 1
 
@@ -219,10 +226,13 @@ class HyPeHandle:
         layers: the hooked layer modules, in the order their seed positions are numbered.
         sigma, distribution, rounding, seed: the settings of :func:`apply`.
         dropout_modules: the dropout modules set to p=0 (empty unless ``disable_dropout=True``).
+        dropout_attributes: the ``(module, name)`` float dropout probabilities set to 0 (BART, OPT, ...; empty
+            unless ``disable_dropout=True``).
     """
 
     def __init__(self, model: nn.Module, layers: List[nn.Module], sigma: float, distribution: str,
-                 rounding: str, seed: Optional[int], dropout_modules: List[nn.Module]):
+                 rounding: str, seed: Optional[int], dropout_modules: List[nn.Module],
+                 dropout_attributes: Sequence[Tuple[nn.Module, str]] = ()):
         self.model = model
         self.layers = layers
         self.sigma = sigma
@@ -230,8 +240,33 @@ class HyPeHandle:
         self.rounding = rounding
         self.seed = seed
         self.dropout_modules = dropout_modules
+        self.dropout_attributes = list(dropout_attributes)
+        self._hooks: List[_NoiseHook] = []
         self._hook_handles: list = []
         self._active = False
+
+    def _switches(self) -> List[Tuple[nn.Module, str]]:
+        return [(module, "p") for module in self.dropout_modules] + self.dropout_attributes
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs to continue the noise sequence: the seed and, per hooked layer, the number of
+        noisy calls made so far (they select the noise when ``seed`` is set; with ``seed=None`` the noise comes
+        from torch's CPU generator, which the checkpoint restores instead)."""
+        return {"seed": self.seed, "calls": [hook.calls for hook in self._hooks]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the per-layer call counters of :meth:`state_dict` (same seed and number of hooked layers)."""
+        if not isinstance(state, dict) or "calls" not in state:
+            raise TypeError(f"state must be a dict from HyPeHandle.state_dict(), got {type(state).__name__}")
+        calls = list(state["calls"])
+        if state.get("seed") != self.seed:
+            raise ValueError(f"state was saved with seed={state.get('seed')}, this handle has seed={self.seed}")
+        if len(calls) != len(self._hooks):
+            raise ValueError(f"state holds counters for {len(calls)} layers, this handle hooks {len(self._hooks)}")
+        if any(isinstance(c, bool) or not isinstance(c, numbers.Integral) or c < 0 for c in calls):
+            raise ValueError(f"state['calls'] must be ints >= 0, got {calls}")
+        for hook, count in zip(self._hooks, calls):
+            hook.calls = int(count)
 
     @property
     def active(self) -> bool:
@@ -242,13 +277,14 @@ class HyPeHandle:
         try:
             for position, layer in enumerate(self.layers):
                 hook = _NoiseHook(self, position, layer)
+                self._hooks.append(hook)
                 self._hook_handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
                 _HOOKED_LAYERS.add(layer)
-            for module in self.dropout_modules:
-                entry = _DISABLED_DROPOUT.get(module)
+            for module, name in self._switches():
+                entry = _DISABLED_DROPOUT.setdefault(module, {}).get(name)
                 if entry is None:
-                    _DISABLED_DROPOUT[module] = [module.p, 1]
-                    module.p = 0.0  # nn.Dropout with p=0 returns its input itself and draws nothing
+                    _DISABLED_DROPOUT[module][name] = [getattr(module, name), 1]
+                    setattr(module, name, 0.0)  # dropout with p=0 returns its input and draws nothing
                 else:
                     entry[1] += 1
         except BaseException:
@@ -267,14 +303,16 @@ class HyPeHandle:
         self._hook_handles.clear()
         for layer in self.layers:
             _HOOKED_LAYERS.discard(layer)
-        for module in self.dropout_modules:
-            entry = _DISABLED_DROPOUT.get(module)
+        for module, name in self._switches():
+            entry = _DISABLED_DROPOUT.get(module, {}).get(name)
             if entry is None:
                 continue
             entry[1] -= 1
             if entry[1] == 0:
-                module.p = entry[0]
-                del _DISABLED_DROPOUT[module]
+                setattr(module, name, entry[0])
+                del _DISABLED_DROPOUT[module][name]
+                if not _DISABLED_DROPOUT[module]:
+                    del _DISABLED_DROPOUT[module]
 
     def __enter__(self) -> "HyPeHandle":
         return self
@@ -294,20 +332,23 @@ def apply(model: nn.Module, sigma: float = DEFAULT_SIGMA, distribution: str = "n
 
     Args:
         model: a Hugging Face model (base or task model) or any ``nn.Module`` whose layer stack
-            :func:`~fusednoise.integrations.transformers.find_layer_stacks` finds; otherwise pass ``layers``.
+            :func:`~fusednoise.layers.find_layer_stacks` finds; otherwise pass ``layers``.
         sigma: noise scale, >= 0: the standard deviation for "normal", the half-width for "uniform". The paper
             uses 1e-5 for both HyPe-N and HyPe-U (grid 1e-5 / 1e-6).
         distribution: "normal" (HyPe-N, ``N(0, sigma^2)``) or "uniform" (HyPe-U, ``U(-sigma, sigma)`` as in the
             paper; the authors' code draws ``sigma * U[0, 1)``).
         layers: which layers get noise on their input:
-            ``None`` or "all": every layer of :func:`~fusednoise.integrations.transformers.find_layers`;
+            ``None`` or "all": every layer of :func:`~fusednoise.layers.find_layers`;
             "lower" / "upper": the first / second half of each stack (the paper's appendix; an odd stack gives its
             middle layer to "upper"); a list of int indices into ``find_layers(model)`` (negative indices count
             from the end); or an ``nn.ModuleList`` / list of modules of the model (their first argument, or the
             keyword named like their ``forward``'s first parameter, must be the hidden states).
-        disable_dropout: set the hidden-state dropout modules
-            (:func:`~fusednoise.integrations.transformers.hidden_dropout_modules`) to p=0 while applied, as the
-            paper does; attention-probability dropout is left alone. ``remove()`` restores every p.
+        disable_dropout: set the hidden-state dropout to 0 while applied, as the paper does: the dropout modules
+            of :func:`~fusednoise.layers.hidden_dropout_modules` (p=0) and the float probabilities of
+            :func:`~fusednoise.layers.hidden_dropout_attributes` (BART, OPT and other models that call
+            ``F.dropout`` with a float attribute). Attention-probability dropout is left alone. ``remove()``
+            restores every value. When the model's config declares hidden dropout but neither kind is found, a
+            ``UserWarning`` says that hidden dropout stays on.
         rounding: "nearest" or "stochastic" for float16/bfloat16 hidden states. At sigma 1e-5, HyPe in pure
             bf16 with round-to-nearest is nearly a no-op (the noise is far below bf16's resolution);
             "stochastic" keeps the noise in expectation.
@@ -347,7 +388,14 @@ def apply(model: nn.Module, sigma: float = DEFAULT_SIGMA, distribution: str = "n
         raise ValueError(f"layers: HyPe is already applied to {len(already)} of these layers ({already[0]}, ...); "
                          "remove() the earlier handle first, or choose other layers")
     dropouts = hidden_dropout_modules(model) if disable_dropout else []
-    handle = HyPeHandle(model, selected, sigma, distribution, rounding, seed, dropouts)
+    attributes = hidden_dropout_attributes(model) if disable_dropout else []
+    configured = configured_hidden_dropout(model)
+    if disable_dropout and not dropouts and not attributes and configured:
+        warnings.warn(f"hype.apply(disable_dropout=True): {type(model).__name__}'s config declares hidden dropout "
+                      f"{configured:g}, but no dropout module or float dropout attribute was found to turn off: "
+                      "hidden dropout stays on (set it to 0 in the model's config before building the model)",
+                      UserWarning, stacklevel=2)
+    handle = HyPeHandle(model, selected, sigma, distribution, rounding, seed, dropouts, attributes)
     handle._install()
     return handle
 

@@ -293,7 +293,7 @@ class LNSR:
     # ----------------------------------------------------------------------------------------- set-up helpers
     def _resolve_layers(self, layers):
         if layers is None:
-            from .integrations.transformers import find_layer_stacks
+            from .layers import find_layer_stacks
 
             stacks = find_layer_stacks(self.model)
             found = [layer for stack in stacks for layer in stack]

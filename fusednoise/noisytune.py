@@ -6,6 +6,10 @@ deviation of that matrix (SPEC section 3). The exact arithmetic and random numbe
 :mod:`fusednoise.reference.noisytune`. On the Triton backend all matrices of one device and dtype take two
 launches (per-matrix statistics, then the noise), whatever their number.
 
+The paper perturbs the *pretrained* model's matrices. A Hugging Face task model (``...ForSequenceClassification``
+and the like) adds a freshly initialised head outside ``model.base_model``; that head is not pretrained, so it is
+left alone by default and reported as skipped (``include_head=True`` perturbs it too).
+
 FSDP2-sharded parameters (DTensors, SPEC section 4c) are perturbed on their local shards with the std of the
 whole matrix (the shards' moments merged across the ranks, one collective for all matrices) and the noise of
 each element keyed by its index in the unsharded matrix: the same noise as on the unwrapped model.
@@ -60,6 +64,19 @@ class PerturbReport:
         return text + (f", skipped {self.n_skipped} ({why})" if self.skipped else ", skipped 0")
 
 
+HEAD_REASON = "task head (outside model.base_model: not pretrained; include_head=True perturbs it)"
+
+
+def _head_names(model: torch.nn.Module) -> set:
+    """Names of the parameters of a Hugging Face task model that lie outside ``model.base_model`` (its freshly
+    initialised head); empty for a base model, a plain module, or a wrapper whose base model holds everything."""
+    base = getattr(model, "base_model", None)
+    if not isinstance(base, torch.nn.Module) or base is model:
+        return set()
+    inside = {id(p) for p in base.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) not in inside}
+
+
 def _named_tensors(model_or_params) -> List[Tuple[str, torch.Tensor]]:
     if isinstance(model_or_params, torch.nn.Module):
         return list(model_or_params.named_parameters())
@@ -87,9 +104,11 @@ def _named_tensors(model_or_params) -> List[Tuple[str, torch.Tensor]]:
     return named
 
 
-def _skip_reason(name: str, x: torch.Tensor, exclude: Tuple[str, ...]) -> Optional[str]:
+def _skip_reason(name: str, x: torch.Tensor, exclude: Tuple[str, ...], head: set) -> Optional[str]:
     if any(pattern in name for pattern in exclude):
         return "excluded"
+    if name in head:
+        return HEAD_REASON
     if x.is_complex() or not x.is_floating_point():
         return "not a real floating-point tensor"
     if x.dtype not in _SUPPORTED_DTYPES:
@@ -102,7 +121,8 @@ def _skip_reason(name: str, x: torch.Tensor, exclude: Tuple[str, ...]) -> Option
 
 
 def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: float = 0.15,
-             exclude: Union[str, Iterable[str]] = (), seed: Optional[int] = None) -> PerturbReport:
+             exclude: Union[str, Iterable[str]] = (), seed: Optional[int] = None,
+             include_head: bool = False) -> PerturbReport:
     """NoisyTune: ``W += U(-noise_lambda/2, noise_lambda/2) * std(W)`` for every parameter matrix, in place.
 
     Args:
@@ -112,15 +132,18 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
         exclude: names left untouched: a parameter is excluded when one of these strings occurs in its name
             (e.g. ``"word_embeddings"``: the paper leaves token embeddings alone for multilingual models).
         seed: philox seed in [0, 2**62); ``None`` draws one from torch's CPU generator.
+        include_head: also perturb the parameters of a Hugging Face task model that lie outside
+            ``model.base_model`` (the task head, freshly initialised, which the paper does not perturb). Default
+            False: they are skipped with the reason ``HEAD_REASON``. Ignored for tensors and lists of tensors.
 
     ``std`` is the matrix's unbiased standard deviation (float32). On an FSDP2-wrapped model (DTensor
     parameters) each rank perturbs its shards with the std of the whole matrix and the noise of the unsharded
     element, so the model ends as the unwrapped one would (call it on every rank, with the same seed).
     Matrices with std 0 (constant, such as
     RoBERTa's token-type embeddings) or a non-finite std are left untouched bit for bit, as are excluded
-    names, tensors with fewer than 2 elements and non-floating-point tensors. The noise of element ``i`` of
-    the ``k``-th tensor (its position in ``model_or_params``, skipped ones counted) depends on ``(seed, k, i)``
-    only.
+    names, the task head (unless ``include_head``), tensors with fewer than 2 elements and non-floating-point
+    tensors. The noise of element ``i`` of the ``k``-th tensor (its position in ``model_or_params``, skipped
+    ones counted) depends on ``(seed, k, i)`` only, so skipping the head leaves the other tensors' noise as it was.
 
     Returns a :class:`PerturbReport` (``print(report)`` gives one line: how many perturbed, skipped and why).
     """
@@ -129,14 +152,18 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
     if not math.isfinite(noise_lambda) or noise_lambda < 0:
         raise ValueError(f"noise_lambda must be a finite number >= 0, got {noise_lambda}")
     patterns = check_name_patterns(exclude, "exclude")
+    if not isinstance(include_head, bool):
+        raise TypeError(f"include_head must be a bool, got {type(include_head).__name__}")
     seed = rng.resolve_seed(seed)
     named = _named_tensors(model_or_params)
+    head = (_head_names(model_or_params) if isinstance(model_or_params, torch.nn.Module) and not include_head
+            else set())
     report = PerturbReport(noise_lambda=float(noise_lambda), seed=seed)
 
     # (device, dtype) -> (name, local tensor, k, ShardLayout of a sharded matrix or None)
     buckets: Dict[tuple, List[tuple]] = defaultdict(list)
     for k, (name, x) in enumerate(named):
-        reason = _skip_reason(name, x, patterns)
+        reason = _skip_reason(name, x, patterns, head)
         if reason is not None:
             report.skipped[name] = reason
         else:

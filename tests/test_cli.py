@@ -1,12 +1,13 @@
 """The ``fusednoise`` command line: argument errors, the demo's defaults, ``report`` and ``check``."""
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import fusednoise
 from fusednoise import cli, finetune
 from fusednoise.cli import main
 
@@ -19,6 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
     (["finetune"], "--task is required"),
     (["finetune", "--task", "rte", "--max-train-samples", "0"], "--max-train-samples must be an int >= 1"),
     (["finetune", "--task", "rte", "--method", "vanilla", "--method", "pats"], "--method: 'vanilla'"),
+    (["finetune", "--task", "rte", "--method", "vanilla", "--method", "pats"],
+     "to run them side by side, use --compare vanilla pats"),
+    (["finetune", "--task", "rte", "--method", "hype-n", "--method", "hype-u"],
+     "cannot be combined (one of ('hype-n', 'hype-u') per recipe). Repeated --method combines"),
     (["finetune", "--task", "rte", "--method", "hype-n", "--compare", "pats"], "--method (one recipe"),
     (["finetune", "--task", "rte", "--compare", "hype-n+hype-u"], "--compare: 'hype-n' and 'hype-u'"),
     (["finetune", "--task", "rte", "--compare", "pats", "pats"], "--compare names a recipe twice"),
@@ -34,6 +39,27 @@ def test_bad_arguments_exit_2_naming_the_flag(argv, message, capsys):
     err = capsys.readouterr().err
     assert message in err, err
     assert "Traceback" not in err
+
+
+@needs_glue
+def test_a_run_that_would_train_nothing_is_refused_naming_the_flags(capsys):
+    # 32 examples at batch 32 for one epoch: one optimizer step, which the warm-up runs at learning rate 0.
+    argv = ["finetune", "--task", "rte", "--data-dir", str(GLUE_DIR), "--max-train-samples", "32", "--epochs", "1",
+            "--batch-size", "32", "--output", "/nonexistent/never-written"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "make 1 optimizer step, and the warm-up runs the first at learning rate 0: nothing would train" in err
+    assert "--max-train-samples, --epochs or a smaller --batch-size" in err and "--warmup-ratio 0" in err
+
+
+def test_schedule_warnings_name_the_flags():
+    config = finetune.FinetuneConfig(task="rte", epochs=1.0, batch_size=16, warmup_ratio=0.9)
+    warnings = finetune.check_schedule(config, 64)  # 4 steps, warm-up ceil(3.6) = 4 of them
+    assert len(warnings) == 2
+    assert "all of them in the warm-up (--warmup-ratio 0.9): the learning rate never reaches 2e-05" in warnings[0]
+    assert "3 of them at a nonzero learning rate: too few to train (fewer than 10)" in warnings[1]
+    assert finetune.check_schedule(finetune.FinetuneConfig(task="rte", epochs=2.0, batch_size=16), 1000) == []
+    assert len(finetune.check_schedule(finetune.FinetuneConfig(task="rte", epochs=1.0, warmup_ratio=0.0), 32)) == 1
 
 
 def test_unknown_choices_are_refused_by_argparse(capsys):
@@ -62,29 +88,6 @@ def test_demo_defaults_are_small_and_finetune_defaults_are_the_papers():
     assert combined[0][1] == [("hype-u", "noisytune")] and combined[0][0].hype_sigma == 1e-6
 
 
-def test_report_rewrites_table_and_plot(tmp_path, capsys):
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    for recipe, seed, value in (("vanilla", 0, 0.30), ("vanilla", 1, 0.40), ("pats", 0, 0.45), ("pats", 1, 0.45)):
-        config = finetune.FinetuneConfig(task="cola", methods=(recipe,), seed=seed)
-        run = {"schema": "fusednoise.finetune/1", "config": config.to_dict(), "task": "cola", "recipe": recipe,
-               "seed": seed, "metrics": {"matthews_correlation": value},
-               "best_epoch": {"epoch": 1, "matthews_correlation": value},
-               "per_epoch": [{"epoch": 1, "matthews_correlation": value}], "train_examples": 8551,
-               "dev_examples": 1043, "wall_time_s": 1.0, "peak_memory_mb": 1.0, "peak_memory_kind": "t",
-               "device": "cpu: t", "model": "m"}
-        (runs / f"cola__{recipe}__seed{seed}.json").write_text(json.dumps(run))
-    (runs / "not-a-run.json").write_text(json.dumps({"something": "else"}))
-    assert main(["report", "--output", str(tmp_path)]) == 0
-    table = (tmp_path / "results.md").read_text()
-    assert "| vanilla | 0,1 | 35.00 ± 7.07 | — |" in table
-    # PATS runs at its own learning rate (Adamax 1e-4 on CoLA) and is compared with vanilla all the same.
-    assert "| pats | 0,1 | 45.00 ± 0.00 | +10.00 |" in table and "| 0.0001 |" in table
-    assert "## Per seed" in table and "| recipe | seed 0 | seed 1 | paired Δ vs vanilla |" in table
-    assert (tmp_path / "curves.png").stat().st_size > 1000
-    assert "wrote" in capsys.readouterr().out
-
-
 def test_python_m_fusednoise_lists_the_commands():
     result = subprocess.run([sys.executable, "-m", "fusednoise", "--help"], capture_output=True, text=True,
                             cwd=REPO, timeout=120)
@@ -93,14 +96,43 @@ def test_python_m_fusednoise_lists_the_commands():
         assert command in result.stdout
 
 
+# Every fused op `fusednoise check` must cover, with the dtypes it runs them in.
+CHECKED_OPS = {
+    "add_noise_ (normal)": 3, "add_noise (uniform)": 3, "add_residual_noise": 3, "layerwise_diff_norm fwd": 3,
+    "layerwise_diff_norm bwd": 3, "scaled_noise fwd": 3, "scaled_noise bwd": 3, "in_manifold_noise": 3,
+    "noisytune.perturb_": 2, "PATSAdamax.step x3 params": 1, "PATSAdamax.step x3 state": 1,  # float32
+    "PATSAdamax.step x1 params": 1, "PATSAdamax.step x1 state": 1,  # bfloat16
+}
+if hasattr(fusednoise, "add_neftune_noise"):
+    CHECKED_OPS["add_neftune_noise"] = 3
+
+
 @needs_glue
-def test_check_runs_the_op_checks_and_times_hype(tmp_path):
-    env = dict(os.environ, TRITON_INTERPRET="1")
+def test_check_covers_every_fused_op_and_times_hype_and_pats(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, "-m", "fusednoise", "check", "--steps", "1", "--batch-size", "2",
                              "--max-length", "16", "--device", "cpu", "--data-dir", str(GLUE_DIR)],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300, env=env)
+                            capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    assert "MISMATCH" not in out
-    assert ("  ok" in out) or ("only the reference backend" in out)
+    op_lines = [line.strip() for line in out.splitlines() if "max|fused-ref|" in line]
+    assert op_lines and all(line.endswith(" ok") for line in op_lines), "\n".join(op_lines)
+    for op, dtypes in CHECKED_OPS.items():  # the diff norm once per dtype and reduction it offers
+        count = sum(line.startswith(op + " ") for line in op_lines)
+        assert count >= dtypes and count % dtypes == 0, (op, count)
     assert "vanilla" in out and "HyPe-N" in out and "ms/step" in out
+    assert "torch.optim.Adamax (foreach=False)" in out and "x Adamax)" in out
+
+
+def test_check_reports_a_kernel_that_disagrees_with_its_reference(monkeypatch):
+    from fusednoise import check
+
+    original = check._both
+
+    def off_by_a_little(run):
+        fused, eager = original(run)
+        return fused + 1e-3, eager  # add_noise returns one tensor
+
+    monkeypatch.setattr(check, "_both", off_by_a_little)
+    lines = check.check_ops("cpu", ["HyPe"], dtypes=[torch.float32])
+    assert len(lines) == 3 and all(line.endswith("MISMATCH") for line in lines)

@@ -15,7 +15,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 from fusednoise import finetune
 from fusednoise.cli import main
-from fusednoise.finetune import FinetuneConfig, parse_recipe, summary_table
+from fusednoise.finetune import FinetuneConfig, parse_recipe
 from fusednoise.integrations.trainer import (FusedNoiseTrainer, HyPeCallback, HyPeConfig, LNSRConfig,
                                              NoisyTuneConfig, PATSConfig, warmup_steps_for)
 
@@ -163,6 +163,82 @@ def test_pats_builds_the_optimizer_from_the_training_arguments(tmp_path):
     assert {g["lr"] for g in built.param_groups} == {1e-5} and {g["noise_lambda"] for g in built.param_groups} == {0}
 
 
+def test_noisytune_leaves_the_task_head_alone_unless_asked(tmp_path):
+    def perturbed(config):
+        model = tiny_bert()
+        before = {name: p.detach().clone() for name, p in model.named_parameters()}
+        trainer = FusedNoiseTrainer(model=model, args=tiny_args(tmp_path, max_steps=1, learning_rate=0.0),
+                                    train_dataset=tiny_data(), noisytune=config)
+        trainer.train()
+        changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+        return changed, trainer.noisytune_report
+
+    changed, report = perturbed(NoisyTuneConfig(seed=3))
+    head = {"classifier.weight", "classifier.bias"}
+    assert not changed & head and changed  # learning rate 0: only NoisyTune changed anything
+    assert all(report.skipped[name].startswith("task head") for name in head)
+    changed, report = perturbed(NoisyTuneConfig(seed=3, include_head=True))
+    assert "classifier.weight" in changed and "classifier.weight" in report.perturbed
+
+
+def test_hype_seed_counters_survive_a_checkpoint_resume(tmp_path):
+    data = tiny_data()
+    hype = HyPeConfig(sigma=0.05, seed=11)  # large noise, so a replayed sequence shows in the weights
+    args = dict(num_train_epochs=1, per_device_train_batch_size=4, save_strategy="steps", save_steps=4,
+                optim="sgd", learning_rate=0.1, lr_scheduler_type="constant")
+
+    def train(folder, resume=None):
+        model = tiny_bert(seed=0)
+        trainer = FusedNoiseTrainer(model=model, args=tiny_args(tmp_path / folder, **args), train_dataset=data,
+                                    hype=hype)
+        trainer.train(resume_from_checkpoint=resume)
+        return {name: p.detach().clone() for name, p in model.named_parameters()}, trainer
+
+    whole, trainer = train("whole")  # 8 steps, checkpoints at 4 and 8
+    assert trainer.hype_callback.noise_state == {"seed": 11, "calls": [8, 8]}
+    checkpoint = tmp_path / "whole" / "trainer" / "checkpoint-4"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["HyPeCallback"]
+    assert saved["attributes"]["noise_state"] == {"seed": 11, "calls": [4, 4]}
+    resumed, _ = train("resumed", resume=str(checkpoint))
+    for name in whole:
+        torch.testing.assert_close(resumed[name], whole[name], rtol=0, atol=1e-6)
+    # Without the counters the resumed run replays the noise of steps 1-4: the weights then differ.
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    state["stateful_callbacks"]["HyPeCallback"]["attributes"]["noise_state"] = None
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    replayed, _ = train("replayed", resume=str(checkpoint))
+    assert max((replayed[n] - whole[n]).abs().max().item() for n in whole) > 1e-4
+
+
+def test_lnsr_with_gradient_accumulation_matches_one_large_batch(tmp_path, monkeypatch):
+    from fusednoise import lnsr
+
+    # Noise that depends on each example alone, so two micro-batches of 8 and one batch of 16 get the same noise.
+    monkeypatch.setattr(lnsr, "scaled_noise", lambda x, scale, seed=None: x + scale * x.flip(-1))
+    data = tiny_data()
+
+    def weights(batch_size, accumulation):
+        model = tiny_bert(seed=1)
+        args = tiny_args(tmp_path, num_train_epochs=1, per_device_train_batch_size=batch_size,
+                         gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5,
+                         max_grad_norm=0.0, lr_scheduler_type="constant")
+        trainer = FusedNoiseTrainer(model=model, args=args, train_dataset=data, lnsr=LNSRConfig(scale=0.5))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the penalty dominates on a random model, as it should here
+            trainer.train()
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    large, accumulated = weights(16, 1), weights(8, 2)
+    moved = max((large[n] - tiny_bert(seed=1).state_dict()[n]).abs().max().item() for n in large)
+    assert moved > 1e-3
+    for name in large:
+        torch.testing.assert_close(accumulated[name], large[name], rtol=1e-4, atol=2e-5)  # float sums
+    # The check can fail: without the division the accumulated loss counts twice.
+    monkeypatch.setattr(FusedNoiseTrainer, "_trainer_skips_accumulation_division", lambda self, n: False)
+    doubled = weights(8, 2)
+    assert max((doubled[n] - large[n]).abs().max().item() for n in large) > 1e-3
+
+
 @pytest.mark.filterwarnings("ignore:LNSR's penalty")  # scale 0.5 on a random model: it does dominate
 def test_lnsr_penalty_is_added_in_training_only(tmp_path):
     model = tiny_bert()
@@ -257,46 +333,13 @@ def test_config_maps_methods_to_the_papers_defaults():
         FinetuneConfig(lr=-1.0)
 
 
-def _fake_run(task, recipe, seed, value, epochs=2):
-    metric = finetune.get_task(task).main_metric
-    config = FinetuneConfig(task=task, methods=tuple(recipe.split("+")), seed=seed, max_train_samples=100)
-    return {"schema": "fusednoise.finetune/1", "config": config.to_dict(), "task": task, "recipe": recipe,
-            "seed": seed, "metrics": {metric: value}, "best_epoch": {"epoch": 1, metric: value + 0.01},
-            "per_epoch": [{"epoch": e + 1, metric: value - 0.01 * (epochs - e - 1)} for e in range(epochs)],
-            "train_examples": 100, "dev_examples": 277, "wall_time_s": 10.0, "peak_memory_mb": 100.0,
-            "peak_memory_kind": "test", "device": "cpu: test", "model": "m"}
-
-
-def test_summary_table_by_hand(tmp_path):
-    runs = [_fake_run("rte", "vanilla", 0, 0.50), _fake_run("rte", "vanilla", 1, 0.60),
-            _fake_run("rte", "hype-n", 0, 0.56), _fake_run("rte", "hype-n", 1, 0.58)]
-    table = summary_table(runs)
-    # vanilla: mean 55, sample std sqrt(50) = 7.07; hype-n: mean 57, std sqrt(2) = 1.41, +2.00 over vanilla
-    assert "| vanilla | 0,1 | 55.00 ± 7.07 | — | 60.00 | 56.00 ± 7.07 | 100/277 | 3 | 2e-05 | 10 | 100 |" in table
-    assert "| hype-n | 0,1 | 57.00 ± 1.41 | +2.00 | 58.00 |" in table
-    assert table.index("| vanilla |") < table.index("| hype-n |")
-    path = finetune.plot_curves(runs, tmp_path / "curves.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_per_seed_table_pairs_each_seed_with_vanilla():
-    runs = [_fake_run("rte", "vanilla", 0, 0.50), _fake_run("rte", "vanilla", 1, 0.60),
-            _fake_run("rte", "hype-n", 0, 0.56), _fake_run("rte", "hype-n", 1, 0.58), _fake_run("rte", "pats", 2, 0.7)]
-    table = finetune.per_seed_table(runs)
-    assert "| recipe | seed 0 | seed 1 | seed 2 | paired Δ vs vanilla |" in table
-    assert "| vanilla | 50.00 | 60.00 |  | — |" in table
-    assert "| hype-n | 56.00 | 58.00 |  | +6.00, -2.00 |" in table  # a mean gain of +2 that changes sign
-    assert "| pats |  |  | 70.00 | no vanilla run with these seeds |" in table
-
-
-
 # --------------------------------------------------------------------------------------------- end to end
 @needs_glue
 def test_finetune_command_end_to_end_with_every_method(tmp_path, capsys):
     out = tmp_path / "out"
     common = ["--task", "rte", "--data-dir", str(GLUE_DIR), "--max-train-samples", "32", "--max-eval-samples", "32",
               "--epochs", "1", "--batch-size", "32", "--max-length", "48", "--output", str(out), "--no-progress",
-              "--device", "cpu"]
+              "--device", "cpu", "--warmup-ratio", "0"]  # one step: with warm-up it would run at lr 0 (refused)
     assert main(["finetune", "--compare", "all", *common]) == 0
     assert main(["finetune", "--method", "hype-n", "--method", "noisytune", *common]) == 0  # a combination
     recipes = list(finetune.METHODS) + ["hype-n+noisytune"]
@@ -310,18 +353,24 @@ def test_finetune_command_end_to_end_with_every_method(tmp_path, capsys):
         assert 0 <= run["per_epoch"][0]["accuracy"] <= 1 and math.isfinite(run["per_epoch"][0]["train_loss"])
         assert run["metrics"]["accuracy"] == run["per_epoch"][0]["accuracy"]
         assert run["wall_time_s"] > 0 and run["peak_memory_mb"] > 100 and run["device"].startswith("cpu")
+        assert run["schema"] == "fusednoise.finetune/2" and run["label"] == recipe and run["method_settings"] == {}
+        assert run["step_time_s"]["steps_timed"] == 1 and run["step_time_s"]["median"] > 0
+        assert "too few to train" in run["warnings"][0]
+        assert run["majority_baseline"]["prediction"].startswith("always class")
     # Each method did what it says.
     assert runs["lnsr"]["per_epoch"][0]["lnsr_penalty"] > 0
     assert runs["lnsr-manifold"]["per_epoch"][0]["lnsr_penalty"] > 0
     assert "lnsr_penalty" not in runs["vanilla"]["per_epoch"][0]
     assert runs["noisytune"]["noisytune_report"]["n_perturbed"] > 0
+    assert set(runs["noisytune"]["noisytune_report"]["skipped"]) >= {"classifier.weight", "classifier.bias"}
     assert runs["hype-n+noisytune"]["noisytune_report"]["n_perturbed"] > 0
     assert runs["vanilla"]["noisytune_report"] is None
     assert runs["pats"]["config"]["optimizer"].startswith("Adamax") and runs["pats"]["config"]["optimizer_lr"] == 3e-4
     assert runs["hype-u"]["config"]["optimizer"] == "AdamW"
     table = (out / "results.md").read_text()
     for recipe in recipes:
-        assert f"| {recipe} | 0 |" in table
+        assert f"| {recipe} ⚠ | 0 |" in table
+    assert "| majority baseline: always class" in table and "too few to train" in table
     assert "### RTE" in table
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "fusednoise finetune: 1 run(s)" in capsys.readouterr().out
@@ -339,3 +388,4 @@ def test_the_example_script_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "NoisyTune(lambda=0.15): perturbed" in result.stdout
     assert "'eval_accuracy'" in result.stdout
+    assert "pin_memory" not in result.stderr  # no pinned-memory warning on a machine without a GPU

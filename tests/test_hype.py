@@ -1,6 +1,7 @@
 """HyPe on tiny randomly initialised Hugging Face models of every supported family (reference backend on CPU;
 one test runs the Triton kernel inside a model, under the interpreter when there is no GPU)."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ from torch import nn
 import fusednoise
 from devices import KERNEL_DEVICE
 from fusednoise import hype
-from fusednoise.integrations.transformers import find_layer_stacks, find_layers, hidden_dropout_modules
-from test_integrations_transformers import ARCH_NAMES, ARCHS, build_model, main_output, model_inputs
+from fusednoise.layers import find_layer_stacks, find_layers, hidden_dropout_attributes, hidden_dropout_modules
+from test_layers import ARCH_NAMES, ARCHS, _fairseq_inputs, _fairseq_style, build_model, main_output, model_inputs
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
@@ -227,6 +228,25 @@ def test_explicit_seed_is_independent_of_torch_rng(name):
         assert not torch.equal(_forward(model, name), first_step)
 
 
+def test_state_dict_continues_the_noise_sequence_of_an_explicit_seed():
+    model = build_model("bert")
+    with hype.apply(model, sigma=1e-3, seed=99) as handle:
+        steps = [_forward(model, "bert") for _ in range(3)]
+        state = handle.state_dict()
+    assert state == {"seed": 99, "calls": [3, 3]}
+    with hype.apply(model, sigma=1e-3, seed=99) as resumed:
+        assert torch.equal(_forward(model, "bert"), steps[0])  # a fresh handle replays from call 0 ...
+        resumed.load_state_dict({"seed": 99, "calls": [2, 2]})
+        assert torch.equal(_forward(model, "bert"), steps[2])  # ... a loaded one continues where it stopped
+        for bad, error, match in (({"seed": 98, "calls": [2, 2]}, ValueError, "seed=98"),
+                                  ({"seed": 99, "calls": [2]}, ValueError, "1 layers"),
+                                  ({"seed": 99, "calls": [2, -1]}, ValueError, "ints >= 0"),
+                                  ([2, 2], TypeError, "state_dict")):
+            with pytest.raises(error, match=match):
+                resumed.load_state_dict(bad)
+        assert resumed.state_dict()["calls"] == [3, 3]
+
+
 def test_derive_seed_rule():
     seeds = {hype.derive_seed(42, layer, call) for layer in range(24) for call in range(100)}
     assert len(seeds) == 2400
@@ -399,6 +419,56 @@ def test_disable_dropout_zeroes_hidden_dropout_and_remove_restores_it(name):
         assert all(m.p == 0.0 for m in hidden)
         assert all(m.p == 0.2 for m in others)
     assert all(m.p == 0.1 for m in hidden) and hidden
+
+
+@pytest.mark.parametrize("name", ["bart", "opt"])
+def test_disable_dropout_turns_off_float_attribute_dropout(name):
+    model = _fairseq_style(name, hidden_dropout=0.3, attention_dropout=0.2)
+    inputs = _fairseq_inputs()
+
+    def two_draws():
+        outputs = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            outputs.append(model(**inputs).logits)
+        return outputs
+
+    attention = {m: m.dropout for m in model.modules() if "Attention" in type(m).__name__}
+    with hype.apply(model, sigma=0.0, disable_dropout=True) as handle:
+        assert handle.dropout_attributes and all(getattr(m, a) == 0.0 for m, a in handle.dropout_attributes)
+        assert all(m.dropout == p == 0.2 for m, p in attention.items())  # attention dropout stays
+        for m in attention:
+            m.dropout = 0.0  # to see that nothing random is left on the hidden states
+        first, second = two_draws()
+        assert torch.equal(first, second)
+    for m in attention:
+        m.dropout = 0.2
+    assert all(getattr(m, a) == 0.3 for m, a in hidden_dropout_attributes(model))
+    first, second = two_draws()
+    assert not torch.equal(first, second)  # restored: dropout draws again
+
+
+def test_disable_dropout_warns_when_the_configured_hidden_dropout_cannot_be_found():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return nn.functional.dropout(self.linear(x), p=0.1, training=self.training)  # no attribute to set
+
+    class Model(nn.Module):
+        def __init__(self, dropout):
+            super().__init__()
+            self.config = type("Config", (), {"hidden_dropout_prob": dropout})()
+            self.layers = nn.ModuleList([Block(), Block()])
+
+    with pytest.warns(UserWarning, match="hidden dropout stays on"):
+        hype.apply(Model(0.1), disable_dropout=True).remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hype.apply(Model(0.0), disable_dropout=True).remove()      # nothing configured: nothing to say
+        hype.apply(Model(0.1), disable_dropout=False).remove()     # not asked to turn dropout off
 
 
 def test_two_handles_restore_dropout_in_any_order():

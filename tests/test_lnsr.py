@@ -7,8 +7,8 @@ from torch import nn
 
 import fusednoise
 from fusednoise import hype, lnsr, ops_lnsr, rng
-from fusednoise.integrations.transformers import find_layers
-from test_integrations_transformers import ARCH_NAMES, ARCHS, BATCH, SEQ, build_model, main_output, model_inputs
+from fusednoise.layers import find_layers
+from test_layers import ARCH_NAMES, ARCHS, BATCH, SEQ, build_model, main_output, model_inputs
 
 
 def _batch(name, seed=0):

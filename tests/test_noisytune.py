@@ -186,6 +186,34 @@ def test_model_with_tied_weights_and_requires_grad():
     assert torch.all(model.bert.embeddings.LayerNorm.bias == 0)
 
 
+def test_task_head_is_left_alone_unless_included():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, vocab_size=40, max_position_embeddings=16, num_labels=3)
+    pretrained = transformers.BertForSequenceClassification(config).state_dict()
+    runs = {}
+    for include_head in (False, True):
+        model = transformers.BertForSequenceClassification(config)
+        model.load_state_dict(pretrained)
+        report = perturb_(model, seed=5, include_head=include_head)
+        runs[include_head] = ({n: p.detach().clone() for n, p in model.named_parameters()}, report)
+    (default, default_report), (with_head, head_report) = runs[False], runs[True]
+    head = {"classifier.weight", "classifier.bias"}
+    assert {n: default_report.skipped[n] for n in head} == {n: "task head (outside model.base_model: not "
+                                                            "pretrained; include_head=True perturbs it)" for n in head}
+    assert torch.equal(default["classifier.weight"], pretrained["classifier.weight"])
+    assert "classifier.weight" in head_report.perturbed
+    assert not torch.equal(with_head["classifier.weight"], pretrained["classifier.weight"])
+    # The pretrained matrices get the same noise either way: a tensor's noise is keyed by its position.
+    for name in default:
+        if name not in head:
+            assert torch.equal(default[name], with_head[name]), name
+    base = transformers.BertModel(config)  # a base model has no head to leave out
+    assert not any(r.startswith("task head") for r in perturb_(base, seed=5).skipped.values())
+    with pytest.raises(TypeError, match="include_head"):
+        perturb_(base, include_head="no")
+
+
 @pytest.mark.parametrize("kwargs, error, name", [
     (dict(noise_lambda=-0.1), ValueError, "noise_lambda"), (dict(noise_lambda=float("inf")), ValueError,
                                                             "noise_lambda"),

@@ -20,7 +20,9 @@ What each one does inside the Trainer:
 * **HyPe** (:class:`HyPeCallback`): ``hype.apply`` at ``on_train_begin``, ``handle.remove()`` at ``on_train_end``.
   The noise hooks act only while the model is in training mode, so the evaluations the Trainer runs during
   training (``model.eval()``) see the model without noise, bitwise. Hidden dropout is turned off while HyPe is on
-  (``disable_dropout=True``, the paper's setting) and restored by ``remove()``.
+  (``disable_dropout=True``, the paper's setting) and restored by ``remove()``. With ``HyPeConfig(seed=...)`` the
+  per-layer noise counters are saved in every checkpoint (``trainer_state.json``, as an ``ExportableState``) and
+  restored when training resumes from it, so a resumed run draws the noise an uninterrupted one would.
 * **NoisyTune** (:class:`NoisyTuneCallback`): ``noisytune.perturb_`` once, at ``on_train_begin`` of a run that
   starts at step 0 (a run resumed from a checkpoint already holds perturbed, trained weights and is left alone),
   and never twice on the same model.
@@ -45,6 +47,7 @@ Trainer subclass of your own (``class MyTrainer(FusedNoiseMixin, MyBaseTrainer)`
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -56,6 +59,7 @@ from ..lnsr import DEFAULT_REDUCTION, DEFAULT_REPLAY_RNG
 
 try:
     from transformers import Trainer, TrainerCallback
+    from transformers.trainer_callback import ExportableState
 except ImportError as error:  # pragma: no cover - transformers is a dependency of the package
     raise ImportError("fusednoise.integrations.trainer needs transformers (and accelerate for Trainer): "
                       "pip install transformers accelerate") from error
@@ -71,6 +75,7 @@ class HyPeConfig:
     layers: Any = None            # None / "all", "lower", "upper", indices or modules
     disable_dropout: bool = True  # the paper turns hidden dropout off when HyPe is on
     rounding: str = "nearest"     # "stochastic" keeps sigma 1e-5 alive in a bf16/fp16 residual stream
+    seed: Optional[int] = None    # None: seeds from torch's CPU generator; an int: hype.apply(seed=...)
 
 
 @dataclass
@@ -92,11 +97,13 @@ class LNSRConfig:
 
 @dataclass
 class NoisyTuneConfig:
-    """Arguments of :func:`fusednoise.noisytune.perturb_`. Paper default (GLUE): lambda 0.15."""
+    """Arguments of :func:`fusednoise.noisytune.perturb_`. Paper default (GLUE): lambda 0.15, on the pretrained
+    matrices only (``include_head=False`` leaves the freshly initialised task head alone)."""
 
     noise_lambda: float = 0.15
     exclude: Sequence[str] = ()
     seed: Optional[int] = None    # None: drawn from torch's CPU generator (``torch.manual_seed`` reproduces it)
+    include_head: bool = False    # also perturb the task head (parameters outside model.base_model)
 
 
 @dataclass
@@ -148,18 +155,51 @@ def _kwargs(config) -> Dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
 
 
+def _json_safe(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------------------------- callbacks
-class HyPeCallback(TrainerCallback):
+class HyPeCallback(TrainerCallback, ExportableState):
     """HyPe on at the start of training, off at its end; inert during the Trainer's evaluations (eval mode).
 
     Works on any ``Trainer``: ``Trainer(..., callbacks=[HyPeCallback(HyPeConfig(sigma=1e-5))])``.
+
+    Checkpoints: the handle's noise counters (:meth:`fusednoise.hype.HyPeHandle.state_dict`) are saved with the
+    Trainer's state, and a run resumed from a checkpoint (``global_step > 0`` at ``on_train_begin``) loads them,
+    so with ``seed=`` the noise continues where the interrupted run stopped. (With ``seed=None`` the noise comes
+    from torch's CPU generator, which the Trainer's checkpoint restores.)
     """
 
-    def __init__(self, config: Union[HyPeConfig, dict, bool, None] = True):
+    def __init__(self, config: Union[HyPeConfig, dict, bool, None] = True, noise_state: Optional[dict] = None):
         self.config = _as_config(config, HyPeConfig, "config")
         if self.config is None:
             raise ValueError("config must describe HyPe (True, a dict or a HyPeConfig), got None/False")
+        self.noise_state = noise_state  # counters to continue from; set by a Trainer that restores callbacks
         self.handle = None
+
+    def state(self) -> dict:
+        """``ExportableState``: the config (JSON-safe) and the noise counters, for ``trainer_state.json``."""
+        config = _kwargs(self.config)
+        if not _json_safe(config["layers"]):  # modules cannot be written: a restored callback hooks every layer,
+            config["layers"] = None           # and loading counters of fewer layers into it fails loudly
+        noise_state = self.handle.state_dict() if self.handle is not None else self.noise_state
+        return {"args": {"config": config}, "attributes": {"noise_state": noise_state}}
+
+    def _saved_noise_state(self, state) -> Optional[dict]:
+        saved = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if isinstance(saved, list):
+            if len(saved) != 1:
+                warnings.warn("several HyPeCallbacks in one Trainer: their noise counters are not restored from "
+                              "the checkpoint", UserWarning, stacklevel=3)
+                return None
+            saved = saved[0]
+        noise_state = (saved or {}).get("attributes", {}).get("noise_state")
+        return noise_state if noise_state is not None else self.noise_state
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from .. import hype
@@ -168,9 +208,13 @@ class HyPeCallback(TrainerCallback):
             raise RuntimeError("HyPeCallback needs the model: the Trainer passes it to on_train_begin")
         if self.handle is None:
             self.handle = hype.apply(model, **_kwargs(self.config))
+            noise_state = self._saved_noise_state(state) if state.global_step > 0 else None
+            if noise_state is not None:
+                self.handle.load_state_dict(noise_state)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.handle is not None:
+            self.noise_state = self.handle.state_dict()
             self.handle.remove()
             self.handle = None
 
@@ -198,7 +242,8 @@ class NoisyTuneCallback(TrainerCallback):
         if state.global_step > 0 or id(model) in self._perturbed_ids:
             return
         self.report = noisytune.perturb_(model, noise_lambda=self.config.noise_lambda,
-                                         exclude=tuple(self.config.exclude), seed=self.config.seed)
+                                         exclude=tuple(self.config.exclude), seed=self.config.seed,
+                                         include_head=self.config.include_head)
         self._perturbed_ids.add(id(model))
 
 
@@ -347,7 +392,26 @@ class FusedNoiseMixin:
         self._lnsr_sum = penalty.detach() if self._lnsr_sum is None else self._lnsr_sum + penalty.detach()
         self._lnsr_count += 1
         loss = task_loss + penalty
+        if self._trainer_skips_accumulation_division(num_items_in_batch):
+            # Both terms here are means over this micro-batch (num_items_in_batch is not passed to the model).
+            # When the Trainer takes the loss as normalised over the accumulated batch, it skips its division by
+            # the number of micro-batches, and the loss would count that many times: divide here instead.
+            loss = loss / self._micro_batches()
         return (loss, outputs) if return_outputs else loss
+
+    def _trainer_skips_accumulation_division(self, num_items_in_batch) -> bool:
+        """Whether ``Trainer.training_step`` will take the returned loss as normalised over the whole accumulated
+        batch and not divide it by the number of micro-batches: its own test, in the versions that have each
+        attribute. (It says yes for any model whose forward takes ``**kwargs``, including heads that ignore
+        ``num_items_in_batch``, such as BERT's sequence classification in transformers 5.)"""
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
+        if flag is not None:
+            return bool(flag)
+        return ((getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+                or getattr(self, "compute_loss_func", None) is not None)
+
+    def _micro_batches(self) -> int:
+        return int(getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps)
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
         if self._lnsr_count and "loss" in logs:
