@@ -90,6 +90,8 @@ export -f do_install show_environment
 run_extra_steps() {
     # issue 13: a captured PATSAdamax step (capturable=True) replayed N times equals N eager steps
     step pats-cuda-graph 60 python -m pytest tests/test_pats_cuda_graph.py -q -rfEs -p no:cacheprovider
+    # issue 13: replays of captured noise ops draw new noise and equal eager calls at the same (seed, offset)
+    step cuda-graphs 120 python -m pytest tests/test_cuda_graphs.py -q -rfEs -p no:cacheprovider
 }
 
 step environment 30 bash -c show_environment

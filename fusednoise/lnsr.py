@@ -50,11 +50,13 @@ a tuple). XLNet's (T, B, D) hidden states are read transposed, in place.
 Randomness: the noise seed is drawn once per call from torch's CPU generator (``torch.manual_seed`` reproduces a
 run). With ``replay_rng=True`` the noisy pass then replays the clean pass's random draws: torch's CPU and
 CUDA generator states are set back to where the clean pass started, and each pass-through layer leaves them where
-its clean call did; afterwards they continue from where they were. Both passes therefore see the same dropout
-masks (and the same HyPe noise), the penalty measures the injected noise alone, and ``scale=0`` gives a penalty
-of exactly 0. ``replay_rng=False`` lets the passes draw independently, as two plain calls of the model would from
-layer ``b`` on (the penalty then also contains the dropout difference, R-Drop style; below ``b`` the clean pass's
-outputs are reused, dropout included). The default, :data:`DEFAULT_REPLAY_RNG`, is in ``docs/lnsr.md``.
+its clean call did; afterwards they continue from where they were (on the offset path of the noise ops, inside
+a CUDA graph capture, the device's offset counter too, and the injected noise leaves it alone). Both passes
+therefore see the same dropout masks (and the same HyPe noise), the penalty measures the injected noise alone,
+and ``scale=0`` gives a penalty of exactly 0. ``replay_rng=False`` lets the passes draw independently, as two
+plain calls of the model would from layer ``b`` on (the penalty then also contains the dropout difference, R-Drop
+style; below ``b`` the clean pass's outputs are reused, dropout included). The default,
+:data:`DEFAULT_REPLAY_RNG`, is in ``docs/lnsr.md``.
 
 Batched mode (``batched=True``): one forward in which, from layer ``b`` on, the batch is doubled to 2B (clean
 then noisy half; attention masks and other batch-first tensors handed to the layers are repeated) and cut back to
@@ -73,14 +75,15 @@ layer ``b`` on.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import numbers
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from . import rng
+from . import graph_offsets, rng
 from .ops_lnsr import (DEFAULT_K, DEFAULT_MIX_RATIO, DEFAULT_REDUCTION, DEFAULT_SCALE, REDUCTIONS,
                        clear_neighbor_cache, in_manifold_noise, layerwise_diff_norm, layerwise_diff_norm_paired,
                        nearest_neighbors, neighbor_table, scaled_noise)
@@ -158,17 +161,22 @@ def _cut_batch(value, batch: int):
 
 
 class _RngState:
-    """torch's CPU generator and, when the hidden states live there, the CUDA generator of their device."""
+    """torch's CPU generator and, when the hidden states live there, the CUDA generator of their device; on the
+    offset path of the noise ops (CUDA graphs, ``rng.graph_safe()``) also the device's offset counter, as a device
+    copy: the seeds replay from the CPU generator, and the offsets must replay too for the same noise."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.offsets = rng.save_offsets(device) if graph_offsets.offset_path_active(device) else None
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state(self.cuda, self.device)
+        if self.offsets is not None:
+            rng.restore_offsets(self.offsets)
 
 
 class _Run:
@@ -423,7 +431,22 @@ class LNSR:
         return None
 
     def _make_noise(self, x_b: torch.Tensor, seed: int) -> torch.Tensor:
-        return scaled_noise(x_b, self.scale, seed=seed)
+        with self._offsets_kept(x_b.device):
+            return scaled_noise(x_b, self.scale, seed=seed)
+
+    @contextlib.contextmanager
+    def _offsets_kept(self, device: torch.device) -> Iterator[None]:
+        # On the offset path of the noise ops (CUDA graphs) with replay_rng, the injected noise's ticket would shift
+        # the offsets of the replayed draws after it (HyPe's calls): it reads the counter's next value and leaves the
+        # counter as it was. Its own seed keys its words apart from those draws.
+        if not (self.replay_rng and graph_offsets.offset_path_active(device)):
+            yield
+            return
+        saved = rng.save_offsets(device)
+        try:
+            yield
+        finally:
+            rng.restore_offsets(saved)
 
     def _embedding_hook(self, module, args, output):
         # In-manifold noise, noisy pass: x_w + eps on the word-embedding lookup of the first stack (the encoder's
@@ -439,8 +462,9 @@ class LNSR:
                              f"{tuple(getattr(output, 'shape', ()))}")
         run.embedded = True
         weight = self._embedding_weight()
-        return in_manifold_noise(output, ids, weight, self.k, self.mix_ratio, seed=run.seed,
-                                 neighbors=neighbor_table(weight, self.k))
+        with self._offsets_kept(output.device):
+            return in_manifold_noise(output, ids, weight, self.k, self.mix_ratio, seed=run.seed,
+                                     neighbors=neighbor_table(weight, self.k))
 
     def _install(self, passthrough: bool):
         handles, patched = [], []

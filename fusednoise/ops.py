@@ -16,7 +16,11 @@ Everything else goes through ``torch.ops.fusednoise.*``.
 
 Gradients pass through unchanged: the noise is additive and independent of the input, d(x + eps)/dx = I.
 
-Schemas (a later device-side seed offset for CUDA-graph replay becomes a trailing ``Tensor? offset=None``)::
+CUDA graphs: while a stream is capturing (or inside ``fusednoise.rng.graph_safe()``) each call's kernel reads its
+offset from a device ticket taken inside the op (:mod:`fusednoise.graph_offsets`), so every replay draws new
+noise; the schemas do not change, as the offset, like the seed, is the op's own business.
+
+Schemas::
 
     fusednoise::add_noise(Tensor x, float sigma, str distribution, int? seed, bool stochastic) -> Tensor
     fusednoise::add_noise_(Tensor(a!) x, float sigma, str distribution, int? seed, bool stochastic) -> ()
@@ -31,7 +35,7 @@ from typing import Optional
 import torch
 
 from . import backends as _backend
-from . import rng
+from . import graph_offsets, rng
 from .reference import noise as _reference
 from .validation import check_float_tensor, check_real
 
@@ -104,8 +108,11 @@ def _run(x: torch.Tensor, residual: Optional[torch.Tensor], out: Optional[torch.
     global _noise_kernels
     if seed is None:
         seed = rng.draw_seed()
-    if _backend.resolve(x) == "reference":
-        result = _reference.noisy_sum(x, residual, sigma, distribution, seed, stochastic)
+    backend = _backend.resolve(x)
+    offset = graph_offsets.kernel_offset(x, backend, "add_noise")  # a ticket while capturing a CUDA graph
+    if backend == "reference":
+        result = _reference.noisy_sum(x, residual, sigma, distribution, seed, stochastic,
+                                      offset=graph_offsets.offset_value(offset))
         if out is None:
             return result
         out.copy_(result)
@@ -118,7 +125,7 @@ def _run(x: torch.Tensor, residual: Optional[torch.Tensor], out: Optional[torch.
     if target is None or not target.is_contiguous():
         # New output, or in place on a strided view: the kernel writes a contiguous tensor (scattered back below).
         target = torch.empty_like(x_c, memory_format=torch.contiguous_format)
-    _noise_kernels.launch_noise(x_c, residual_c, target, sigma, distribution, seed, stochastic)
+    _noise_kernels.launch_noise(x_c, residual_c, target, sigma, distribution, seed, stochastic, 0, offset)
     if out is not None and target is not out:
         out.copy_(target)
         return out

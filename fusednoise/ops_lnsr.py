@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from . import backends as _backend
-from . import rng
+from . import graph_offsets, rng
 from .reference import lnsr as _reference
 from .validation import check_float_tensor as _check_float_tensor, check_real as _check_real
 
@@ -212,59 +212,71 @@ def _seed_or_draw(seed: Optional[int]) -> int:
     return rng.draw_seed() if seed is None else seed
 
 
+# The noise makers take the offset path of fusednoise.rng while a CUDA graph is being captured: their kernels read
+# a device ticket (graph_offsets.kernel_offset) beside the host seed, so every replay draws new noise.
+# scaled_noise returns the offset it drew with, so that the backward redraws the same noise.
 @torch.library.custom_op("fusednoise::scaled_noise", mutates_args=())
-def _scaled_noise_op(x: torch.Tensor, scale: float, seed: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns ``(x + eps, seed)``; the seed (a CPU int64 scalar) lets the backward redraw the same noise."""
+def _scaled_noise_op(x: torch.Tensor, scale: float,
+                     seed: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(x + eps, seed, offset)``: the seed as a CPU int64 scalar and the offset as an int64 (1,) tensor on
+    x's device (0 on the host path), from which the backward redraws the same noise."""
     seed = _seed_or_draw(seed)
     seed_t = torch.tensor(seed, dtype=torch.int64)
+    backend = _backend.resolve(x)
+    offset = graph_offsets.kernel_offset(x, backend, "lnsr.scaled_noise")
+    saved = offset if graph_offsets.is_ticket(x, offset) else torch.zeros(1, dtype=torch.int64, device=x.device)
     with torch.no_grad():
-        if _backend.resolve(x) == "reference":
-            return _reference.scaled_noise(x, scale, seed), seed_t
+        if backend == "reference":
+            return _reference.scaled_noise(x, scale, seed, graph_offsets.offset_value(offset)), seed_t, saved
         from .kernels.lnsr_noise import launch_scaled_noise
 
         D = x.shape[-1]
         x2 = x.contiguous().view(-1, D)
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        launch_scaled_noise(x2, None, out.view(-1, D), scale, seed)
-        return out, seed_t
+        launch_scaled_noise(x2, None, out.view(-1, D), scale, seed, offset)
+        return out, seed_t, saved
 
 
 @_scaled_noise_op.register_fake
 def _(x, scale, seed):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty((), dtype=torch.int64)
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty((), dtype=torch.int64),
+            torch.empty(1, dtype=torch.int64, device=x.device))
 
 
 @torch.library.custom_op("fusednoise::scaled_noise_backward", mutates_args=())
-def _scaled_noise_backward_op(grad: torch.Tensor, x: torch.Tensor, scale: float, seed: torch.Tensor) -> torch.Tensor:
+def _scaled_noise_backward_op(grad: torch.Tensor, x: torch.Tensor, scale: float, seed: torch.Tensor,
+                              offset: torch.Tensor) -> torch.Tensor:
     seed = int(seed)
+    backend = _backend.resolve(x)
+    graph_offsets.check_capturable(x, backend, "lnsr.scaled_noise")
     with torch.no_grad():
-        if _backend.resolve(x) == "reference":
-            return _reference.scaled_noise_backward(grad, x, scale, seed)
+        if backend == "reference":
+            return _reference.scaled_noise_backward(grad, x, scale, seed, graph_offsets.offset_value(offset))
         from .kernels.lnsr_noise import launch_scaled_noise
 
         D = x.shape[-1]
         out = torch.empty(x.shape, dtype=grad.dtype, device=x.device)
         launch_scaled_noise(x.contiguous().view(-1, D), grad.contiguous().view(-1, D), out.view(-1, D), scale,
-                            seed)
+                            seed, offset)
         return out
 
 
 @_scaled_noise_backward_op.register_fake
-def _(grad, x, scale, seed):
+def _(grad, x, scale, seed, offset):
     return torch.empty(x.shape, dtype=grad.dtype, device=x.device)
 
 
 def _scaled_noise_setup(ctx, inputs, output):
     x, scale, _ = inputs
     ctx.scale = scale
-    ctx.save_for_backward(x, output[1])
+    ctx.save_for_backward(x, output[1], output[2])
 
 
-def _scaled_noise_backward(ctx, grad_out, grad_seed):
-    x, seed_t = ctx.saved_tensors
+def _scaled_noise_backward(ctx, grad_out, grad_seed, grad_offset):
+    x, seed_t, offset = ctx.saved_tensors
     if grad_out is None:
         return None, None, None
-    return torch.ops.fusednoise.scaled_noise_backward(grad_out, x, ctx.scale, seed_t), None, None
+    return torch.ops.fusednoise.scaled_noise_backward(grad_out, x, ctx.scale, seed_t, offset), None, None
 
 
 torch.library.register_autograd("fusednoise::scaled_noise", _scaled_noise_backward,
@@ -275,20 +287,26 @@ torch.library.register_autograd("fusednoise::scaled_noise", _scaled_noise_backwa
 def _in_manifold_op(x: torch.Tensor, token_ids: torch.Tensor, embedding_weight: torch.Tensor,
                     neighbors: torch.Tensor, mix_ratio: float, seed: Optional[int]) -> torch.Tensor:
     seed = _seed_or_draw(seed)
-    with torch.no_grad():
-        k = neighbors.shape[1]
-        D = x.shape[-1]
-        if _backend.resolve(x) == "triton":
-            from .kernels import lnsr_noise  # triton is imported only when a kernel runs
+    k = neighbors.shape[1]
+    D = x.shape[-1]
+    backend = _backend.resolve(x)
+    if backend == "triton":
+        from .kernels import lnsr_noise  # triton is imported only when a kernel runs
 
-            if lnsr_noise.manifold_tile_fits(k, D):
-                weight = embedding_weight if embedding_weight.stride(-1) == 1 else embedding_weight.contiguous()
-                out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                lnsr_noise.launch_in_manifold(x.contiguous().view(-1, D), token_ids.contiguous().view(-1), weight,
-                                              neighbors.contiguous(), out.view(-1, D), mix_ratio, seed)
-                return out
-        # The reference backend, or a (k, D) tile too large for the kernel's registers.
-        return _reference.in_manifold_noise(x, token_ids, embedding_weight, neighbors, mix_ratio, seed)
+        if not lnsr_noise.manifold_tile_fits(k, D):
+            backend = "reference"  # a (k, D) tile too large for the kernel's registers
+            graph_offsets.check_capturable(x, backend, "lnsr.in_manifold_noise",
+                                           f" (which runs a (k, D) = ({k}, {D}) tile too large for the kernel)")
+    offset = graph_offsets.kernel_offset(x, backend, "lnsr.in_manifold_noise")
+    with torch.no_grad():
+        if backend == "triton":
+            weight = embedding_weight if embedding_weight.stride(-1) == 1 else embedding_weight.contiguous()
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            lnsr_noise.launch_in_manifold(x.contiguous().view(-1, D), token_ids.contiguous().view(-1), weight,
+                                          neighbors.contiguous(), out.view(-1, D), mix_ratio, seed, offset)
+            return out
+        return _reference.in_manifold_noise(x, token_ids, embedding_weight, neighbors, mix_ratio, seed,
+                                            graph_offsets.offset_value(offset))
 
 
 @_in_manifold_op.register_fake
@@ -404,7 +422,7 @@ def scaled_noise(x: torch.Tensor, scale: float = DEFAULT_SCALE, seed: Optional[i
     scale = _check_real(scale, "scale")
     if seed is not None:
         rng.check_seed(seed)
-    out, _ = torch.ops.fusednoise.scaled_noise(x, scale, seed)
+    out, _, _ = torch.ops.fusednoise.scaled_noise(x, scale, seed)
     return out
 
 
@@ -478,6 +496,10 @@ def neighbor_table(embedding_weight: torch.Tensor, k: int = DEFAULT_K, refresh: 
     tables = entry[1]
     signature = (k, tuple(embedding_weight.shape), embedding_weight.device)
     if refresh or signature not in tables:
+        if embedding_weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("fusednoise.lnsr.neighbor_table: the k-NN table of this embedding matrix is not "
+                               "computed yet, and it cannot be inside a CUDA graph capture (it reads values back "
+                               "to the host). Run the captured code once eagerly before capturing.")
         content_key = (_content_digest(embedding_weight), embedding_weight.dtype) + signature
         table = None if refresh else _NEIGHBOR_BY_CONTENT.get(content_key)
         if table is None:

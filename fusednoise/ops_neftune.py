@@ -3,8 +3,9 @@
 :func:`add_neftune_noise` is a ``torch.library.custom_op`` (``fusednoise::add_neftune_noise``) so
 ``torch.compile(fullgraph=True)`` traces through it; its seed is drawn inside the op from torch's CPU generator
 when the caller gives none (see :mod:`fusednoise.rng`), which is what makes ``torch.manual_seed`` reproduce a run
-and activation checkpointing replay the same noise. The exact formula and counter layout are in
-:mod:`fusednoise.reference.neftune`.
+and activation checkpointing replay the same noise. While a CUDA graph is being captured the kernel also reads a
+device-side offset (the offset path of :mod:`fusednoise.rng`), so every replay draws new noise. The exact formula
+and counter layout are in :mod:`fusednoise.reference.neftune`.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import backends as _backend
-from . import rng
+from . import graph_offsets, rng
 from .reference import neftune as _reference
 from .validation import check_float_tensor, check_real
 
@@ -46,9 +47,11 @@ def _neftune_op(x: torch.Tensor, attention_mask: Optional[torch.Tensor], alpha: 
     seed = rng.draw_seed() if seed is None else seed
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+    backend = _backend.resolve(x)
+    offset = graph_offsets.kernel_offset(x, backend, "add_neftune_noise")  # a ticket while capturing a CUDA graph
     with torch.no_grad():
-        if _backend.resolve(x) == "reference":
-            return _reference.neftune_noise(x, alpha, attention_mask, seed)
+        if backend == "reference":
+            return _reference.neftune_noise(x, alpha, attention_mask, seed, graph_offsets.offset_value(offset))
         from .kernels.neftune import launch_neftune  # triton is imported only when a kernel runs
 
         x_c = x.contiguous()
@@ -60,7 +63,7 @@ def _neftune_op(x: torch.Tensor, attention_mask: Optional[torch.Tensor], alpha: 
                 mask = mask.view(torch.uint8)  # Triton loads bytes; the kernel tests != 0
             mask = mask.contiguous()
             lengths = attention_mask.reshape(-1, x.shape[-2]).count_nonzero(dim=1)
-        launch_neftune(x_c, mask, lengths, out, alpha, seed)
+        launch_neftune(x_c, mask, lengths, out, alpha, seed, offset)
         return out
 
 

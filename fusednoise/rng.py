@@ -1,7 +1,8 @@
 """Random numbers shared by every method (SPEC section 0).
 
-Every random draw in fusednoise is a pure function of ``(seed, counter)``: nothing lives on the device, no
-mask or noise tensor is stored for backward, and the same call with the same seed gives the same bits.
+Every random draw in fusednoise is a pure function of ``(seed, counter)``: no mask or noise tensor is stored for
+backward, and the same call with the same seed gives the same bits. Nothing lives on the device except, for CUDA
+graphs, one offset counter per device (below).
 
 * ``draw_seed`` takes a 62-bit seed from torch's **CPU** generator, so ``torch.manual_seed`` reproduces a run,
   activation checkpointing (which saves and restores the CPU RNG state) replays the same noise on recompute,
@@ -22,11 +23,31 @@ On CPU tensors the words come from a small C library (:mod:`fusednoise.native_ph
 system compiler), else from numpy; on other devices from the torch version. All three give the same words.
 :func:`philox_uniforms` and :func:`philox_select` are the shapes the references draw in (every block of a
 range, or the blocks a Bernoulli word keeps), so CPU reference mode skips the int64 counter tensors.
+
+Device-side offsets (CUDA graphs)
+---------------------------------
+A captured CUDA graph runs the host code once, at capture: a seed drawn then is baked into the graph, and every
+replay would add the same noise. So while the current CUDA stream is capturing (or inside :func:`graph_safe`),
+the noise ops of HyPe, NEFTune and LNSR take the *offset path*: each call takes a **ticket**, the value of a
+per-device int64 counter (:func:`offset_state`) copied into a fresh one-element tensor, and advances the counter
+by one, both on the device (one tiny kernel, a node of the graph), so every call in every replay reads another
+offset. The seed is still drawn on the host (once, at capture). The rule, for a call with host seed ``seed`` and
+offset ``o`` (see :func:`offset_counter_words`)::
+
+    key = seed,   counter = (j_lo, j_hi, o mod 2**32, purpose + 2 * (o >> 32))
+
+The offset takes the stream word ``c2`` (0 on the host path of these ops) and the bits of ``c3`` above the
+purpose bit, so distinct offsets never share a counter, and offset 0 draws exactly the host path's words. The
+kernels read the offset once per program; outside the offset path they read a constant 0 (one code path, so a
+capture launches the kernels its eager warm-up loaded): no ticket, no extra launch, the same words on CPU and
+GPU. Which offset a call reads is decided in :mod:`fusednoise.graph_offsets`. PATS and NoisyTune use the stream
+word for their tensors' indices and are not covered by this rule.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -231,3 +252,128 @@ def box_muller_cos(u1: torch.Tensor, u2: torch.Tensor) -> torch.Tensor:
     """The first Box-Muller output alone, ``radius * cos(theta)``: what ``tl.randn`` returns."""
     radius, theta = _radius_and_angle(u1, u2)
     return theta.cos_().mul_(radius)
+
+
+# --------------------------------------------------------------------------------------------- device offsets
+OFFSET_LIMIT = 2**63 - 1  # the counters are int64; c3 = purpose + 2 * (o >> 32) then stays below 2**32
+
+_offset_states: Dict[torch.device, torch.Tensor] = {}
+_forced = False          # inside graph_safe(): the offset path without capturing
+
+
+def offset_counter_words(offset: Optional[int], purpose: int = PURPOSE_NOISE) -> Tuple[int, int]:
+    """Counter words ``(c2, c3)`` of a draw with ``purpose`` for the ops whose host path uses stream 0:
+    ``(0, purpose)`` on the host path (``offset=None``), ``(o mod 2**32, purpose + 2 * (o >> 32))`` on the
+    offset path. Offset 0 gives the host path's words."""
+    if offset is None:
+        return 0, purpose
+    if not 0 <= offset <= OFFSET_LIMIT:
+        raise ValueError(f"offset must be in [0, 2**63), got {offset}")
+    return offset & MASK32, purpose + 2 * (offset >> 32)
+
+
+@contextlib.contextmanager
+def graph_safe() -> Iterator[None]:
+    """``with fusednoise.rng.graph_safe(): ...`` runs the noise ops of the block on the offset path without a
+    CUDA graph being captured: each call takes a ticket from its device's counter, exactly as it would while
+    capturing. Use it to draw eagerly what a captured call draws for the same seed and offset (set with
+    :func:`set_offset`), or to test the path on a CPU. Capture switches the path on by itself."""
+    global _forced
+    previous = _forced
+    _forced = True
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def offsets_forced() -> bool:
+    """Whether a :func:`graph_safe` block is active."""
+    return _forced
+
+
+def _device_key(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _refuse_while_capturing(what: str, device: torch.device) -> None:
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"fusednoise.rng: {what} is not allowed while a CUDA graph is being captured "
+                           "(it would be recorded into the graph and replayed)")
+
+
+def offset_state(device="cuda") -> torch.Tensor:
+    """The int64 ``(1,)`` counter of ``device``: the offset the next offset-path call on it takes.
+
+    Created (holding 0) on first use. A CUDA counter must exist before a graph is captured: the first noise op
+    call on a CUDA tensor creates it, so the eager warm-up that ``torch.cuda.graph`` asks for (and that
+    ``torch.compile(mode="reduce-overhead")`` runs) leaves one.
+    """
+    device = _device_key(device)
+    state = _offset_states.get(device)
+    if state is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"fusednoise: no RNG offset counter exists yet on {device} and none can be created while a CUDA "
+                "graph is being captured (it would live in the graph's memory pool and be reset on every replay). "
+                "Run the captured code once eagerly before capturing (the warm-up torch.cuda.graph asks for: it also "
+                "compiles and loads the kernels, which a capture cannot do).")
+        state = _offset_states[device] = persistent_zero(device)
+    return state
+
+
+def persistent_zero(device) -> torch.Tensor:
+    """A new int64 ``(1,)`` zero on ``device`` that outlives any CUDA graph: on CUDA allocated on a stream of its
+    own, outside the private memory pool that ``torch.compile(mode="reduce-overhead")`` routes its warm-up's
+    allocations to (a pool whose blocks it reuses), and in memory before this returns (one synchronisation,
+    once per device)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.zeros(1, dtype=torch.int64, device=device)
+    with torch.cuda.device(device), torch.cuda.stream(torch.cuda.Stream(device)):
+        zero = torch.zeros(1, dtype=torch.int64, device=device)
+    torch.cuda.synchronize(device)
+    return zero
+
+
+def get_offset(device="cuda") -> int:
+    """The next offset of ``device``'s counter (synchronises with the device; not while capturing)."""
+    device = _device_key(device)
+    _refuse_while_capturing("get_offset", device)
+    return int(offset_state(device).item())
+
+
+def set_offset(offset: int, device="cuda") -> None:
+    """Set the next offset of ``device``'s counter: a later offset-path call (captured or inside
+    :func:`graph_safe`) then draws the words of offset ``offset`` (and the calls after it ``offset + 1``, ...).
+    Not while capturing."""
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    if not 0 <= offset <= OFFSET_LIMIT:
+        raise ValueError(f"offset must be in [0, 2**63), got {offset}")
+    device = _device_key(device)
+    _refuse_while_capturing("set_offset", device)
+    offset_state(device).fill_(offset)
+
+
+def save_offsets(device="cuda") -> torch.Tensor:
+    """A copy of ``device``'s counter, on the device (a graph node when capturing): with
+    :func:`restore_offsets`, code that replays its random draws (a recompute, a second pass that must see the
+    first pass's noise) makes the offset-path calls of the replay take the same offsets again."""
+    return offset_state(device).clone()
+
+
+def restore_offsets(saved: torch.Tensor) -> None:
+    """Set the counter of ``saved``'s device back to the value :func:`save_offsets` copied (on the device)."""
+    offset_state(saved.device).copy_(saved)
+
+
+def take_offset_reference(state: torch.Tensor) -> torch.Tensor:
+    """The ticket of one offset-path call, in torch ops (the eager reference of ``kernels/offsets.py``): the
+    counter's value in a new ``(1,)`` tensor, and the counter advanced by one."""
+    ticket = state.clone()
+    state.add_(1)
+    return ticket

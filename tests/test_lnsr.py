@@ -365,6 +365,23 @@ def test_composes_with_hype(name):
     assert _hook_counts(model) == hooks_before
 
 
+@pytest.mark.parametrize("noise", ["standard", "in_manifold"])
+def test_replayed_noisy_pass_replays_the_offsets_of_the_offset_path(noise):
+    """On the offset path (CUDA graphs; rng.graph_safe() here) the HyPe calls of the noisy pass draw with the clean
+    pass's offsets again, so replay_rng still gives a penalty of exactly 0 with scale=0, and the calls after the
+    LNSR call continue from the clean pass's offsets."""
+    model = build_model("bert")
+    with hype.apply(model, sigma=1e-3), rng.graph_safe():
+        rng.set_offset(40, "cpu")
+        torch.manual_seed(0)
+        _, zero = lnsr.LNSR(model, scale=0.0, mix_ratio=0.0, noise=noise)(**_batch("bert"))
+        assert zero.item() == 0.0
+        layers = len(find_layers(model))
+        assert rng.get_offset("cpu") == 40 + layers  # one ticket per HyPe layer of the clean pass, replayed after
+        _, independent = lnsr.LNSR(model, scale=0.0, mix_ratio=0.0, noise=noise, replay_rng=False)(**_batch("bert"))
+        assert independent.item() > 0
+
+
 @pytest.mark.parametrize("name", ["bert", "xlnet", "t5", "llama", "albert"])
 def test_in_manifold_lnsr(name):
     model = build_model(name)

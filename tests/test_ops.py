@@ -29,7 +29,7 @@ def run_both(op, *tensors, **kwargs):
     return fused, eager
 
 
-def assert_close_to_reference(fused, eager, sigma, distribution="uniform", seed=0):
+def assert_close_to_reference(fused, eager, sigma, distribution="uniform", seed=0, offset=None):
     """float32: within a few ulp of the noise under the interpreter (log/cos/sin differ by ulps between
     libraries); on a GPU, normal noise within the fast Box-Muller's stated bound per element. Half precision:
     equal except where a value sits on a rounding boundary, and then one step apart."""
@@ -38,7 +38,8 @@ def assert_close_to_reference(fused, eager, sigma, distribution="uniform", seed=
     if fused.dtype == torch.float32:
         tolerance = 4 * 1.2e-7 * (eager.abs() + 4 * sigma)
         if HAS_CUDA:  # the kernels use the MUFU approximations on a GPU
-            bound = reference.standard_noise_error_bound(eager.numel(), distribution, seed).view(eager.shape)
+            bound = reference.standard_noise_error_bound(eager.numel(), distribution, seed,
+                                                         offset=offset).view(eager.shape)
             tolerance = tolerance + sigma * bound.float()
         assert bool(((fused - eager).abs() <= tolerance).all()), float((fused - eager).abs().max())
         return

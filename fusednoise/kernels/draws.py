@@ -71,6 +71,28 @@ def _philox_block(seed, counter, stream, purpose):
 
 
 @triton.jit
+def _offset_words(offset_ptr):
+    """The counter words of the call's offset (``rng.offset_counter_words`` less the purpose), as uint32
+    scalars: the low 32 bits of the int64 at ``offset_ptr`` for ``c2``, twice its high bits for ``c3``. Read once
+    per program. On the host path the ops pass a constant 0 (the host path's words); on the offset path the
+    call's ticket. One code path for both, so the kernel a capture launches is the one the eager warm-up already
+    loaded (a capture cannot load a module)."""
+    offset = tl.load(offset_ptr).to(tl.int64)
+    return (offset & 0xFFFFFFFF).to(tl.uint32), ((offset >> 32) * 2).to(tl.uint32)
+
+
+@triton.jit
+def _philox_draw(seed, counter, purpose: tl.constexpr, c2, c3):
+    """The four words of block ``counter`` (int64) for a draw with ``purpose``:
+    ``philox(seed, counter_lo, counter_hi, c2, c3 + purpose)`` with ``(c2, c3)`` from :func:`_offset_words`
+    (with offset 0: ``_philox_block(seed, counter, 0, purpose)``). The two words stay scalars, so their part of
+    the first round is computed once per program."""
+    c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c_hi = (counter >> 32).to(tl.uint32)
+    return _philox(seed, c_lo, c_hi, c2, c3 + purpose)
+
+
+@triton.jit
 def _box_muller(word_r, word_t, FAST: tl.constexpr):
     """Both Box-Muller outputs (cos, sin) of two philox words, as ``rng.box_muller`` computes them."""
     u1 = tl.maximum(_uniform(word_r), BOX_MULLER_MIN_U)

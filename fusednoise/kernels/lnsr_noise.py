@@ -9,7 +9,8 @@
   ``sum_j z_j d~_j`` to x.
 
 The counter layout (which philox word feeds which element) is documented in :mod:`fusednoise.reference.lnsr`,
-which these kernels match: the philox words bitwise, the floats within float32 rounding.
+which these kernels match: the philox words bitwise, the floats within float32 rounding. Each kernel reads the
+call's offset (``fusednoise/rng.py``, "Device-side offsets") once per program from ``offset_ptr``.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ import triton.language as tl
 
 from ..backends import interpreter_enabled
 from ..reference.lnsr import DEPENDENT_RTOL2
-from .draws import _normal4, _philox_block, _pick8, fast_math
+from .draws import _normal4, _offset_words, _philox_draw, _pick8, fast_math
 from .launch import Launch
+from .offsets import host_offset
 from .noise import _round_nearest
 
 # Elements per tile: rows * padded columns.
@@ -32,15 +34,16 @@ MAX_MANIFOLD_TILE = 1 << 17
 
 
 @triton.jit
-def _row_normals(seed, row0, d0, G, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr):
+def _row_normals(seed, row0, d0, G, c2, c3, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, FAST: tl.constexpr):
     """(BLOCK_R, BLOCK_D) normals for rows ``row0 + i`` and columns ``d0 + j`` (d0 a multiple of 8): element
-    (n, d) takes word d % 4 of philox block n * G + d // 4. Drawn as groups of 8 columns (two blocks) per thread,
-    the layout of the 128-bit loads of x, then viewed as the row tile."""
+    (n, d) takes word d % 4 of philox block n * G + d // 4 (with the offset's counter words ``c2``, ``c3``).
+    Drawn as groups of 8 columns (two blocks) per thread, the layout of the 128-bit loads of x, then viewed as
+    the row tile."""
     GB: tl.constexpr = BLOCK_D // 8
     q = tl.arange(0, BLOCK_R * GB)
     block = (row0 + (q // GB).to(tl.int64)) * G + (d0 // 4 + 2 * (q % GB)).to(tl.int64)
-    a0, a1, a2, a3 = _philox_block(seed, block, 0, 0)
-    b0, b1, b2, b3 = _philox_block(seed, block + 1, 0, 0)
+    a0, a1, a2, a3 = _philox_draw(seed, block, 0, c2, c3)
+    b0, b1, b2, b3 = _philox_draw(seed, block + 1, 0, c2, c3)
     n0, n1, n2, n3 = _normal4(a0, a1, a2, a3, FAST)
     n4, n5, n6, n7 = _normal4(b0, b1, b2, b3, FAST)
     col = tl.arange(0, 8)[None, :]
@@ -48,10 +51,10 @@ def _row_normals(seed, row0, d0, G, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
 
 
 @triton.jit
-def _normal4_of_block(seed, block):
+def _normal4_of_block(seed, block, c2, c3):
     # The four N(0, 1) values of philox block(s) `block` (int64), accurate Box-Muller (the in-manifold noise
     # draws k of them per token: their cost does not matter).
-    w0, w1, w2, w3 = _philox_block(seed, block, 0, 0)
+    w0, w1, w2, w3 = _philox_draw(seed, block, 0, c2, c3)
     return _normal4(w0, w1, w2, w3, False)
 
 
@@ -68,9 +71,10 @@ def _backward_coef(sx, se, dot, scale):
 
 
 @triton.jit
-def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, n_rows, D, G, scale, seed,
+def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, offset_ptr, n_rows, D, G, scale, seed,
                          BACKWARD: tl.constexpr, ONE_BLOCK: tl.constexpr, FAST: tl.constexpr,
                          BF16_BY_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    c2, c3 = _offset_words(offset_ptr)
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R
     rows = row0 + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < n_rows
@@ -81,7 +85,7 @@ def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, n_rows, D, G, scale, seed,
         m = row_ok[:, None] & (cols < D)[None, :]
         offs = rows[:, None] * D + cols[None, :]
         x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        e = tl.where(m, _row_normals(seed, row0, 0, G, BLOCK_R, BLOCK_D, FAST), 0.0)
+        e = tl.where(m, _row_normals(seed, row0, 0, G, c2, c3, BLOCK_R, BLOCK_D, FAST), 0.0)
         sx = tl.sum(x * x, axis=1)
         se = tl.sum(e * e, axis=1)
         if BACKWARD:
@@ -101,7 +105,7 @@ def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, n_rows, D, G, scale, seed,
             m = row_ok[:, None] & (cols < D)[None, :]
             offs = rows[:, None] * D + cols[None, :]
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            e = tl.where(m, _row_normals(seed, row0, d0, G, BLOCK_R, BLOCK_D, FAST), 0.0)
+            e = tl.where(m, _row_normals(seed, row0, d0, G, c2, c3, BLOCK_R, BLOCK_D, FAST), 0.0)
             sx += tl.sum(x * x, axis=1)
             se += tl.sum(e * e, axis=1)
             if BACKWARD:
@@ -120,12 +124,12 @@ def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, n_rows, D, G, scale, seed,
                 g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
                 result = g + factor[:, None] * x
             else:
-                e = tl.where(m, _row_normals(seed, row0, d0, G, BLOCK_R, BLOCK_D, FAST), 0.0)
+                e = tl.where(m, _row_normals(seed, row0, d0, G, c2, c3, BLOCK_R, BLOCK_D, FAST), 0.0)
                 result = x + factor[:, None] * e
             tl.store(out_ptr + offs, _round_nearest(result, dtype, BF16_BY_BITS), mask=m)
 
 
-def scaled_noise_launch(x, grad, out, scale: float, seed: int) -> Launch:
+def scaled_noise_launch(x, grad, out, scale: float, seed: int, offset=None) -> Launch:
     """The launch :func:`launch_scaled_noise` runs (also built from ``meta`` tensors by ``specialisations``)."""
     n_rows, D = x.shape
     tile = TILE_INTERPRETER if interpreter_enabled() else TILE
@@ -133,23 +137,25 @@ def scaled_noise_launch(x, grad, out, scale: float, seed: int) -> Launch:
     block_r = max(1, min(tile // block_d, triton.next_power_of_2(n_rows)))
     return Launch(
         _scaled_noise_kernel, (triton.cdiv(n_rows, block_r),),
-        (x, grad if grad is not None else x, out, n_rows, D, triton.cdiv(D, 4), float(scale), seed),
+        (x, grad if grad is not None else x, out, offset if offset is not None else host_offset(x), n_rows, D,
+         triton.cdiv(D, 4), float(scale), seed),
         dict(BACKWARD=grad is not None, ONE_BLOCK=D <= block_d, FAST=fast_math(),
              BF16_BY_BITS=interpreter_enabled(), BLOCK_R=block_r, BLOCK_D=block_d),
         4 if block_r * block_d <= 2048 else 8)
 
 
-def launch_scaled_noise(x, grad, out, scale: float, seed: int) -> None:
-    """Forward (``grad is None``: ``out = x + noise``) or backward (``out = dx``) over contiguous (N, D) tensors."""
+def launch_scaled_noise(x, grad, out, scale: float, seed: int, offset=None) -> None:
+    """Forward (``grad is None``: ``out = x + noise``) or backward (``out = dx``) over contiguous (N, D) tensors.
+    ``offset``: as for ``noise.launch_noise``."""
     n_rows, D = x.shape
     if n_rows == 0 or D == 0:
         return
-    scaled_noise_launch(x, grad, out, scale, seed).run()
+    scaled_noise_launch(x, grad, out, scale, seed, offset).run()
 
 
 @triton.jit
-def _in_manifold_kernel(x_ptr, ids_ptr, w_ptr, nb_ptr, out_ptr, V, D, s_w, GK, mix_ratio, seed, rtol2,
-                        K: tl.constexpr, KP: tl.constexpr, BF16_BY_BITS: tl.constexpr, BLOCK_D: tl.constexpr):
+def _in_manifold_kernel(x_ptr, ids_ptr, w_ptr, nb_ptr, out_ptr, offset_ptr, V, D, s_w, GK, mix_ratio, seed,
+                        rtol2, K: tl.constexpr, KP: tl.constexpr, BF16_BY_BITS: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     token = tl.load(ids_ptr + n).to(tl.int64)
     # An id outside the vocabulary (not checked on the GPU, where checking would synchronise) reads nothing and
@@ -168,7 +174,8 @@ def _in_manifold_kernel(x_ptr, ids_ptr, w_ptr, nb_ptr, out_ptr, V, D, s_w, GK, m
     original = tl.sum(d * d, axis=1)
 
     # z_j: word j % 4 of philox block n * GK + j // 4, Box-Muller as in the scaled noise.
-    n0, n1, n2, n3 = _normal4_of_block(seed, n * GK + (rows // 4).to(tl.int64))
+    c2, c3 = _offset_words(offset_ptr)
+    n0, n1, n2, n3 = _normal4_of_block(seed, n * GK + (rows // 4).to(tl.int64), c2, c3)
     word = rows % 4
     z = tl.where(word == 0, n0, tl.where(word == 1, n1, tl.where(word == 2, n2, n3))) * mix_ratio
 
@@ -195,7 +202,7 @@ def manifold_tile_fits(k: int, D: int) -> bool:
     return triton.next_power_of_2(max(k, 1)) * triton.next_power_of_2(max(D, 1)) <= MAX_MANIFOLD_TILE
 
 
-def in_manifold_launch(x, token_ids, weight, neighbors, out, mix_ratio: float, seed: int) -> Launch:
+def in_manifold_launch(x, token_ids, weight, neighbors, out, mix_ratio: float, seed: int, offset=None) -> Launch:
     """The launch :func:`launch_in_manifold` runs (also built from ``meta`` tensors by ``specialisations``)."""
     n_rows, D = x.shape
     k = neighbors.shape[1]
@@ -203,16 +210,16 @@ def in_manifold_launch(x, token_ids, weight, neighbors, out, mix_ratio: float, s
     block_d = triton.next_power_of_2(D)
     return Launch(
         _in_manifold_kernel, (n_rows,),
-        (x, token_ids, weight, neighbors, out, weight.shape[0], D, weight.stride(0), triton.cdiv(k, 4),
-         float(mix_ratio), seed, DEPENDENT_RTOL2),
+        (x, token_ids, weight, neighbors, out, offset if offset is not None else host_offset(x), weight.shape[0],
+         D, weight.stride(0), triton.cdiv(k, 4), float(mix_ratio), seed, DEPENDENT_RTOL2),
         dict(K=k, KP=kp, BF16_BY_BITS=interpreter_enabled(), BLOCK_D=block_d),
         4 if kp * block_d <= 8192 else (8 if kp * block_d <= 32768 else 16))
 
 
-def launch_in_manifold(x, token_ids, weight, neighbors, out, mix_ratio: float, seed: int) -> None:
+def launch_in_manifold(x, token_ids, weight, neighbors, out, mix_ratio: float, seed: int, offset=None) -> None:
     """``out = x + eps`` for contiguous x/out (N, D), token_ids (N,), weight (V, D) with unit column stride and
-    a contiguous neighbour table (V, k)."""
+    a contiguous neighbour table (V, k). ``offset``: as for ``noise.launch_noise``."""
     n_rows, D = x.shape
     if n_rows == 0 or D == 0:
         return
-    in_manifold_launch(x, token_ids, weight, neighbors, out, mix_ratio, seed).run()
+    in_manifold_launch(x, token_ids, weight, neighbors, out, mix_ratio, seed, offset).run()

@@ -1,7 +1,8 @@
 """Triton kernel for the HyPe noise ops: ``out = (x [+ residual]) + sigma * eps`` in one pass.
 
 One read of each input and one write of the output, no noise tensor: the noise is drawn in registers from
-``philox(seed, block)``. The counter and word layout is documented in ``fusednoise/reference/noise.py``,
+``philox(seed, block)`` (and the call's offset, read once per program: ``fusednoise/rng.py``, "Device-side
+offsets"). The counter and word layout is documented in ``fusednoise/reference/noise.py``,
 which this kernel must match: bitwise for the philox words (and so for uniform noise and the stochastic-rounding
 bits); for normal noise within a few ulp under the interpreter and within
 ``reference.noise.fast_normal_error_bound`` on a GPU, where Box-Muller runs on the MUFU approximations.
@@ -16,8 +17,9 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
-from .draws import _normal4, _philox_block, _pick4, _pick8, _uniform, fast_math
+from .draws import _normal4, _offset_words, _philox_draw, _pick4, _pick8, _uniform, fast_math
 from .launch import Launch
+from .offsets import host_offset
 
 DIST_NORMAL = 0
 DIST_UNIFORM = 1
@@ -74,7 +76,7 @@ def _units(w0, w1, w2, w3, DISTRIBUTION: tl.constexpr, FAST: tl.constexpr):
 
 
 @triton.jit
-def noise_kernel(x_ptr, residual_ptr, out_ptr, numel, sigma, seed, first_block,
+def noise_kernel(x_ptr, residual_ptr, out_ptr, offset_ptr, numel, sigma, seed, first_block,
                  HAS_RESIDUAL: tl.constexpr, DISTRIBUTION: tl.constexpr, STOCHASTIC: tl.constexpr,
                  FAST: tl.constexpr, INTERPRETED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
     ROWS: tl.constexpr = BLOCK // VEC
@@ -85,14 +87,16 @@ def noise_kernel(x_ptr, residual_ptr, out_ptr, numel, sigma, seed, first_block,
     col = tl.arange(0, VEC)[None, :]
     offsets = row[:, None] * VEC + col
     in_bounds = offsets < numel
+    # The counter words of the call's offset (rng.offset_counter_words; 0 on the host path), one load per program.
+    c2, c3 = _offset_words(offset_ptr)
     if VEC == 8:
-        a0, a1, a2, a3 = _philox_block(seed, 2 * row + first_block, 0, 0)
-        b0, b1, b2, b3 = _philox_block(seed, 2 * row + 1 + first_block, 0, 0)
+        a0, a1, a2, a3 = _philox_draw(seed, 2 * row + first_block, 0, c2, c3)
+        b0, b1, b2, b3 = _philox_draw(seed, 2 * row + 1 + first_block, 0, c2, c3)
         n0, n1, n2, n3 = _units(a0, a1, a2, a3, DISTRIBUTION, FAST)
         n4, n5, n6, n7 = _units(b0, b1, b2, b3, DISTRIBUTION, FAST)
         unit = _pick8(col, n0, n1, n2, n3, n4, n5, n6, n7)
     else:
-        w0, w1, w2, w3 = _philox_block(seed, row + first_block, 0, 0)
+        w0, w1, w2, w3 = _philox_draw(seed, row + first_block, 0, c2, c3)
         n0, n1, n2, n3 = _units(w0, w1, w2, w3, DISTRIBUTION, FAST)
         unit = _pick4(col, n0, n1, n2, n3)
 
@@ -104,7 +108,7 @@ def noise_kernel(x_ptr, residual_ptr, out_ptr, numel, sigma, seed, first_block,
     if STOCHASTIC:
         # One purpose-1 block per 8 elements (VEC == 8): element 8q + m takes 16-bit half m % 2 of word m // 2
         # of block q (first_block is even: the launcher requires first_index % 8 == 0).
-        r0, r1, r2, r3 = _philox_block(seed, row + first_block // 2, 0, 1)
+        r0, r1, r2, r3 = _philox_draw(seed, row + first_block // 2, 1, c2, c3)
         r16 = _pick8(col, r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16, r2 & 0xFFFF, r2 >> 16,
                      r3 & 0xFFFF, r3 >> 16)
         result = _stochastic_round(total, r16, out_ptr.dtype.element_ty, INTERPRETED)
@@ -114,13 +118,14 @@ def noise_kernel(x_ptr, residual_ptr, out_ptr, numel, sigma, seed, first_block,
 
 
 def noise_launch(x, residual, out, sigma: float, distribution: str, seed: int, stochastic: bool,
-                 first_index: int = 0) -> Launch:
+                 first_index: int = 0, offset=None) -> Launch:
     """The launch :func:`launch_noise` runs (also built from ``meta`` tensors by ``specialisations``)."""
     numel = x.numel()
     half = out.dtype.itemsize == 2
     return Launch(
         noise_kernel, (triton.cdiv(numel, BLOCK_SIZE),),
-        (x, residual if residual is not None else x, out, numel, float(sigma), seed, first_index // 4),
+        (x, residual if residual is not None else x, out, offset if offset is not None else host_offset(x), numel,
+         float(sigma), seed, first_index // 4),
         dict(HAS_RESIDUAL=residual is not None,
              DISTRIBUTION=DIST_NORMAL if distribution == "normal" else DIST_UNIFORM,
              STOCHASTIC=bool(stochastic) and half, FAST=fast_math(), INTERPRETED=interpreter_enabled(),
@@ -129,16 +134,18 @@ def noise_launch(x, residual, out, sigma: float, distribution: str, seed: int, s
 
 
 def launch_noise(x, residual, out, sigma: float, distribution: str, seed: int, stochastic: bool,
-                 first_index: int = 0) -> None:
+                 first_index: int = 0, offset=None) -> None:
     """Run the kernel over contiguous ``x`` (and ``residual``) into contiguous ``out`` (which may be ``x``).
 
     ``first_index`` is the flat index of ``x``'s first element in the tensor whose noise is being drawn: 0
     unless a caller processes a big tensor in slices; a multiple of 4 (of 8 with stochastic rounding, whose
-    blocks cover 8 elements).
+    blocks cover 8 elements). ``offset``: the int64 ``(1,)`` tensor on x's device holding the call's offset
+    (the offset path's ticket, ``fusednoise/rng.py``; the ops pass a constant 0 on the host path); None
+    allocates a 0.
     """
     step = 8 if stochastic and out.dtype.itemsize == 2 else 4
     if first_index % step:
         raise ValueError(f"first_index must be a multiple of {step}, got {first_index}")
     if x.numel() == 0:
         return
-    noise_launch(x, residual, out, sigma, distribution, seed, stochastic, first_index).run()
+    noise_launch(x, residual, out, sigma, distribution, seed, stochastic, first_index, offset).run()

@@ -245,13 +245,16 @@ def _neftune() -> Iterator[Case]:
 
 
 def _rng() -> Iterator[Case]:
-    from . import rng
+    from . import offsets, rng
 
     n = 1 << 20
     for stream in (3, 2**40):  # small stream/purpose values are i32 arguments, large ones i64
         out = _meta((4, n), torch.int64)
         yield Case(f"rng.philox_words[stream={stream}]",
                    rng.philox_words_launch(out, DRAWN_SEED, n, 0, stream, stream), 32, n, 8)
+    # The ticket of an offset-path call (CUDA graphs): one atomic add in one program, compiled only.
+    ticket = _meta(1, torch.int64)
+    yield Case("rng.take_offset", offsets.take_offset_launch(ticket, ticket), 16, 1, 8, modelled=False)
 
 
 def cases() -> List[Case]:

@@ -24,7 +24,10 @@ For rows ``x_n`` (the last dimension, D) of ``x``: ``out_n = x_n + scale * ||x_n
 (:func:`fusednoise.reference.noise.standard_noise`) of an ``(N, 4 * ceil(D / 4))`` matrix, of which the first D
 columns are kept: element ``(n, d)`` takes word ``d % 4`` of ``philox(seed, j_lo, j_hi, 0, 0)`` with block
 ``j = n * ceil(D / 4) + d // 4`` (Box-Muller on the word pairs (0, 1) and (2, 3), cos then sin). Every row starts
-on a fresh philox block, so a row's noise does not depend on the other rows.
+on a fresh philox block, so a row's noise does not depend on the other rows. On the offset path (CUDA graphs) a
+call with offset ``o`` draws with the counter's last two words ``rng.offset_counter_words(o)`` instead of
+``(0, 0)``, here and in the in-manifold noise (see ``reference/noise.py``); every noise function below takes
+``offset=None`` (the host path) or that ``o``.
 
 The backward is the exact derivative: ``dx = g + scale * (e_n . g_n) / (||e_n|| ||x_n||) * x_n`` (only ``g`` for a
 zero row, as torch's norm backward does).
@@ -126,12 +129,12 @@ def diff_norm_backward_into(clean: Sequence[torch.Tensor], noisy: Sequence[torch
 
 
 # --------------------------------------------------------------------------------------------- random numbers
-def row_normals(rows: int, cols: int, seed: int, device="cpu") -> torch.Tensor:
+def row_normals(rows: int, cols: int, seed: int, device="cpu", offset: Optional[int] = None) -> torch.Tensor:
     """N(0, 1) float32 of shape (rows, cols): row n starts at philox block ``n * ceil(cols / 4)``."""
     padded = 4 * math.ceil(cols / 4)
     if rows == 0 or cols == 0:
         return torch.zeros(rows, cols, dtype=torch.float32, device=device)
-    return standard_noise(rows * padded, "normal", seed, device).view(rows, padded)[:, :cols]
+    return standard_noise(rows * padded, "normal", seed, device, offset=offset).view(rows, padded)[:, :cols]
 
 
 # --------------------------------------------------------------------------------------------- scaled noise
@@ -139,23 +142,24 @@ def _row_sqnorm(v: torch.Tensor) -> torch.Tensor:
     return (v * v).sum(dim=-1, keepdim=True)
 
 
-def scaled_noise(x: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
+def scaled_noise(x: torch.Tensor, scale: float, seed: int, offset: Optional[int] = None) -> torch.Tensor:
     """``x + scale * ||x|| * e / ||e||`` per row of the last dimension (new tensor, x's dtype and shape)."""
     D = x.shape[-1] if x.dim() else 1
     x32 = x.reshape(-1, D).to(torch.float32)
-    e = row_normals(x32.shape[0], D, seed, x.device)
+    e = row_normals(x32.shape[0], D, seed, x.device, offset)
     x_norm = torch.sqrt(_row_sqnorm(x32))
     e_norm = torch.sqrt(_row_sqnorm(e))
     factor = torch.where((x_norm > 0) & (e_norm > 0), float(scale) * x_norm / e_norm, torch.zeros_like(x_norm))
     return (x32 + factor * e).to(x.dtype).reshape(x.shape)
 
 
-def scaled_noise_backward(grad: torch.Tensor, x: torch.Tensor, scale: float, seed: int) -> torch.Tensor:
+def scaled_noise_backward(grad: torch.Tensor, x: torch.Tensor, scale: float, seed: int,
+                          offset: Optional[int] = None) -> torch.Tensor:
     """The exact vector-Jacobian product of :func:`scaled_noise`: ``g + scale (e.g)/(|e||x|) x`` per row."""
     D = x.shape[-1] if x.dim() else 1
     x32 = x.reshape(-1, D).to(torch.float32)
     g32 = grad.reshape(-1, D).to(torch.float32)
-    e = row_normals(x32.shape[0], D, seed, x.device)
+    e = row_normals(x32.shape[0], D, seed, x.device, offset)
     x_norm = torch.sqrt(_row_sqnorm(x32))
     e_norm = torch.sqrt(_row_sqnorm(e))
     dot = (e * g32).sum(dim=-1, keepdim=True)
@@ -232,7 +236,7 @@ def gram_schmidt_noise(diffs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def in_manifold_noise(x: torch.Tensor, token_ids: torch.Tensor, weight: torch.Tensor, neighbors: torch.Tensor,
-                      mix_ratio: float, seed: int) -> torch.Tensor:
+                      mix_ratio: float, seed: int, offset: Optional[int] = None) -> torch.Tensor:
     """``x + eps`` with the in-manifold noise of the module docstring (new tensor, x's dtype and shape)."""
     D = x.shape[-1]
     ids = token_ids.reshape(-1).to(torch.int64)
@@ -241,7 +245,7 @@ def in_manifold_noise(x: torch.Tensor, token_ids: torch.Tensor, weight: torch.Te
     nb = neighbors[ids].to(torch.int64)                             # (N, k)
     w = weight.detach()
     diffs = w[nb].to(torch.float32) - w[ids].to(torch.float32)[:, None, :]
-    z = float(mix_ratio) * row_normals(N, k, seed, x.device)
+    z = float(mix_ratio) * row_normals(N, k, seed, x.device, offset)
     eps = gram_schmidt_noise(diffs, z)
     return (x.reshape(N, D).to(torch.float32) + eps).to(x.dtype).reshape(x.shape)
 

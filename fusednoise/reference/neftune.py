@@ -17,7 +17,8 @@ a fresh philox block; element ``(n, d)`` takes word ``d % 4`` of ``philox(seed, 
 of 4 (every real model) this is the flat layout of :func:`fusednoise.add_noise`'s uniform noise: the NEFTune noise
 of a tensor is HyPe-U's noise with sigma 1, scaled per example.
 
-The sum is taken in float32 and rounded to nearest in x's dtype.
+The sum is taken in float32 and rounded to nearest in x's dtype. On the offset path (CUDA graphs) a call with
+offset ``o`` draws with the counter's last two words ``rng.offset_counter_words(o)`` (see ``reference/noise.py``).
 """
 from __future__ import annotations
 
@@ -46,15 +47,16 @@ def row_scales(lengths: torch.Tensor, alpha: float, D: int) -> torch.Tensor:
     return torch.from_numpy(scales).to(lengths.device)
 
 
-def uniform_rows(n_rows: int, D: int, seed: int, device="cpu") -> torch.Tensor:
-    """The (n_rows, D) U(-1, 1) float32 noise of the counter rule above."""
+def uniform_rows(n_rows: int, D: int, seed: int, device="cpu", offset: Optional[int] = None) -> torch.Tensor:
+    """The (n_rows, D) U(-1, 1) float32 noise of the counter rule above (``offset``: the offset path's)."""
     padded = 4 * -(-D // 4)
-    return standard_noise(n_rows * padded, "uniform", seed, device).view(n_rows, padded)[:, :D]
+    return standard_noise(n_rows * padded, "uniform", seed, device, offset=offset).view(n_rows, padded)[:, :D]
 
 
-def neftune_noise(x: torch.Tensor, alpha: float, mask: Optional[torch.Tensor], seed: int) -> torch.Tensor:
+def neftune_noise(x: torch.Tensor, alpha: float, mask: Optional[torch.Tensor], seed: int,
+                  offset: Optional[int] = None) -> torch.Tensor:
     """``x + alpha / sqrt(L_b * D) * U(-1, 1)`` on kept tokens, ``x`` on padded ones; a new tensor of x's dtype
-    and shape."""
+    and shape (``offset``: None on the host path)."""
     D, T = x.shape[-1], x.shape[-2]
     if x.numel() == 0:
         return x.clone()
@@ -62,6 +64,6 @@ def neftune_noise(x: torch.Tensor, alpha: float, mask: Optional[torch.Tensor], s
     keep = kept_tokens(x, mask)
     lengths = keep.view(-1, T).sum(dim=1)
     scale = row_scales(lengths, alpha, D).repeat_interleave(T)
-    noisy = rows.to(torch.float32) + uniform_rows(rows.shape[0], D, seed, x.device) * scale[:, None]
+    noisy = rows.to(torch.float32) + uniform_rows(rows.shape[0], D, seed, x.device, offset) * scale[:, None]
     out = torch.where(keep[:, None], noisy.to(x.dtype), rows)
     return out.reshape(x.shape)

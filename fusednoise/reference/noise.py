@@ -15,6 +15,11 @@ nearest or stochastically. Stochastic rounding takes 16 random bits per element:
 half ``i % 2`` (0: the low half) of word ``(i % 8) // 2`` of ``philox(seed, c0=q_lo, c1=q_hi, c2=0, c3=1)``
 with ``q = i // 8``, so one philox call serves 8 elements (see :func:`stochastic_round` for the rule).
 
+Offset path (CUDA graphs, ``fusednoise/rng.py``): a call with offset ``o`` draws the same layout with the
+counter's last two words ``(o mod 2**32, purpose + 2 * (o >> 32))`` (``rng.offset_counter_words``) instead of
+``(0, purpose)``; every function below takes ``offset=None`` (the host path) or that ``o``. Offset 0 is the host
+path.
+
 On a GPU the normal noise uses the hardware's approximate log2/sin/cos (``kernels/draws.py``): the uniform
 noise and the philox words are bitwise those of this module, the normal values differ by at most
 :func:`fast_normal_error_bound` (a few 1e-6 for a typical draw; see there).
@@ -43,26 +48,30 @@ FAST_LOG_ERROR = 3.5e-7
 FAST_TRIG_ERROR = 2.0e-6
 
 
-def _block_words(seed: int, numel: int, device, purpose: int, first_index: int = 0):
+def _block_words(seed: int, numel: int, device, purpose: int, first_index: int = 0,
+                 offset: Optional[int] = None):
     n_blocks = -(-numel // WORDS_PER_BLOCK)
     first_block = first_index // WORDS_PER_BLOCK
     blocks = torch.arange(first_block, first_block + n_blocks, dtype=torch.int64, device=device)
     lo, hi = rng.block_counters(blocks)
-    return rng.philox4x32(seed, lo, hi, 0, purpose)
+    return rng.philox4x32(seed, lo, hi, *rng.offset_counter_words(offset, purpose))
 
 
 def _interleave(values, numel: int) -> torch.Tensor:
     return torch.stack(values, dim=1).reshape(-1)[:numel]
 
 
-def standard_noise(numel: int, distribution: str, seed: int, device="cpu", first_index: int = 0) -> torch.Tensor:
+def standard_noise(numel: int, distribution: str, seed: int, device="cpu", first_index: int = 0,
+                   offset: Optional[int] = None) -> torch.Tensor:
     """Unit-scale noise for ``numel`` elements in logical order: N(0, 1) or U(-1, 1), float32.
 
-    ``first_index`` (a multiple of 4) starts the draw at that flat index of a larger tensor.
+    ``first_index`` (a multiple of 4) starts the draw at that flat index of a larger tensor; ``offset`` is the
+    offset path's (None: the host path).
     """
     n_blocks = -(-numel // WORDS_PER_BLOCK)
+    stream, purpose = rng.offset_counter_words(offset, rng.PURPOSE_NOISE)
     # Row j: the uniforms of block j's four words, so flattening puts word w of block j at element 4j + w.
-    uniforms = rng.philox_uniforms(seed, n_blocks, first_index // WORDS_PER_BLOCK, 0, rng.PURPOSE_NOISE, device)
+    uniforms = rng.philox_uniforms(seed, n_blocks, first_index // WORDS_PER_BLOCK, stream, purpose, device)
     if distribution == "uniform":
         return (2.0 * uniforms - 1.0).view(-1)[:numel]
     if distribution == "normal":
@@ -82,25 +91,26 @@ def fast_normal_error_bound(u1: torch.Tensor) -> torch.Tensor:
 
 
 def standard_noise_error_bound(numel: int, distribution: str, seed: int, device="cpu",
-                               first_index: int = 0) -> torch.Tensor:
+                               first_index: int = 0, offset: Optional[int] = None) -> torch.Tensor:
     """Per element, the largest ``|fused - reference|`` of :func:`standard_noise` on a GPU (float64): 0 for
     uniform noise (no transcendentals), :func:`fast_normal_error_bound` of the element's pair for normal."""
     if distribution == "uniform":
         return torch.zeros(numel, dtype=torch.float64, device=device)
-    words = _block_words(seed, numel, device, rng.PURPOSE_NOISE, first_index)
+    words = _block_words(seed, numel, device, rng.PURPOSE_NOISE, first_index, offset)
     first = fast_normal_error_bound(rng.uint_to_uniform(words[0]))
     second = fast_normal_error_bound(rng.uint_to_uniform(words[2]))
     return _interleave([first, first, second, second], numel)
 
 
-def rounding_bits(numel: int, seed: int, device="cpu", first_index: int = 0) -> torch.Tensor:
+def rounding_bits(numel: int, seed: int, device="cpu", first_index: int = 0,
+                  offset: Optional[int] = None) -> torch.Tensor:
     """The 16 random bits (int64 in [0, 2**16)) that drive the stochastic rounding of each element (purpose 1):
     element ``i`` takes half ``i % 2`` of word ``(i % 8) // 2`` of block ``i // 8``."""
     first_block = first_index // ROUNDING_ELEMENTS_PER_BLOCK
     last_block = (first_index + numel - 1) // ROUNDING_ELEMENTS_PER_BLOCK
     blocks = torch.arange(first_block, last_block + 1, dtype=torch.int64, device=device)
     lo, hi = rng.block_counters(blocks)
-    words = rng.philox4x32(seed, lo, hi, 0, rng.PURPOSE_ROUNDING)
+    words = rng.philox4x32(seed, lo, hi, *rng.offset_counter_words(offset, rng.PURPOSE_ROUNDING))
     halves = [part for w in words for part in (w & 0xFFFF, w >> 16)]
     start = first_index - first_block * ROUNDING_ELEMENTS_PER_BLOCK
     return _interleave(halves, start + numel)[start:]
@@ -157,23 +167,24 @@ def _from_uint32(values: torch.Tensor) -> torch.Tensor:
 
 
 def noisy_sum(x: torch.Tensor, residual: Optional[torch.Tensor], sigma: float, distribution: str, seed: int,
-              stochastic: bool = False, first_index: int = 0) -> torch.Tensor:
+              stochastic: bool = False, first_index: int = 0, offset: Optional[int] = None) -> torch.Tensor:
     """``x (+ residual) + sigma * noise`` as a new tensor of x's dtype and shape (any strides)."""
     numel = x.numel()
-    eps = standard_noise(numel, distribution, seed, x.device, first_index)
+    eps = standard_noise(numel, distribution, seed, x.device, first_index, offset)
     eps = eps * torch.tensor(sigma, dtype=torch.float32, device=x.device)
     total = x.reshape(-1).to(torch.float32)
     if residual is not None:
         total = total + residual.reshape(-1).to(torch.float32)
     total = total + eps
     if stochastic and x.dtype != torch.float32:
-        out = stochastic_round(total, x.dtype, rounding_bits(numel, seed, x.device, first_index))
+        out = stochastic_round(total, x.dtype, rounding_bits(numel, seed, x.device, first_index, offset))
     else:
         out = total.to(x.dtype)
     return out.reshape(x.shape)
 
 
-def add_noise_(x: torch.Tensor, sigma: float, distribution: str, seed: int, stochastic: bool = False) -> None:
+def add_noise_(x: torch.Tensor, sigma: float, distribution: str, seed: int, stochastic: bool = False,
+               offset: Optional[int] = None) -> None:
     """In place: ``x += sigma * noise`` (through a temporary: this is the readable version, not the fast one)."""
     with torch.no_grad():
-        x.copy_(noisy_sum(x, None, sigma, distribution, seed, stochastic))
+        x.copy_(noisy_sum(x, None, sigma, distribution, seed, stochastic, offset=offset))
