@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import sys
+import textwrap
 from pathlib import Path
 
 from fusednoise.finetune import LEGACY_SETTINGS, method_settings, run_label, shared_settings
@@ -28,6 +29,7 @@ from fusednoise.report import load_runs
 DROPOUTS = ("replay", "independent")
 # The settings this table varies; any other non-default LNSR setting makes a run another experiment.
 VARIED = ("lnsr_reduction", "lnsr_dropout")
+WIDTH = 116  # the docs' line length
 
 
 def _ordered_tasks(names):
@@ -58,8 +60,9 @@ def first_step_table(records) -> str:
             lines.append(f"| {reduction}, {dropout} | " + " | ".join(cells) + " |")
     seeds = sorted({r["seed"] for r in records})
     lines.append("")
-    lines.append(f"Each cell: penalty / task loss, then the penalty's gradient norm / the task loss's, at "
-                 f"lambda_r = 1 on the first batch of the fresh model; medians over seeds {seeds}.")
+    lines.append(textwrap.fill(f"Each cell: penalty / task loss, then the penalty's gradient norm / the task loss's, "
+                               f"at lambda_r = 1 on the first batch of the fresh model; medians over seeds {seeds}.",
+                               WIDTH))
     return "\n".join(lines) + "\n"
 
 
@@ -113,8 +116,8 @@ def outcome_table(runs) -> str:
             lines.append(f"| {head} | {label} | {','.join(map(str, sorted(scores)))} | "
                          f"{statistics.fmean(values):.2f} ± {std:.2f} | {paired} |")
     lines.append("")
-    lines.append("Final-epoch dev main metric x100, mean ± sample std over the seeds listed; paired Δ: each seed "
-                 "minus vanilla's run with that seed.")
+    lines.append(textwrap.fill("Final-epoch dev main metric x100, mean ± sample std over the seeds listed; paired Δ: "
+                               "each seed minus vanilla's run with that seed.", WIDTH))
     lines.extend(f"Left out: {why}." for why in sorted(left_out))
     return "\n".join(lines) + "\n"
 
