@@ -50,12 +50,12 @@ def first_step_table(records) -> str:
                 continue
             cells = []
             for task in tasks:
-                runs = [r for r in mode if r["task"] == task]
-                if not runs:
+                seeds = [r for r in mode if r["task"] == task]
+                if not seeds:
                     cells.append("")
                     continue
-                loss = statistics.median(r["loss_ratio"] for r in runs)
-                grad = statistics.median(r["grad_ratio"] for r in runs)
+                loss = statistics.median(r["loss_ratio"] for r in seeds)
+                grad = statistics.median(r["grad_ratio"] for r in seeds)
                 cells.append(f"{loss:.3g} / {grad:.3g}")
             lines.append(f"| {reduction}, {dropout} | " + " | ".join(cells) + " |")
     seeds = sorted({r["seed"] for r in records})
@@ -67,15 +67,15 @@ def first_step_table(records) -> str:
 
 
 def lnsr_mode(config):
-    """``(reduction, dropout)`` of an LNSR run, None for vanilla; raises KeyError for runs this table leaves out
+    """``(reduction, dropout)`` of an LNSR run, None for vanilla; ``ValueError`` for runs this table leaves out
     (other recipes, or LNSR with another non-default setting)."""
     if list(config["methods"]) == ["vanilla"]:
         return None
     if list(config["methods"]) != ["lnsr"]:
-        raise KeyError("not an lnsr or vanilla run")
+        raise ValueError("not an lnsr or vanilla run")
     other = set(method_settings(config)) - set(VARIED)
     if other:
-        raise KeyError(f"other LNSR settings: {sorted(other)}")
+        raise ValueError(f"other LNSR settings: {sorted(other)}")
     return tuple(config.get(name, LEGACY_SETTINGS[name]) for name in VARIED)
 
 
@@ -91,7 +91,7 @@ def outcome_table(runs) -> str:
             baselines.setdefault(config["task"], run["majority_baseline"])
         try:
             mode = lnsr_mode(config)
-        except KeyError as why:
+        except ValueError as why:
             if "lnsr" in config["methods"]:
                 left_out.add(f"{config['task']} {run_label(config)} ({why.args[0]})")
             continue

@@ -163,6 +163,7 @@ def test_plot_styles_follow_the_row_and_legends_do_not_overlap():
     figure = report.curves_figure(runs)
     try:
         mrpc, rte = figure.axes
+
         def styles(ax):
             return {line.get_label().rsplit(" (", 1)[0]: (line.get_color(), line.get_marker())
                     for line in ax.get_lines()}
