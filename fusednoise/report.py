@@ -301,6 +301,7 @@ def curves_figure(runs: Sequence[dict]):
     by_task = _rows_by_task(runs)
     columns = max(1, len(by_task))
     figure, axes = plt.subplots(1, columns, figsize=(5.2 * columns, 4.2), squeeze=False)
+    styles: Dict[str, int] = {}  # row name -> style index: one row looks the same in every panel
     for ax, (task, rows) in zip(axes[0], by_task):
         labels = [key[1] for key, _ in rows]
         spread = min(0.3, 0.06 * (len(rows) - 1))
@@ -315,8 +316,11 @@ def curves_figure(runs: Sequence[dict]):
                 config = group[0]["config"]
                 name += (f" (n={group[0]['train_examples']}, lr={config['optimizer_lr']:g}, "
                          f"{_plural(config['epochs'], 'epoch')})")
-            (line,) = ax.plot(x, means, marker=_MARKERS[index % len(_MARKERS)], markersize=7, markerfacecolor="none",
-                              markeredgewidth=1.5, linewidth=1.2, label=f"{name} ({_plural(len(group), 'seed')})")
+            style = styles.setdefault(name, len(styles))
+            # 10 colours x 12 markers: the pair stays unique for 60 rows
+            (line,) = ax.plot(x, means, color=f"C{style % 10}", marker=_MARKERS[style % len(_MARKERS)],
+                              markersize=7, markerfacecolor="none", markeredgewidth=1.5, linewidth=1.2,
+                              label=f"{name} ({_plural(len(group), 'seed')})")
             if len(group) > 1:
                 ax.vlines(x, lows, highs, color=line.get_color(), alpha=0.35, linewidth=2)
         ticks = sorted(all_epochs)
@@ -332,14 +336,16 @@ def curves_figure(runs: Sequence[dict]):
         ax.set_xlabel("epoch")
         ax.set_ylabel(f"dev {task.main_metric} (x100)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        # one column: rows named with their settings are long, and two columns spill under the next panel
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     return figure
 
 
 def plot_curves(runs: Sequence[dict], path: Union[str, Path]) -> Path:
     """Dev main metric per epoch, one panel per task, one line per row of the table (mean over seeds, a bar from
     the lowest to the highest seed). Methods that tie stay visible: each row has its own marker and is shifted a
-    little along x; the x ticks are the integer epochs; the legend sits below the panel, outside the data."""
+    little along x; the x ticks are the integer epochs; the legend sits below the panel, outside the data; a row
+    has the same colour and marker in every panel."""
     import matplotlib.pyplot as plt
 
     figure = curves_figure(runs)

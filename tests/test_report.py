@@ -153,6 +153,32 @@ def test_one_epoch_plot_has_integer_ticks_visible_ties_and_the_legend_outside():
         plt.close(figure)
 
 
+def test_plot_styles_follow_the_row_and_legends_do_not_overlap():
+    import matplotlib.pyplot as plt
+
+    long = dict(lnsr_reduction="mean", lnsr_dropout="independent")  # a long row name
+    runs = [fake_run("rte", "vanilla", 0, 0.5), fake_run("rte", "lnsr", 0, 0.5, **long),
+            fake_run("mrpc", "hype-n", 0, 0.8), fake_run("mrpc", "lnsr", 0, 0.8, **long),
+            fake_run("mrpc", "vanilla", 0, 0.8)]
+    figure = report.curves_figure(runs)
+    try:
+        mrpc, rte = figure.axes
+
+        def styles(ax):
+            return {line.get_label().rsplit(" (", 1)[0]: (line.get_color(), line.get_marker())
+                    for line in ax.get_lines()}
+        in_rte, in_mrpc = styles(rte), styles(mrpc)
+        for name in ("vanilla", "lnsr (lnsr_reduction=mean, lnsr_dropout=independent)"):
+            assert in_rte[name] == in_mrpc[name]  # one row, one look, in every panel
+        assert len(set(in_mrpc.values())) == 3
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        left, right = (ax.get_legend().get_window_extent(renderer) for ax in (mrpc, rte))
+        assert left.x1 < right.x0  # the long names stay under their own panel
+    finally:
+        plt.close(figure)
+
+
 def test_report_command_rewrites_table_and_plot(tmp_path, capsys):
     write_runs(tmp_path, [fake_run("cola", r, s, v) for r, s, v in
                           (("vanilla", 0, 0.3), ("vanilla", 1, 0.4), ("pats", 0, 0.45), ("adamax", 0, 0.4))])
@@ -165,3 +191,45 @@ def test_report_command_rewrites_table_and_plot(tmp_path, capsys):
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "wrote" in capsys.readouterr().out
     assert main(["report", "--output", str(tmp_path / "nothing")]) == 2
+
+
+def _lnsr_table_script():
+    """benchmarks/lnsr_reduction_table.py (docs/lnsr.md's tables), loaded as a module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lnsr_reduction_table.py"
+    spec = importlib.util.spec_from_file_location("lnsr_reduction_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lnsr_tables_of_the_docs():
+    script = _lnsr_table_script()
+    runs = [fake_run("rte", "vanilla", s, v, schema="fusednoise.finetune/1") for s, v in ((0, 0.55), (1, 0.57))]
+    legacy = fake_run("rte", "lnsr", 0, 0.5, schema="fusednoise.finetune/1")  # before reduction= existed: sum
+    for name in ("lnsr_reduction", "lnsr_dropout"):
+        del legacy["config"][name]
+    runs += [legacy, fake_run("rte", "lnsr", 1, 0.54, baseline=0.527),  # today's default: token_mean, replay
+             fake_run("rte", "lnsr", 0, 0.52, lnsr_reduction="mean", lnsr_dropout="independent"),
+             fake_run("rte", "lnsr", 1, 0.56, lnsr_reduction="mean", lnsr_dropout="independent"),
+             fake_run("rte", "lnsr", 0, 0.9, lnsr_weight=0.2),  # another experiment: left out, and said
+             fake_run("rte", "pats", 0, 0.9)]  # not LNSR: not in this table
+    table = script.outcome_table(runs)
+    rows = [line for line in table.splitlines() if line.startswith("| RTE")]
+    assert rows == ["| RTE (accuracy) | majority baseline: always class 1 (train majority) | — | 52.70 | |",
+                    "| RTE (accuracy) | vanilla | 0,1 | 56.00 ± 1.41 | — |",
+                    "| RTE (accuracy) | lnsr sum, replay | 0 | 50.00 ± 0.00 | -5.00 |",
+                    "| RTE (accuracy) | lnsr token_mean, replay | 1 | 54.00 ± 0.00 | -3.00 |",
+                    "| RTE (accuracy) | lnsr mean, independent | 0,1 | 54.00 ± 2.83 | -3.00, -1.00 |"]
+    assert "Left out: rte lnsr (lnsr_weight=0.2) (other LNSR settings: ['lnsr_weight'])." in table
+
+    records = [{"task": t, "seed": s, "reduction": r, "dropout": d, "loss_ratio": x * (s + 1), "grad_ratio": 2 * x}
+               for t in ("rte", "stsb") for s in (0, 1, 2) for r, d, x in (("sum", "replay", 60.0),
+                                                                            ("mean", "independent", 0.3))]
+    first = script.first_step_table(records)
+    assert "| reduction, dropout | RTE | STS-B |" in first
+    assert "| sum, replay | 120 / 120 | 120 / 120 |" in first  # the median over seeds of 60, 120, 180
+    assert "| mean, independent | 0.6 / 0.6 | 0.6 / 0.6 |" in first
+    assert "token_mean" not in first  # modes not measured get no row
