@@ -67,7 +67,7 @@ for the two halves (``replay_rng`` is not possible) and supports batch-first enc
 states it returns for layers from ``b`` on hold 2B examples. Which mode is faster depends on the GPU and the batch
 (small, launch-bound batches should gain most from 2B); ``benchmarks/test_bench_lnsr.py`` times both
 (``lnsr-fused`` vs ``lnsr-batched``). The default is two passes because it works for every architecture and
-replays dropout; no GPU timing has been taken yet to justify switching the default.
+can replay dropout; no GPU timing has been taken yet to justify switching the default.
 
 Composes with HyPe: ``hype.apply(model)`` on the same model adds HyPe's noise to every layer input in both passes
 (the combination experiments of the HyPe paper); with ``replay_rng`` both passes see the same HyPe noise from
@@ -91,7 +91,7 @@ from .validation import check_module_list
 
 NOISES = ("standard", "in_manifold")
 # Whether the noisy pass replays the clean pass's dropout by default (two passes): see docs/lnsr.md.
-DEFAULT_REPLAY_RNG = True
+DEFAULT_REPLAY_RNG = False
 # Model types whose layers take batch-first hidden states and batch-first extra tensors, checked by the tests in
 # batched mode. Encoder-decoder models (the decoder would need the noisy encoder output on a batch of B), XLNet
 # ((T, B, D) layout, masks batched on dim 2) and DeBERTa-v2 (its optional conv mixes layer 0's output with the

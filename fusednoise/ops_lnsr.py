@@ -31,7 +31,7 @@ DEFAULT_SCALE = 0.05       # journal sec. III-E: ||eps|| = 0.05 ||x||
 DEFAULT_K = 10             # journal sec. III-E: 10 nearest neighbours
 DEFAULT_MIX_RATIO = 0.1    # journal Table V: 0.1 (RTE) to 0.2 (STS-B)
 # What ||.||^2 of one example means (the papers do not say): see docs/lnsr.md for the measurements behind it.
-DEFAULT_REDUCTION = "token_mean"
+DEFAULT_REDUCTION = "mean"
 REDUCTIONS = _reference.REDUCTIONS
 
 Layers = Union[torch.Tensor, Sequence[torch.Tensor]]

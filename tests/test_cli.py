@@ -72,9 +72,9 @@ def test_demo_defaults_are_small_and_finetune_defaults_are_the_papers():
     parser = cli._parser()
     demo = parser.parse_args(["demo"])
     assert (demo.task, demo.compare, demo.seeds, demo.max_train_samples, demo.epochs) == (
-        ["rte"], ["vanilla", "hype-n", "pats"], [0], 256, 2.0)
+        ["rte"], ["vanilla", "hype-n", "pats", "adamax"], [0], 256, 2.0)
     plans = cli._configs(demo)
-    assert [recipe for recipe in plans[0][1]] == [("vanilla",), ("hype-n",), ("pats",)]
+    assert [recipe for recipe in plans[0][1]] == [("vanilla",), ("hype-n",), ("pats",), ("adamax",)]
     full = parser.parse_args(["finetune", "--task", "rte", "cola", "--compare", "all", "--seeds", "0", "1", "2"])
     plans = cli._configs(full)
     assert [base.task for base, _ in plans] == ["rte", "cola"]

@@ -68,7 +68,7 @@ def test_scale_zero_gives_exactly_zero_even_with_dropout(name):
     depth = lnsr.LNSR(model).depth
     for inject_layer in sorted({0, 1, depth - 1}):  # T5: also inside the decoder (depth 3 of 4)
         torch.manual_seed(1)
-        _, penalty = lnsr.LNSR(model, scale=0.0, inject_layer=inject_layer)(**_batch(name))
+        _, penalty = lnsr.LNSR(model, scale=0.0, inject_layer=inject_layer, replay_rng=True)(**_batch(name))
         # The noisy pass replays the clean pass's dropout: only the (zero) injected noise could differ.
         assert penalty.item() == 0.0, inject_layer
 
@@ -357,7 +357,7 @@ def test_composes_with_hype(name):
         assert penalty.item() > 0
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
         # Both passes see the same HyPe noise from layer b on: with no LNSR noise the penalty is exactly 0.
-        _, zero = lnsr.LNSR(model, scale=0.0)(**_batch(name))
+        _, zero = lnsr.LNSR(model, scale=0.0, replay_rng=True)(**_batch(name))
         assert zero.item() == 0.0
         # ... and without replay the HyPe noise differs between the passes.
         _, hype_only = lnsr.LNSR(model, scale=0.0, replay_rng=False)(**_batch(name))
@@ -374,7 +374,7 @@ def test_replayed_noisy_pass_replays_the_offsets_of_the_offset_path(noise):
     with hype.apply(model, sigma=1e-3), rng.graph_safe():
         rng.set_offset(40, "cpu")
         torch.manual_seed(0)
-        _, zero = lnsr.LNSR(model, scale=0.0, mix_ratio=0.0, noise=noise)(**_batch("bert"))
+        _, zero = lnsr.LNSR(model, scale=0.0, mix_ratio=0.0, noise=noise, replay_rng=True)(**_batch("bert"))
         assert zero.item() == 0.0
         layers = len(find_layers(model))
         assert rng.get_offset("cpu") == 40 + layers  # one ticket per HyPe layer of the clean pass, replayed after
@@ -411,10 +411,10 @@ def test_in_manifold_noise_goes_into_the_word_embeddings_before_the_layernorm():
         model.bert.embeddings.LayerNorm.weight.zero_()
         model.bert.embeddings.LayerNorm.bias.normal_()  # a nonzero output, for standard noise to scale with
     torch.manual_seed(0)
-    _, manifold = lnsr.LNSR(model, noise="in_manifold", k=5, mix_ratio=0.2)(**_batch("bert"))
+    _, manifold = lnsr.LNSR(model, noise="in_manifold", k=5, mix_ratio=0.2, replay_rng=True)(**_batch("bert"))
     assert manifold.item() == 0.0
     torch.manual_seed(0)
-    _, standard = lnsr.LNSR(model)(**_batch("bert"))
+    _, standard = lnsr.LNSR(model, replay_rng=True)(**_batch("bert"))
     assert standard.item() > 0
 
 
@@ -426,7 +426,7 @@ def test_in_manifold_penalty_equals_a_noisy_run_from_noisy_word_embeddings(monke
     model = _deep_model("bert", layers=3, dropout=0.1)
     layers = find_layers(model)
     batch = _batch("bert")
-    reg = lnsr.LNSR(model, noise="in_manifold", k=5, mix_ratio=0.2, reduction=reduction)
+    reg = lnsr.LNSR(model, noise="in_manifold", k=5, mix_ratio=0.2, reduction=reduction, replay_rng=True)
     torch.manual_seed(3)
     _, penalty = reg(**batch)
     penalty.backward()

@@ -156,7 +156,7 @@ def test_one_epoch_plot_has_integer_ticks_visible_ties_and_the_legend_outside():
 def test_plot_styles_follow_the_row_and_legends_do_not_overlap():
     import matplotlib.pyplot as plt
 
-    long = dict(lnsr_reduction="mean", lnsr_dropout="independent")  # a long row name
+    long = dict(lnsr_reduction="token_mean", lnsr_dropout="replay")  # a long row name
     runs = [fake_run("rte", "vanilla", 0, 0.5), fake_run("rte", "lnsr", 0, 0.5, **long),
             fake_run("mrpc", "hype-n", 0, 0.8), fake_run("mrpc", "lnsr", 0, 0.8, **long),
             fake_run("mrpc", "vanilla", 0, 0.8)]
@@ -168,7 +168,7 @@ def test_plot_styles_follow_the_row_and_legends_do_not_overlap():
             return {line.get_label().rsplit(" (", 1)[0]: (line.get_color(), line.get_marker())
                     for line in ax.get_lines()}
         in_rte, in_mrpc = styles(rte), styles(mrpc)
-        for name in ("vanilla", "lnsr (lnsr_reduction=mean, lnsr_dropout=independent)"):
+        for name in ("vanilla", "lnsr (lnsr_reduction=token_mean, lnsr_dropout=replay)"):
             assert in_rte[name] == in_mrpc[name]  # one row, one look, in every panel
         assert len(set(in_mrpc.values())) == 3
         figure.canvas.draw()
@@ -211,8 +211,9 @@ def test_lnsr_tables_of_the_docs():
     legacy = fake_run("rte", "lnsr", 0, 0.5, schema="fusednoise.finetune/1")  # before reduction= existed: sum
     for name in ("lnsr_reduction", "lnsr_dropout"):
         del legacy["config"][name]
-    runs += [legacy, fake_run("rte", "lnsr", 1, 0.54, baseline=0.527),  # today's default: token_mean, replay
-             fake_run("rte", "lnsr", 0, 0.52, lnsr_reduction="mean", lnsr_dropout="independent"),
+    runs += [legacy,
+             fake_run("rte", "lnsr", 1, 0.54, baseline=0.527, lnsr_reduction="token_mean", lnsr_dropout="replay"),
+             fake_run("rte", "lnsr", 0, 0.52),  # today's default: mean, independent
              fake_run("rte", "lnsr", 1, 0.56, lnsr_reduction="mean", lnsr_dropout="independent"),
              fake_run("rte", "lnsr", 0, 0.9, lnsr_weight=0.2),  # another experiment: left out, and said
              fake_run("rte", "pats", 0, 0.9)]  # not LNSR: not in this table
