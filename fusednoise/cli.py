@@ -3,7 +3,7 @@
 * ``fusednoise finetune``: fine-tune on a GLUE task with any mix of HyPe, LNSR, NoisyTune and PATS over seeds;
   writes a JSON per run, a Markdown table and a plot (see :mod:`fusednoise.finetune`).
 * ``fusednoise demo``: the same command with small defaults (RTE, 256 training examples, vanilla vs HyPe-N vs
-  PATS vs its Adamax control, one seed): about 8 minutes of training on a 2-core CPU.
+  PATS vs its Adamax control, one seed): about 4 minutes of training on a 2-core CPU.
 * ``fusednoise report``: rewrite the table and plot of an output folder from its run JSONs
   (:mod:`fusednoise.report`).
 * ``fusednoise check``: check every fused op against its reference on this device, and time HyPe and the PATS
@@ -21,9 +21,9 @@ from .lnsr import REDUCTIONS
 from .glue import TASKS
 
 _TASK_CHOICES = sorted(TASKS)
-# Measured: `fusednoise demo --data-dir ../shared/data/glue` on this project's 2-core CPU (four runs of 32 steps:
+# Measured: `fusednoise demo --data-dir ../shared/data/glue` on this project's 2-core CPU, 3 min 38 s (four runs of 32 steps:
 # vanilla, HyPe-N, PATS and adamax, PATS's control without the noise, so that PATS's delta is its noise's).
-DEMO_MINUTES = "about 8 minutes"
+DEMO_MINUTES = "about 4 minutes"
 
 
 def _add_training_arguments(parser: argparse.ArgumentParser, demo: bool) -> None:
