@@ -21,8 +21,8 @@ from .lnsr import REDUCTIONS
 from .glue import TASKS
 
 _TASK_CHOICES = sorted(TASKS)
-# Measured: `fusednoise demo --data-dir ../shared/data/glue` on this project's 2-core CPU, 3 min 38 s (four runs of 32 steps:
-# vanilla, HyPe-N, PATS and adamax, PATS's control without the noise, so that PATS's delta is its noise's).
+# Measured: `fusednoise demo --data-dir ../shared/data/glue` on this project's 2-core CPU, 3 min 38 s (four runs
+# of 32 steps: vanilla, HyPe-N, PATS and adamax, PATS's control without the noise, so PATS's delta is its noise's).
 DEMO_MINUTES = "about 4 minutes"
 
 
