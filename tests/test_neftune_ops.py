@@ -5,9 +5,9 @@ import math
 import pytest
 import scipy.stats
 import torch
-import torch.utils.checkpoint
 
 import fusednoise
+from checkpointing import assert_checkpoint_replays_the_noise
 from devices import KERNEL_DEVICE
 from fusednoise import rng
 from fusednoise.reference import neftune as reference
@@ -165,13 +165,7 @@ def test_activation_checkpointing_replays_the_same_noise():
     def block(inputs):
         return fusednoise.add_neftune_noise(layer(inputs), 50.0, mask) ** 2  # the gradient depends on the noise
 
-    torch.manual_seed(0)
-    block(x).sum().backward()
-    plain = (x.grad.clone(), layer.weight.grad.clone())
-    x.grad, layer.weight.grad, layer.bias.grad = None, None, None
-    torch.manual_seed(0)
-    torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False).sum().backward()
-    assert torch.equal(x.grad, plain[0]) and torch.equal(layer.weight.grad, plain[1])
+    assert_checkpoint_replays_the_noise(block, x, layer)
 
 
 def test_torch_compile_fullgraph_traces_the_op():
