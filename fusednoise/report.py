@@ -13,6 +13,12 @@ is in the table itself:
   the papers');
 * per-step time from the steady state of training (the first steps of a process are slow for reasons that have
   nothing to do with the method), and the schedule warnings a run recorded (a run too short to train).
+
+What could mislead is said, not hidden: a file that is not a run this version reads (truncated, another schema,
+a field missing) is named and left out, never stopping the report; a row and seed in two files counts once (the
+newest, both files named under both tables); Δ pairs seeds, and says ``n`` when the row and its control ran
+different seeds; a ms/step timed on another host or device, on a loaded machine or while a calibration matmul
+ran slow is marked † (:func:`timing_notes`). results.md and curves.png are written atomically.
 """
 from __future__ import annotations
 

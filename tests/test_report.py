@@ -21,7 +21,7 @@ def fake_run(task, recipe, seed, value, epochs=2, schema=finetune.SCHEMA, baseli
            "per_epoch": [{"epoch": e + 1, metric: value - 0.01 * (epochs - e - 1)} for e in range(epochs)],
            "train_examples": 100, "dev_examples": 277, "wall_time_s": 10.0, "optimizer_steps": 20,
            "peak_memory_mb": 100.0, "peak_memory_kind": "test", "device": "cpu: test", "model": "m"}
-    if schema != finetune.SCHEMA:  # written before the setting existed
+    if schema == "fusednoise.finetune/1":  # written before the setting existed
         del run["config"]["noisytune_include_head"]
     else:
         run.update(majority_baseline={"prediction": "always class 1 (train majority)",
@@ -214,7 +214,7 @@ def test_a_bad_file_does_not_stop_finetune(tmp_path, monkeypatch):
 
 def test_legacy_runs_load_and_their_times_are_marked(tmp_path):
     old = [fake_run("rte", r, 0, 0.8, schema="fusednoise.finetune/1") for r in ("vanilla", "noisytune")]
-    new = [fake_run("rte", "noisytune", 0, 0.82)]
+    new = [fake_run("rte", "noisytune", 0, 0.82, schema="fusednoise.finetune/2")]  # /2: named by method settings
     write_runs(tmp_path, old)
     (tmp_path / "runs" / "rte__noisytune__seed0__new.json").write_text(json.dumps(new[0]))
     runs = report.load_runs(tmp_path)
