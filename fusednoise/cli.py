@@ -62,7 +62,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, demo: bool) -> None
     what.add_argument("--output", help="output folder: runs/*.json, results.md, curves.png (default "
                                        + ("fusednoise-runs/demo)" if demo else "fusednoise-runs/finetune)"))
     what.add_argument("--skip-existing", action="store_true",
-                      help="skip a run whose JSON in --output has the same configuration")
+                      help="skip a run whose JSON in --output has the same configuration (every setting; files "
+                           "of older versions included, whatever their names)")
     what.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     train = parser.add_argument_group("training (shared by every method)")
@@ -139,8 +140,8 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rewrite results.md and curves.png of an output folder")
     report.add_argument("--output", required=True, help="a folder written by fusednoise finetune / demo")
     report.add_argument("--rename-runs", action="store_true",
-                        help="first give every run file the name its settings give today (folders written before "
-                             "method settings were part of run file names)")
+                        help="first give every run file the name its configuration gives today (folders written "
+                             "by older versions, whose names left settings out)")
     check = commands.add_parser("check", help="check every fused op against its reference on this device; time "
                                               "HyPe and the PATS step on MiniLM")
     check.add_argument("--model", default=None, help="model folder or hub name (default: the packaged "
@@ -272,10 +273,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "report":
             from .report import rename_runs, write_report
 
+            def warn(message):
+                print(f"fusednoise report: warning: {message}", file=sys.stderr)
+
             if args.rename_runs:
-                for old, new in rename_runs(args.output):
+                for old, new in rename_runs(args.output, warn=warn):
                     print(f"renamed {old.name} -> {new.name}")
-            table, plot = write_report(args.output)
+            table, plot = write_report(args.output, warn=warn)
             print(f"wrote {table} and {plot}")
             return 0
         elif args.command == "check":

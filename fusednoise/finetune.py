@@ -15,13 +15,17 @@ optimizer unless the recipe has ``pats`` / ``adamax`` (Adamax at ``pats_lr``, by
 Table 2 rate for BERT-base + PATS on the task). That shared setting is no paper's: only the noise hyperparameters
 are the papers' defaults, and the tables say so.
 
-A run is written to ``OUTPUT/runs/TASK__RECIPE[__SETTINGS]__seedN.json``, where ``SETTINGS`` lists the recipe's
-method settings that differ from their defaults (``stsb__hype-n__hype_sigma=0__seed0.json``): two values of one
-method setting never share a file, and the tables (:mod:`fusednoise.report`) give them separate rows.
+A run's identity is its whole configuration (:func:`run_identity`): it is written to
+``OUTPUT/runs/TASK__RECIPE[__SETTINGS]__DIGEST__seedN.json``, where ``SETTINGS`` lists the recipe's method settings
+that differ from their defaults and ``DIGEST`` is a short hash of everything that decides the run
+(``stsb__hype-n__hype_sigma=0__5c3e0f9a1b__seed0.json``): two runs that differ in anything (epochs, learning rate,
+a method setting, ...) never share a file, and the tables (:mod:`fusednoise.report`) give different method or
+shared settings separate rows.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -43,10 +47,11 @@ LNSR_DROPOUTS = ("replay", "independent")
 # The flags to name when the LNSR penalty dominates the task loss at the first step.
 LNSR_ADVICE = "lower --lnsr-weight, or check --lnsr-reduction"
 
-# The run JSON's schema. /2 added label, method_settings, majority_baseline, warnings and step_time_s; /1 files
-# (without them) still load.
-SCHEMA = "fusednoise.finetune/2"
-SCHEMAS = ("fusednoise.finetune/1", SCHEMA)
+# The run JSON's schema. /2 added label, method_settings, majority_baseline, warnings and step_time_s; /3 added
+# timing (what the step times were measured on: host, threads, load average, a calibration matmul). Files of the
+# older schemas (without them) still load.
+SCHEMA = "fusednoise.finetune/3"
+SCHEMAS = ("fusednoise.finetune/1", "fusednoise.finetune/2", SCHEMA)
 
 # name -> what it is (the paper's defaults are the FinetuneConfig fields' defaults)
 METHODS: Dict[str, str] = {
@@ -301,8 +306,18 @@ def method_settings(config: dict) -> Dict[str, object]:
     return {name: _setting(config, name) for name in names if _setting(config, name) != defaults.get(name)}
 
 
+def format_value(value) -> str:
+    """A setting's value as the tables and run file names show it: ``f"{value:g}"`` where that reads back as the
+    same float (``1e-05``, ``0``, ``0.0003``), else the exact shortest form (``repr``): two distinct values never
+    print alike (``:g`` alone gave ``1e-05`` for both 1e-5 and 1.0000001e-5)."""
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    return str(value)
+
+
 def _format_setting(name: str, value) -> str:
-    return f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+    return f"{name}={format_value(value)}"
 
 
 def run_label(config: dict) -> str:
@@ -327,17 +342,118 @@ def row_key(config: dict) -> Tuple[str, str, tuple]:
     return config["task"], run_label(config), shared_settings(config)
 
 
+# Settings that decide what a run computes but are neither a method's nor shared by a comparison's rows: in a
+# run's identity (its file), not in its row of the tables. eval_batch_size: evaluation pads per batch, so the dev
+# metrics may move in the last bits; device: CPU and CUDA draw different dropout masks; data_dir: the data read
+# (the hub and a TSV folder may order the training set differently, so --max-train-samples draws other examples).
+IDENTITY_EXTRAS = ("eval_batch_size", "device", "data_dir")
+# FinetuneConfig fields holding floats: an int given for one (epochs=2) is the same setting as the float (2.0).
+_FLOAT_FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig) if f.type in ("float", "Optional[float]")}
+# The readable method settings of a run file name are cut (whole settings, the rest counted) beyond this many
+# characters; the digest names the run in full, so the cut loses nothing.
+NAME_SETTINGS_CHARS = 96
+DIGEST_HEX = 10
+# The longest file name most file systems take (bytes); a run whose name is longer is refused before training.
+NAME_MAX = 255
+
+
+def _canonical(name: str, value):
+    if name in _FLOAT_FIELDS and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def run_identity(config: dict) -> Dict[str, object]:
+    """Everything that decides what a run computes, ``{setting: value}`` (a ``FinetuneConfig.to_dict()`` or a run
+    JSON's ``config``): the task, the recipe, the seed, the shared training settings, *every* setting of the
+    recipe's methods (default or not, so a later change of a default cannot merge two runs), and
+    :data:`IDENTITY_EXTRAS`. Left out, because they change nothing the run computes: the output folder and the
+    settings of methods the recipe does not use (``hype_sigma`` of a vanilla run; AdamW's ``lr`` of an Adamax
+    recipe). Settings a file predates take the value it ran with (:data:`LEGACY_SETTINGS`), else today's default.
+    Two runs with one identity are one run (``--skip-existing`` skips it); any other difference is another file."""
+    identity = {"task": config["task"], "methods": list(config["methods"]), "seed": config["seed"]}
+    identity.update(shared_settings(config))
+    names = [name for method in config["methods"] for name in METHOD_SETTINGS.get(method, ())]
+    for name in list(dict.fromkeys(names)) + list(IDENTITY_EXTRAS):
+        identity[name] = _setting(config, name)
+    return {name: _canonical(name, value) for name, value in identity.items()}
+
+
+def identity_key(config: dict) -> str:
+    """:func:`run_identity` as canonical JSON (sorted keys; floats written exactly, as ``repr`` writes them)."""
+    return json.dumps(run_identity(config), sort_keys=True, separators=(",", ":"))
+
+
+def config_digest(config: dict) -> str:
+    """The first :data:`DIGEST_HEX` hex digits of the SHA-256 of the run's identity without its seed: the seeds
+    of one configuration share it, and any other difference changes it."""
+    identity = run_identity(config)
+    del identity["seed"]
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:DIGEST_HEX]
+
+
+def _readable_settings(settings: Dict[str, object]) -> str:
+    """The non-default method settings joined by commas, whole settings up to :data:`NAME_SETTINGS_CHARS`
+    characters, then ``+N`` for the N left out (the digest holds them)."""
+    items = [_format_setting(n, v) for n, v in settings.items()]
+    shown = []
+    for index, item in enumerate(items):
+        rest = len(items) - index - 1
+        tail = f",+{rest}" if rest else ""
+        if len(",".join(shown + [item]) + tail) > NAME_SETTINGS_CHARS:
+            break
+        shown.append(item)
+    left = len(items) - len(shown)
+    return ",".join(shown + ([f"+{left}"] if left else []))
+
+
 def run_file_name(config: dict) -> str:
-    """``TASK__RECIPE[__SETTINGS]__seedN.json``, ``SETTINGS`` the non-default method settings joined by commas."""
+    """``TASK__RECIPE[__SETTINGS]__DIGEST__seedN.json``: ``SETTINGS`` the non-default method settings (readable,
+    cut when long), ``DIGEST`` :func:`config_digest` of everything else that decides the run
+    (``stsb__hype-n__hype_sigma=0__5c3e0f9a1b__seed0.json``). Two configurations that differ in anything get two
+    names; the whole configuration is in the file (``config``)."""
     settings = method_settings(config)
     parts = [config["task"], "+".join(config["methods"])]
     if settings:
-        parts.append(",".join(_format_setting(n, v) for n, v in settings.items()))
-    return "__".join(parts + [f"seed{config['seed']}"]) + ".json"
+        parts.append(_readable_settings(settings))
+    return "__".join(parts + [config_digest(config), f"seed{config['seed']}"]) + ".json"
+
+
+def check_name(path: Union[str, Path]) -> Path:
+    """``path`` if its file name fits the file system (:data:`NAME_MAX` bytes), else a ``ValueError`` naming it:
+    called before training, so a run is never lost to a name its file system refuses."""
+    path = Path(path)
+    size = len(path.name.encode("utf-8"))
+    if size > NAME_MAX:
+        raise ValueError(f"run file name of {size} bytes is longer than the file system takes ({NAME_MAX}): "
+                         f"{path.name}")
+    return path
 
 
 def run_file(output: Union[str, Path], config: FinetuneConfig) -> Path:
-    return Path(output) / "runs" / run_file_name(config.to_dict())
+    return check_name(Path(output) / "runs" / run_file_name(config.to_dict()))
+
+
+def write_atomically(path: Union[str, Path], write) -> Path:
+    """Call ``write(temporary_path)`` on a new file of a unique name in ``path``'s folder, then move it onto
+    ``path`` (``os.replace``): a reader sees the old file or the new one, never half of one, and two commands
+    writing one folder never share a temporary file. The file gets the mode a plain ``open`` would give it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(name))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(name, 0o666 & ~umask)
+        os.replace(name, path)
+    except BaseException:
+        if os.path.exists(name):
+            os.unlink(name)
+        raise
+    return path
 
 
 # --------------------------------------------------------------------------------------------- schedule checks
@@ -389,6 +505,49 @@ def _device_name(device: str) -> str:
     except OSError:
         pass
     return f"cpu: {cpu} ({torch.get_num_threads()} threads)"
+
+
+def _load_average() -> Optional[List[float]]:
+    """The 1, 5 and 15-minute load averages (runnable threads, this process's included), None where the OS has
+    none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def calibration_ms(device: str, size: int = 256, repeats: int = 21) -> float:
+    """Median milliseconds of one ``size x size`` float32 matmul on ``device`` (with torch's threads): a fixed
+    piece of work timed next to a run, so that step times measured on a busier machine show as such. Draws its
+    matrix from its own generator: the training seed's streams are untouched."""
+    import torch
+
+    matrix = torch.randn(size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matrix @ matrix
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return round(1e3 * statistics.median(times), 4)
+
+
+def timing_conditions(device: str) -> dict:
+    """What a run's step times were measured on, at its start: host, CPUs, torch's threads, the load average and
+    :func:`calibration_ms` (:func:`finish_timing_conditions` adds the same at its end)."""
+    import socket
+
+    import torch
+
+    return {"host": socket.gethostname(), "device": _device_name(device), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_average_start": _load_average(),
+            "calibration_ms_start": calibration_ms(device),
+            "calibration": "median ms of one 256x256 float32 matmul on the training device (21 repeats)"}
+
+
+def finish_timing_conditions(conditions: dict, device: str) -> dict:
+    return dict(conditions, load_average_end=_load_average(), calibration_ms_end=calibration_ms(device))
 
 
 class _PeakMemory:
@@ -525,10 +684,12 @@ def steady_step_time(times: Sequence[float]) -> Optional[dict]:
 
 def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = True, warn: bool = True) -> dict:
     """Fine-tune once (one task, one recipe, one seed), evaluate on the dev set after every epoch, and write
-    ``OUTPUT/runs/TASK__RECIPE[__SETTINGS]__seedN.json`` (:func:`run_file`). Returns what it wrote.
+    ``OUTPUT/runs/TASK__RECIPE[__SETTINGS]__DIGEST__seedN.json`` (:func:`run_file`). Returns what it wrote.
 
-    Raises ``ValueError`` before training when the schedule would train nothing (:func:`check_schedule`); its
-    warnings are recorded in the JSON (``"warnings"``) and, with ``warn``, raised as ``UserWarning``."""
+    ``device="auto"`` is recorded as the device it resolved to (it is part of the run's identity). Raises
+    ``ValueError`` before training when the schedule would train nothing (:func:`check_schedule`) or the run's
+    file name is too long for the file system; the schedule's warnings are recorded in the JSON (``"warnings"``)
+    and, with ``warn``, raised as ``UserWarning``."""
     import torch
     import transformers
     from transformers import DataCollatorWithPadding, TrainingArguments
@@ -539,6 +700,8 @@ def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = T
 
     task = get_task(config.task)
     device = _resolve_device(config.device)
+    config = dataclasses.replace(config, device=device)
+    path = run_file(output, config)  # a name the file system refuses fails here, not after training
     splits = _data(config)
     transformers.set_seed(config.seed)
     model, tokenizer = load_classifier(config.model, num_labels=task.num_labels)
@@ -566,10 +729,12 @@ def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = T
             data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, compute_metrics=metrics,
             callbacks=[timer], **config.trainer_kwargs())
         trainer.lnsr_advice = LNSR_ADVICE
+        timing = timing_conditions(device)
         with _PeakMemory(device) as memory:
             start = time.perf_counter()
             trainer.train()
             wall = time.perf_counter() - start
+        timing = finish_timing_conditions(timing, device)
     epochs = _per_epoch(trainer.state.log_history, task)
     if not epochs or task.main_metric not in epochs[-1]:
         raise RuntimeError(f"the Trainer logged no dev-set evaluation for {config.recipe} on {config.task}")
@@ -596,6 +761,7 @@ def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = T
         "warmup_steps": warmup,
         "warnings": schedule_warnings,
         "step_time_s": steady_step_time(timer.times),
+        "timing": timing,
         "wall_time_s": wall,
         "peak_memory_mb": memory.peak_bytes / 2 ** 20,
         "peak_memory_kind": memory.kind,
@@ -605,11 +771,8 @@ def run_one(config: FinetuneConfig, output: Union[str, Path], progress: bool = T
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    path = run_file(output, config)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps(result, indent=2, sort_keys=False) + "\n"
+    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return result
 
 
@@ -642,9 +805,10 @@ def run_all(base: FinetuneConfig, recipes: Sequence[Sequence[str]], seeds: Seque
     """Every recipe x seed on ``base``'s task; after each run the table and plot in ``output`` are rewritten
     (from every run JSON in ``output``, so runs of earlier commands into the same folder are included).
 
-    ``skip_existing``: a run whose file holds a run of the same row (task, recipe, method and shared settings)
-    and seed is not run again."""
-    from .report import write_report
+    ``skip_existing``: a run whose identity (:func:`run_identity`: its whole configuration) is that of a run file
+    in ``OUTPUT/runs`` (whatever that file's name) is not run again. A file there that cannot be read is named
+    in a warning (``log``) and left alone. Every run's file name is checked before the first run trains."""
+    from .report import load_runs, write_report
 
     if not recipes:
         raise ValueError("recipes must name at least one recipe")
@@ -655,21 +819,24 @@ def run_all(base: FinetuneConfig, recipes: Sequence[Sequence[str]], seeds: Seque
     parsed = [parse_recipe(recipe) for recipe in recipes]
     if len(set(parsed)) != len(parsed):
         raise ValueError(f"recipes must be distinct, got {['+'.join(r) for r in parsed]}")
+    base = dataclasses.replace(base, device=_resolve_device(base.device))  # "auto" -> what it runs on
     # Seed-major order: a run cut short still has every recipe on the first seeds.
     configs = [dataclasses.replace(base, methods=recipe, seed=seed) for seed in seeds for recipe in parsed]
+    paths = [run_file(output, config) for config in configs]  # a name too long fails before any training
     for message in preflight(base):  # the schedule is the same for every recipe and seed
         log(f"warning: {base.task}: {message}")
+    done = {}
+    if skip_existing:
+        for run in load_runs(output, warn=lambda message: log(f"warning: {message}")):
+            done.setdefault(identity_key(run["config"]), run)
     results = []
-    for index, config in enumerate(configs, 1):
-        path = run_file(output, config)
+    for index, (config, path) in enumerate(zip(configs, paths), 1):
         label = f"[{index}/{len(configs)}] {config.task} {config.label} seed {config.seed}"
-        if skip_existing and path.is_file():
-            previous = json.loads(path.read_text(encoding="utf-8"))
-            if (previous.get("schema") in SCHEMAS and previous["config"]["seed"] == config.seed
-                    and row_key(previous["config"]) == row_key(config.to_dict())):
-                log(f"{label}: done before ({path}), skipped")
-                results.append(previous)
-                continue
+        previous = done.get(identity_key(config.to_dict()))
+        if previous is not None:
+            log(f"{label}: done before ({Path(output) / 'runs' / previous['_file']}), skipped")
+            results.append(previous)
+            continue
         log(f"{label}: training on {config.max_train_samples or 'all'} examples for "
             f"{config.epochs:g} epoch{'' if config.epochs == 1 else 's'}")
         result = run_one(config, output, progress=progress, warn=False)
@@ -678,11 +845,13 @@ def run_all(base: FinetuneConfig, recipes: Sequence[Sequence[str]], seeds: Seque
         log(f"{label}: dev {shown} ({result['wall_time_s']:.0f} s"
             + (f", {1e3 * step['median']:.0f} ms/step)" if step else ")"))
         results.append(result)
-        write_report(output)
+        write_report(output, warn=lambda message: log(f"warning: {message}"))
     return results
 
 
-__all__ = ["FinetuneConfig", "LEGACY_SETTINGS", "METHODS", "METHOD_SETTINGS", "MIN_TRAINING_STEPS", "PATS_LR",
-           "SCHEMA", "SHARED_SETTINGS", "check_schedule", "method_settings", "parse_recipe", "preflight",
-           "recipe_name", "row_key", "run_all", "run_file", "run_file_name", "run_label", "run_one",
-           "shared_settings", "steady_step_time"]
+__all__ = ["FinetuneConfig", "IDENTITY_EXTRAS", "LEGACY_SETTINGS", "METHODS", "METHOD_SETTINGS",
+           "MIN_TRAINING_STEPS", "NAME_MAX", "PATS_LR", "SCHEMA", "SHARED_SETTINGS", "calibration_ms",
+           "check_name", "check_schedule", "config_digest", "format_value", "identity_key", "method_settings",
+           "parse_recipe", "preflight", "recipe_name", "row_key", "run_all", "run_file", "run_file_name",
+           "run_identity", "run_label", "run_one", "shared_settings", "steady_step_time", "timing_conditions",
+           "write_atomically"]

@@ -344,16 +344,22 @@ def test_finetune_command_end_to_end_with_every_method(tmp_path, capsys):
     assert main(["finetune", "--method", "hype-n", "--method", "noisytune", *common]) == 0  # a combination
     recipes = list(finetune.METHODS) + ["hype-n+noisytune"]
     files = sorted((out / "runs").glob("*.json"))
-    assert sorted(f.name for f in files) == sorted(f"rte__{r}__seed0.json" for r in recipes)
     runs = {json.loads(f.read_text())["recipe"]: json.loads(f.read_text()) for f in files}
+    assert sorted(runs) == sorted(recipes)
     for recipe, run in runs.items():
+        name = finetune.run_file_name(run["config"])
+        assert (out / "runs" / name).is_file() and name.startswith(f"rte__{recipe}__") and name.endswith("__seed0.json")
+        assert run["config"]["device"] == "cpu"
+        timing = run["timing"]  # what the step times were measured on
+        assert timing["host"] and timing["torch_threads"] >= 1 and timing["calibration_ms_end"] > 0
+        assert len(timing["load_average_start"]) == 3 and len(timing["load_average_end"]) == 3
         assert run["config"]["methods"] == recipe.split("+")
         assert run["train_examples"] == 32 and run["dev_examples"] == 32 and run["optimizer_steps"] == 1
         assert [row["epoch"] for row in run["per_epoch"]] == [1]
         assert 0 <= run["per_epoch"][0]["accuracy"] <= 1 and math.isfinite(run["per_epoch"][0]["train_loss"])
         assert run["metrics"]["accuracy"] == run["per_epoch"][0]["accuracy"]
         assert run["wall_time_s"] > 0 and run["peak_memory_mb"] > 100 and run["device"].startswith("cpu")
-        assert run["schema"] == "fusednoise.finetune/2" and run["label"] == recipe and run["method_settings"] == {}
+        assert run["schema"] == "fusednoise.finetune/3" and run["label"] == recipe and run["method_settings"] == {}
         assert run["step_time_s"]["steps_timed"] == 1 and run["step_time_s"]["median"] > 0
         assert "too few to train" in run["warnings"][0]
         assert run["majority_baseline"]["prediction"].startswith("always class")
