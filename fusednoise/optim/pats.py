@@ -155,8 +155,13 @@ class _StepCounts:
     checkpoint, a value set by hand) is linked again, keeping its value.
     """
 
+    # Tests set this to run the capturable form of :meth:`advance` (one slice per run of positions, what a GPU
+    # runs) on CPU counts, so that the GPU's branch is tested by the CPU suite.
+    SLICES_ON_CPU = False
+
     def __init__(self, device: torch.device = torch.device("cpu")):
         self.device = device
+        self.by_slices = device.type != "cpu" or self.SLICES_ON_CPU
         self.storage = torch.zeros(0, dtype=torch.float32, device=device)
         self.views: Sequence[torch.Tensor] = ()
         self._index_cache: Dict[tuple, torch.Tensor] = {}
@@ -192,12 +197,9 @@ class _StepCounts:
         """Add 1 to the counts of parameters ``ks`` (in place: the states hold views of the storage). On a GPU
         one slice per run of consecutive ``ks`` (usually one): no index tensor to copy to the device, so a
         captured graph can hold it."""
-        if self.device.type != "cpu":
-            start = 0
-            for i in range(1, len(ks) + 1):
-                if i == len(ks) or ks[i] != ks[i - 1] + 1:
-                    self.storage[ks[start]:ks[i - 1] + 1].add_(1.0)
-                    start = i
+        if self.by_slices:
+            for first, stop in consecutive_runs(ks):
+                self.storage[first:stop].add_(1.0)
             return
         key = tuple(ks)
         index = self._index_cache.get(key)
@@ -206,6 +208,18 @@ class _StepCounts:
                 self._index_cache.clear()
             index = self._index_cache[key] = torch.tensor(ks, dtype=torch.int64)
         self.storage.index_add_(0, index, torch.ones((), dtype=torch.float32).expand(len(ks)))
+
+
+def consecutive_runs(ks: Sequence[int]) -> List[tuple]:
+    """``[(first, stop), ...]``: the runs of consecutive values of the increasing ``ks`` as half-open ranges
+    (``[0, 1, 2, 5, 7, 8]`` gives ``[(0, 3), (5, 6), (7, 9)]``)."""
+    runs = []
+    start = 0
+    for i in range(1, len(ks) + 1):
+        if i == len(ks) or ks[i] != ks[i - 1] + 1:
+            runs.append((ks[start], ks[i - 1] + 1))
+            start = i
+    return runs
 
 
 def _warm_up_hint() -> str:
