@@ -1,0 +1,85 @@
+"""What a CUDA graph capture needs of the host code, decided on CPU by forcing a capture (issue 18, "Likely or
+possible, to settle"): memory a captured graph reads on every replay stays alive, and what cannot be captured
+raises a clear error before anything changes."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+from fusednoise import lnsr
+from fusednoise.kernels import host_tables
+from fusednoise.kernels import pats as pats_kernels
+
+
+def test_replay_rng_refuses_a_capture_before_touching_the_generators(monkeypatch):
+    # torch.cuda.get_rng_state / set_rng_state inside a capture: the graph would not replay the clean pass's
+    # dropout. The refusal comes first, so nothing has read or set a generator.
+    monkeypatch.setattr(lnsr, "_is_capturing", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: pytest.fail("read the CUDA generator"))
+    with pytest.raises(RuntimeError, match=r"replay_rng=True\) cannot run inside a CUDA graph capture"):
+        lnsr._RngState(torch.device("cuda", 0))
+    lnsr._RngState(torch.device("cpu"))  # CPU state: no capture involved
+
+
+class _FakePinned:
+    """Stands in for the pinned copy of a host table (the CPU build cannot pin)."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def to(self, device, non_blocking=False):
+        return self.table.clone()
+
+
+def _host_table_held(monkeypatch, capturing):
+    monkeypatch.setattr(host_tables, "capturing", lambda device: capturing)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: _FakePinned(self))
+    monkeypatch.setattr(host_tables, "_held_for_graphs", [])
+    host_tables.to_device(torch.arange(4), torch.device("cuda", 1))
+    return host_tables._held_for_graphs
+
+
+def test_a_host_table_copied_in_a_capture_outlives_the_call(monkeypatch):
+    # the diff norm's address tables and LNSR's per-call weights: a captured copy reads the host buffer on replay
+    held = _host_table_held(monkeypatch, capturing=True)
+    assert len(held) == 1 and torch.equal(held[0].table, torch.arange(4))
+
+
+def test_an_eager_host_table_is_not_held(monkeypatch):
+    assert _host_table_held(monkeypatch, capturing=False) == []
+
+
+def _table(value):
+    return torch.full((2, pats_kernels.META_FIELDS), value, dtype=torch.int64)
+
+
+def test_pats_device_table_a_capture_used_is_kept_when_replaced(monkeypatch):
+    tables = pats_kernels._CapturableTables()
+    slot = ("cpu", torch.float32)
+    device = torch.device("cpu")
+    used = weakref.ref(tables.upload(_table(1), device, slot))    # the eager warm-up's table
+    monkeypatch.setattr(pats_kernels, "capturing", lambda device: True)
+    assert tables.upload(_table(1), device, slot) is used()       # the capture reuses it
+    monkeypatch.setattr(pats_kernels, "capturing", lambda device: False)
+    tables.upload(_table(2), device, slot)                        # a later eager step replaces it
+    gc.collect()
+    assert used() is not None and torch.equal(used(), _table(1))
+    eager_only = weakref.ref(tables.upload(_table(3), device, slot))
+    tables.upload(_table(4), device, slot)
+    gc.collect()
+    assert eager_only() is None                                   # a table no capture used is freed
+
+
+def test_pats_chunk_table_a_capture_used_survives_the_cache_eviction(monkeypatch):
+    launcher = pats_kernels.PatsLauncher(max_cache=2)
+    device = torch.device("cpu")
+    used = weakref.ref(launcher._chunks_for(device, [10, 20], [True, False])[0])
+    monkeypatch.setattr(pats_kernels, "capturing", lambda device: True)
+    assert launcher._chunks_for(device, [10, 20], [True, False])[0] is used()
+    monkeypatch.setattr(pats_kernels, "capturing", lambda device: False)
+    not_captured = weakref.ref(launcher._chunks_for(device, [5], [True])[0])
+    for n in range(30, 33):  # new layouts: the cache is cleared
+        launcher._chunks_for(device, [n], [True])
+    gc.collect()
+    assert used() is not None and not_captured() is None
