@@ -83,3 +83,49 @@ def test_pats_chunk_table_a_capture_used_survives_the_cache_eviction(monkeypatch
         launcher._chunks_for(device, [n], [True])
     gc.collect()
     assert used() is not None and not_captured() is None
+
+
+# --------------------------------------------------------------------------------------------- shared memory
+# NoisyTune and PATS update every tensor of a device and dtype in one launch: two views of one storage would race
+# on a GPU. De-duplicating by identity alone let them through.
+def test_first_overlap_finds_views_of_one_storage():
+    from fusednoise.validation import first_overlap
+
+    w = torch.zeros(10, 10)
+    assert first_overlap([torch.zeros(3), w[:2], w[5:], torch.zeros(0)]) is None
+    assert first_overlap([torch.zeros(3), w, w[4:6, 2]]) == (1, 2)
+    assert first_overlap([w.t(), torch.zeros(3), w[9, 9:]]) == (0, 2)  # a transposed view spans the same bytes
+    assert first_overlap([w[:5], w.view(-1)[49:51]]) == (0, 1)          # one element in common
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_noisytune_refuses_overlapping_views_and_perturbs_a_repeated_view_once(backend):
+    import fusednoise
+    from fusednoise.noisytune import SAME_MEMORY_REASON, perturb_
+
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    before = w.clone()
+    with fusednoise.backend(backend):
+        with pytest.raises(ValueError, match="'a' and 'b' share memory"):
+            perturb_([("a", w), ("b", w[2:4])], seed=1)
+        assert torch.equal(w, before)  # refused before anything changed
+        report = perturb_([("a", w), ("b", w.view(8, 16))], seed=1)  # two objects, the same elements
+    assert report.perturbed == ["a"] and report.skipped == {"b": SAME_MEMORY_REASON}
+    alone = before.clone()
+    with fusednoise.backend(backend):
+        perturb_([("a", alone)], seed=1)
+    assert torch.equal(w, alone)  # perturbed once, exactly as alone
+
+
+def test_pats_refuses_parameters_that_share_memory():
+    from fusednoise.optim import PATSAdamax
+
+    w = torch.zeros(10, 10)
+    a, b = torch.nn.Parameter(w), torch.nn.Parameter(w[2:4])
+    with pytest.raises(ValueError, match=r"params\[0\] of param group 0 and params\[1\] of param group 0 overlap"):
+        PATSAdamax([a, b])
+    with pytest.raises(ValueError, match="an earlier group and params.0. of param group 1 overlap"):
+        PATSAdamax([{"params": [a]}, {"params": [b]}])
+    with pytest.raises(ValueError, match="are one tensor"):
+        PATSAdamax([a, a])
+    PATSAdamax([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3)), a])  # own memory: fine

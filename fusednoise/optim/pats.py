@@ -26,7 +26,7 @@ import torch
 from .. import backends as _backends
 from .. import rng
 from .. import sharding
-from ..validation import check_name_patterns
+from ..validation import check_name_patterns, first_overlap
 from ..reference import pats as _reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -348,11 +348,27 @@ class PATSAdamax(torch.optim.Optimizer):
                 if isinstance(p, torch.Tensor):
                     _check_param(p, f"{where}, params[{i}]")
             _check_one_device([p for p in tensors if isinstance(p, torch.Tensor)], where)
+            self._refuse_overlaps([p for p in tensors if isinstance(p, torch.Tensor)], where)
         _check_hyperparameters({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         if param_group.get("capturable", self.defaults["capturable"]) != self.defaults["capturable"]:
             raise ValueError("capturable is a setting of the whole optimizer (where the step counts live): a param "
                              f"group cannot set capturable={param_group['capturable']}")
         super().add_param_group(param_group)
+
+    def _refuse_overlaps(self, new: List[torch.Tensor], where: str) -> None:
+        """ValueError when two parameters (of ``new`` and the groups already added) share memory: one fused launch
+        steps all tensors of a device and dtype at once, so two views of one storage (or one tensor listed
+        twice) would race on a GPU, and the reference would step their elements twice."""
+        old = [p for group in self.param_groups for p in group["params"]]
+        tensors = old + new
+        pair = first_overlap([sharding.local(p) for p in tensors])
+        if pair is not None:
+            def name(i):
+                return f"params[{i - len(old)}] of {where}" if i >= len(old) else "a parameter of an earlier group"
+            i, j = pair
+            what = "are one tensor" if tensors[i] is tensors[j] else "overlap in memory (views of one storage)"
+            raise ValueError(f"PATSAdamax: {name(i)} and {name(j)} {what}; every parameter must have memory of its "
+                             "own (one fused launch steps all tensors of a device and dtype at once)")
 
     # -------------------------------------------------------------------------------------- state dict
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
