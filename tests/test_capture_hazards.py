@@ -129,3 +129,37 @@ def test_pats_refuses_parameters_that_share_memory():
     with pytest.raises(ValueError, match="are one tensor"):
         PATSAdamax([a, a])
     PATSAdamax([torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3)), a])  # own memory: fine
+
+
+# --------------------------------------------------------------------------------------------- side streams
+def test_the_warm_up_tickets_scratch_counter_is_recorded_on_the_stream_that_uses_it(monkeypatch):
+    """graph_offsets._prepare runs the ticket kernel once on a scratch counter allocated on a side stream
+    (rng.persistent_zero) and frees it: the block must be recorded on the current stream, which uses it."""
+    from fusednoise import graph_offsets, rng
+
+    events = []
+
+    class Scratch:
+        def record_stream(self, stream):
+            events.append(("record_stream", stream))
+
+    class ClaimsCuda(torch.Tensor):
+        is_cuda = True
+
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+        def get_device(self):
+            return 1
+
+    x = torch.zeros(2).as_subclass(ClaimsCuda)
+    monkeypatch.setattr(rng, "offset_state", lambda device: None)
+    monkeypatch.setattr(rng, "persistent_zero", lambda device: Scratch())
+    monkeypatch.setattr(graph_offsets, "_kernels", lambda: type("K", (), {
+        "take_offset": staticmethod(lambda state: events.append(("take_offset", state)))}))
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"current stream of {device}")
+    monkeypatch.setattr(graph_offsets, "_host_zeros", {})
+    graph_offsets._prepare(x)
+    assert [e[0] for e in events] == ["take_offset", "record_stream"]
+    assert events[1][1] == "current stream of cuda:1"
