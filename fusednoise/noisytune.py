@@ -144,6 +144,9 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
     names, the task head (unless ``include_head``), tensors with fewer than 2 elements and non-floating-point
     tensors. The noise of element ``i`` of the ``k``-th tensor (its position in ``model_or_params``, skipped
     ones counted) depends on ``(seed, k, i)`` only, so skipping the head leaves the other tensors' noise as it was.
+    Tensors are perturbed once each: a second tensor object over the same elements as an earlier one (a tied
+    weight, ``p.data``) is skipped with ``SAME_MEMORY_REASON``, and two that overlap only in part raise a ValueError
+    naming them (before anything is perturbed).
 
     Returns a :class:`PerturbReport` (``print(report)`` gives one line: how many perturbed, skipped and why).
     """

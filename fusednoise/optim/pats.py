@@ -308,6 +308,9 @@ class PATSAdamax(torch.optim.Optimizer):
     (the ``k`` above). State tensors are float32 (float64 for float64 parameters) even for float16/bfloat16
     parameters, whose new values are rounded to nearest.
 
+    Every parameter must have memory of its own: two that share elements (one tensor listed twice, or overlapping
+    views of one storage) raise a ValueError naming them, as one fused launch steps them at once.
+
     Parameters without a gradient are skipped (their step count does not advance). With
     ``torch.amp.GradScaler``, a step skipped for inf/NaN gradients leaves parameters and state untouched.
     """
