@@ -92,6 +92,9 @@ run_extra_steps() {
     step pats-cuda-graph 60 python -m pytest tests/test_pats_cuda_graph.py -q -rfEs -p no:cacheprovider
     # issue 13: replays of captured noise ops draw new noise and equal eager calls at the same (seed, offset)
     step cuda-graphs 120 python -m pytest tests/test_cuda_graphs.py -q -rfEs -p no:cacheprovider
+    # issue 18 item 1: every launch on its tensors' GPU (launches on cuda:1 while cuda:0 is current; skipped, with
+    # its reason, on a one-GPU machine)
+    step device-guard 30 python -m pytest tests/test_device_guard.py -q -rfEs -p no:cacheprovider
 }
 
 step environment 30 bash -c show_environment

@@ -92,6 +92,10 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
     rng.offset_state(x.device)
     zero = rng.persistent_zero(x.device)
     if x.is_cuda:
-        _kernels().take_offset(rng.persistent_zero(x.device))
+        scratch = rng.persistent_zero(x.device)  # allocated on a side stream of its own (see persistent_zero)
+        _kernels().take_offset(scratch)          # read and written on the current stream
+        # freed when this returns, into the side stream's pool: without this, a later allocation on that stream
+        # could take the block while the ticket kernel still runs on the current one
+        scratch.record_stream(torch.cuda.current_stream(x.device))
     _host_zeros[x.get_device()] = zero
     return zero

@@ -51,7 +51,8 @@ Randomness: the noise seed is drawn once per call from torch's CPU generator (``
 run). With ``replay_rng=True`` the noisy pass then replays the clean pass's random draws: torch's CPU and
 CUDA generator states are set back to where the clean pass started, and each pass-through layer leaves them where
 its clean call did; afterwards they continue from where they were (on the offset path of the noise ops, inside
-a CUDA graph capture, the device's offset counter too, and the injected noise leaves it alone). Both passes
+``rng.graph_safe()``, the device's offset counter too, and the injected noise leaves it alone; inside a CUDA graph
+capture ``replay_rng=True`` raises a RuntimeError, as torch's CUDA generator cannot be set back there). Both passes
 therefore see the same dropout masks (and the same HyPe noise), the penalty measures the injected noise alone,
 and ``scale=0`` gives a penalty of exactly 0. ``replay_rng=False`` lets the passes draw independently, as two
 plain calls of the model would from layer ``b`` on (the penalty then also contains the dropout difference, R-Drop
@@ -160,12 +161,24 @@ def _cut_batch(value, batch: int):
     return value
 
 
+_is_capturing = torch.cuda.is_current_stream_capturing  # a name of its own: a CPU test forces a capture
+
+
 class _RngState:
     """torch's CPU generator and, when the hidden states live there, the CUDA generator of their device; on the
-    offset path of the noise ops (CUDA graphs, ``rng.graph_safe()``) also the device's offset counter, as a device
-    copy: the seeds replay from the CPU generator, and the offsets must replay too for the same noise."""
+    offset path of the noise ops (``rng.graph_safe()``) also the device's offset counter, as a device copy: the
+    seeds replay from the CPU generator, and the offsets must replay too for the same noise.
+
+    Not while a CUDA graph is being captured on the device (a RuntimeError): setting torch's CUDA generator back
+    is a host operation that a capture does not record, so the graph would not replay the clean pass's dropout."""
 
     def __init__(self, device: torch.device):
+        if device.type == "cuda" and _is_capturing():
+            raise RuntimeError(
+                "LNSR(replay_rng=True) cannot run inside a CUDA graph capture: replaying the clean pass's dropout "
+                "sets torch's CUDA generator back, which a capture does not record (each replay of the graph would "
+                "draw the noisy pass's dropout anew). Use replay_rng=False (the default: each pass draws its own "
+                "dropout) for captured code.")
         self.device = device
         self.cpu = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None

@@ -26,7 +26,7 @@ import torch
 from . import backends as _backends
 from . import rng
 from . import sharding
-from .validation import check_name_patterns
+from .validation import check_name_patterns, first_overlap, memory_span
 from .reference import noisytune as _reference
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -144,6 +144,9 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
     names, the task head (unless ``include_head``), tensors with fewer than 2 elements and non-floating-point
     tensors. The noise of element ``i`` of the ``k``-th tensor (its position in ``model_or_params``, skipped
     ones counted) depends on ``(seed, k, i)`` only, so skipping the head leaves the other tensors' noise as it was.
+    Tensors are perturbed once each: a second tensor object over the same elements as an earlier one (a tied
+    weight, ``p.data``) is skipped with ``SAME_MEMORY_REASON``, and two that overlap only in part raise a ValueError
+    naming them (before anything is perturbed).
 
     Returns a :class:`PerturbReport` (``print(report)`` gives one line: how many perturbed, skipped and why).
     """
@@ -162,14 +165,21 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
 
     # (device, dtype) -> (name, local tensor, k, ShardLayout of a sharded matrix or None)
     buckets: Dict[tuple, List[tuple]] = defaultdict(list)
+    views: Dict[tuple, str] = {}  # (memory, shape, strides, dtype) of a tensor to perturb -> its name
     for k, (name, x) in enumerate(named):
         reason = _skip_reason(name, x, patterns, head)
+        view = _view_key(sharding.local(x))
+        if reason is None and view is not None and view in views:
+            reason = SAME_MEMORY_REASON  # another tensor object over the same elements: perturbed once, as if tied
         if reason is not None:
             report.skipped[name] = reason
         else:
+            if view is not None:
+                views[view] = name
             layout = sharding.layout_of(x, f"model_or_params[{name!r}]")
             buckets[(x.device, x.dtype)].append((name, sharding.local(x), k,
                                                  layout if layout is not None and layout.sharded else None))
+    _refuse_overlaps([item for items in buckets.values() for item in items])
 
     stds: Dict[str, float] = {}
     with torch.no_grad():
@@ -193,6 +203,25 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
                 report.perturbed.append(name)
                 report.std[name] = s
     return report
+
+
+SAME_MEMORY_REASON = "same elements as an earlier tensor"
+
+
+def _view_key(x: torch.Tensor) -> Optional[tuple]:
+    span = memory_span(x)
+    return None if span is None else (span, tuple(x.shape), x.stride(), x.dtype)
+
+
+def _refuse_overlaps(items: List[tuple]) -> None:
+    """ValueError naming two tensors to perturb (``(name, local tensor, ...)`` items) whose memory overlaps: one
+    fused launch perturbs all tensors of a device and dtype at once, so two views of one storage would race on a
+    GPU (and each element's noise would depend on which write lands). Raised before anything is perturbed."""
+    pair = first_overlap([item[1] for item in items])
+    if pair is not None:
+        a, b = (items[i][0] for i in pair)
+        raise ValueError(f"model_or_params: {a!r} and {b!r} share memory (views of one storage that overlap); "
+                         "NoisyTune perturbs every tensor once, in one launch: pass only one of them")
 
 
 def _merged_stds(shards: List[tuple]) -> Dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch
 
 from . import backends as _backend
 from . import graph_offsets, rng
+from .kernels import host_tables
 from .reference import lnsr as _reference
 from .validation import check_float_tensor as _check_float_tensor, check_real as _check_real
 
@@ -94,7 +95,8 @@ def _weights_tensor(weights: Weights, L: int, device) -> Optional[torch.Tensor]:
         if weights.device.type == "cpu":
             if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
                 raise ValueError("weights must be finite and >= 0")
-        return weights.detach().to(device=device, dtype=torch.float32)
+        weights = weights.detach().to(torch.float32)
+        return weights.to(device) if weights.device.type != "cpu" else host_tables.to_device(weights, device)
     if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
         raise TypeError(f"weights must be None, a number, a sequence of L numbers or a (L,) tensor, "
                         f"got {type(weights).__name__}")
@@ -102,7 +104,8 @@ def _weights_tensor(weights: Weights, L: int, device) -> Optional[torch.Tensor]:
     if len(values) != L:
         raise ValueError(f"weights must have one entry per layer ({L}), got {len(values)}")
     values = [_check_real(v, f"weights[{i}]") for i, v in enumerate(values)]
-    return torch.tensor(values, dtype=torch.float32).to(device, non_blocking=True)
+    # pinned, and held while a CUDA graph that copies from it may replay (kernels/host_tables.py)
+    return host_tables.to_device(torch.tensor(values, dtype=torch.float32), torch.device(device))
 
 
 def _mask_tensor(mask, batch: int, tokens: int, device) -> Optional[torch.Tensor]:

@@ -56,3 +56,28 @@ def check_module_list(value, name: str, accepted: str = "a list of modules") -> 
         return list(value)
     except TypeError:
         raise TypeError(f"{name} must be {accepted}; got {type(value).__name__}") from None
+
+
+def memory_span(x: torch.Tensor):
+    """``(device name, storage address, first byte, end byte)``: the bytes of its storage that ``x``'s elements may
+    occupy (for a strided view, the range from its first to its last element); None for a tensor without memory
+    (no elements, or on the ``meta`` device)."""
+    if x.numel() == 0 or x.device.type == "meta":
+        return None
+    extent = 1 + sum((n - 1) * abs(s) for n, s in zip(x.shape, x.stride()))
+    size = x.element_size()
+    first = x.storage_offset() * size
+    return str(x.device), x.untyped_storage().data_ptr(), first, first + extent * size
+
+
+def first_overlap(tensors) -> "tuple | None":
+    """``(i, j)`` (``i < j``), positions in ``tensors`` of two whose memory spans (:func:`memory_span`) overlap,
+    or None. Two views of one storage that a fused launch updates together would race on a GPU (and be updated
+    twice, one after the other, by the reference); the span is conservative: two interleaved views (``x[::2]``,
+    ``x[1::2]``) count as overlapping."""
+    spans = sorted((span, i) for i, span in ((i, memory_span(t)) for i, t in enumerate(tensors))
+                   if span is not None)
+    for (a, i), (b, j) in zip(spans, spans[1:]):
+        if a[:2] == b[:2] and b[2] < a[3]:
+            return min(i, j), max(i, j)
+    return None

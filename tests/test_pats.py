@@ -194,6 +194,28 @@ def test_kernel_matches_reference_multi_chunk_tensor():
                      _run_backend("reference", torch.float32, 2, big=True))
 
 
+def test_gradient_copies_live_until_the_update_reads_them():
+    """Issue 18 item 5: a non-contiguous gradient is copied to a contiguous one that the kernels read through its
+    address. With a second (device, dtype) bucket the update launch runs after the other bucket's first half:
+    a copy dropped before it is read freed (and refilled: NaN or a step off by the learning rate)."""
+    def run(backend):
+        gen = torch.Generator().manual_seed(1)
+        device = _device(backend)
+        a = torch.nn.Parameter((0.05 * torch.randn(40, 30, generator=gen)).to(device).t())  # transposed float32
+        b = torch.nn.Parameter((0.05 * torch.randn(64, generator=gen)).to(device, torch.bfloat16))
+        opt = PATSAdamax([{"params": [a]}, {"params": [b]}], lr=1e-2, noise_lambda=1e-4, noise_prob=0.5, seed=3)
+        with fusednoise.backend(backend):
+            for _ in range(2):
+                a.grad = torch.randn(40, 30, generator=gen).to(device).t()
+                b.grad = torch.randn(64, generator=gen).to(device, torch.bfloat16)
+                opt.step()
+        return a.detach().cpu(), b.detach().cpu().float()
+
+    (ka, kb), (ra, rb) = run("triton"), run("reference")
+    assert torch.allclose(ka, ra, rtol=0, atol=1e-6 + FAST_NOISE_ALLOWANCE), (ka - ra).abs().max()
+    assert torch.allclose(kb, rb, rtol=2 * torch.finfo(torch.bfloat16).eps, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kernel_matches_reference_half(dtype):
     kp, kopt = _run_backend("triton", dtype, 2)

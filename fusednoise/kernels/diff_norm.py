@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
+from . import host_tables
 from .launch import Launch
 from .noise import _round_nearest
 
@@ -223,11 +224,9 @@ def row_layout(clean: Sequence[torch.Tensor], noisy: Sequence[torch.Tensor]):
 
 def address_table(tensors, device: torch.device) -> torch.Tensor:
     """int64 addresses of ``tensors`` on ``device``; on CUDA through pinned memory with an async copy (a pageable
-    host-to-device copy would wait for the GPU to drain)."""
-    table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-    if device.type == "cuda":
-        return table.pin_memory().to(device, non_blocking=True)
-    return table
+    host-to-device copy would wait for the GPU to drain), held for the graph's life when one is being captured
+    (:mod:`.host_tables`)."""
+    return host_tables.to_device(torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64), device)
 
 
 def vector_width(tensors: Sequence[torch.Tensor], strides: Sequence[int]) -> int:

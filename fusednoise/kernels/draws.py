@@ -93,17 +93,28 @@ def _philox_draw(seed, counter, purpose: tl.constexpr, c2, c3):
 
 
 @triton.jit
-def _box_muller(word_r, word_t, FAST: tl.constexpr):
-    """Both Box-Muller outputs (cos, sin) of two philox words, as ``rng.box_muller`` computes them."""
-    u1 = tl.maximum(_uniform(word_r), BOX_MULLER_MIN_U)
-    theta = TWO_PI * _uniform(word_t)
+def _box_muller_primitives(u1, theta, FAST: tl.constexpr):
+    """``(-2 ln u1, cos theta, sin theta)``, through the hardware approximations when ``FAST``: the only lines of
+    Box-Muller that differ between the paths (a GPU runs only the FAST ones; ``tests/test_gpu_only_paths.py`` runs
+    them on CPU with libdevice's three calls replaced by accurate stand-ins)."""
     if FAST:
         # lg2.approx can return a tiny positive value for u1 just below 1 (its error is absolute there): the
         # radius of such a u1 is below 5e-4 either way, so clamp instead of taking sqrt of a negative number.
-        radius = tl.sqrt(tl.maximum(libdevice.fast_log2f(u1) * MINUS_TWO_LN2, 0.0))
-        return radius * libdevice.fast_cosf(theta), radius * libdevice.fast_sinf(theta)
-    radius = tl.sqrt(-2.0 * tl.log(u1))
-    return radius * tl.cos(theta), radius * tl.sin(theta)
+        minus_two_log_u = tl.maximum(libdevice.fast_log2f(u1) * MINUS_TWO_LN2, 0.0)
+        return minus_two_log_u, libdevice.fast_cosf(theta), libdevice.fast_sinf(theta)
+    return -2.0 * tl.log(u1), tl.cos(theta), tl.sin(theta)
+
+
+@triton.jit
+def _box_muller(word_r, word_t, FAST: tl.constexpr):
+    """Both Box-Muller outputs (cos, sin) of two philox words, as ``rng.box_muller`` computes them. The
+    uniforms, the pairing of cos and sin with the outputs and the scaling are one code for both paths; only
+    :func:`_box_muller_primitives` differs."""
+    u1 = tl.maximum(_uniform(word_r), BOX_MULLER_MIN_U)
+    theta = TWO_PI * _uniform(word_t)
+    minus_two_log_u, cos_theta, sin_theta = _box_muller_primitives(u1, theta, FAST)
+    radius = tl.sqrt(minus_two_log_u)
+    return radius * cos_theta, radius * sin_theta
 
 
 @triton.jit

@@ -30,6 +30,10 @@ TILE_INTERPRETER = 1 << 15
 # Largest row held in registers at once; longer rows are processed in two sweeps over column blocks.
 MAX_BLOCK_D = 4096
 # Largest (padded k) x (padded D) tile the in-manifold kernel holds in registers; bigger calls use the reference.
+# Above 1 << 15 (k = 10 with D >= 4096) the tile no longer fits 16 warps' registers and ptxas spills (sm_90, Triton
+# 3.9, float32: 528 bytes of stack per thread at D = 4096, about 5 KB at D = 8192; none at D <= 2048). The results
+# are unchanged and the spills stay in L1/L2; it is kept over the reference (several eager launches per call),
+# which no GPU timing has compared yet, and because only the kernel can be captured in a CUDA graph.
 MAX_MANIFOLD_TILE = 1 << 17
 
 

@@ -51,6 +51,7 @@ from ..backends import interpreter_enabled
 from ..reference.pats import PatsJob
 from .chunks import cdiv, chunk_of_program, tensor_ptr
 from .draws import _box_muller, _philox_block, _uniform, fast_math
+from . import host_tables
 from .launch import Launch
 from .noise import _round_nearest
 
@@ -322,11 +323,9 @@ def _meta_table(jobs: Sequence[PatsJob], partial_starts: Sequence[int], capturab
 
 
 def _to_device(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        # Pinned and non_blocking: no host synchronisation per step (the caching host allocator keeps the
-        # pinned block alive until the copy has run).
-        return table.pin_memory().to(device, non_blocking=True)
-    return table
+    # Pinned and non_blocking: no host synchronisation per step (the caching host allocator keeps the pinned block
+    # alive until the copy has run; host_tables holds it for a graph being captured).
+    return host_tables.to_device(table, device) if device.type == "cuda" else table
 
 
 WARM_UP = ("run one eager step with capturable=True before capturing (the warm-up torch.cuda.graph asks for), "
@@ -342,14 +341,25 @@ class _CapturableTables:
     """The device copies of capturable steps' tables, which hold nothing step-dependent: per launch slot (device
     and dtype), the last one is reused while the table is unchanged (no copy per step). A table that changes while
     a CUDA graph is being captured (gradients allocated in the graph's pool, say) is copied from a pinned buffer
-    set aside at the last eager step and kept for the launcher's lifetime: every replay copies from it again."""
+    set aside at the last eager step and kept for the launcher's lifetime: every replay copies from it again.
+
+    A device table a capture used is kept for the launcher's lifetime too (``_captured``), even after a later
+    step replaces it as the last one: the graph reads it on every replay (freed, its memory would be handed to
+    other tensors, or to another graph of the same memory pool)."""
 
     def __init__(self):
         self._last: Dict[tuple, Tuple[bytes, torch.Tensor]] = {}  # slot -> (host bytes, device table)
         self._spare: Dict[tuple, torch.Tensor] = {}                # (slot, nbytes) -> pinned buffer for a capture
         self._held: List[torch.Tensor] = []                        # pinned buffers that captured graphs copy from
+        self._captured: Dict[int, torch.Tensor] = {}               # id -> device table a captured graph reads
 
     def upload(self, table: torch.Tensor, device: torch.device, slot: tuple) -> torch.Tensor:
+        on_device = self._upload(table, device, slot)
+        if capturing(device):
+            self._captured[id(on_device)] = on_device
+        return on_device
+
+    def _upload(self, table: torch.Tensor, device: torch.device, slot: tuple) -> torch.Tensor:
         key = table.numpy().tobytes()
         last = self._last.get(slot)
         if last is not None and last[0] == key:
@@ -380,6 +390,9 @@ class PatsLauncher:
         self._chunks: Dict[tuple, tuple] = {}
         self._max_cache = max_cache
         self._tables = _CapturableTables()
+        # chunk tables a captured graph reads: kept when the cache above evicts them (the graph reads them on every
+        # replay), for the launcher's lifetime
+        self._captured_chunks: Dict[int, tuple] = {}
 
     def _chunks_for(self, device, numels, noise):
         key = (str(device), tuple(numels), tuple(noise))
@@ -390,6 +403,8 @@ class PatsLauncher:
             if len(self._chunks) >= self._max_cache:
                 self._chunks.clear()
             hit = self._chunks[key] = _chunk_table(numels, noise, device)
+        elif capturing(device):
+            self._captured_chunks[id(hit[0])] = hit
         return hit
 
     def launches(self, jobs: Sequence[tuple], sums: Optional[torch.Tensor] = None) -> List[Launch]:

@@ -26,10 +26,13 @@ def philox_words_kernel(out_ptr, n, seed, first_counter, stream, purpose, BLOCK:
     c_stream = (wide_zero + stream).to(tl.uint32)
     c_purpose = (wide_zero + purpose).to(tl.uint32)
     w0, w1, w2, w3 = _philox(seed, c_lo, c_hi, c_stream, c_purpose)
+    # The rows' offsets in int64: n arrives as i32 when it fits, and 2 * n, 3 * n in i32 wrap from n = 2**30 and
+    # n = 715,827,883 on (the interpreter computes them in int64 and never shows it).
+    plane = wide_zero + n
     tl.store(out_ptr + index, w0.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
-    tl.store(out_ptr + n + index, w1.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
-    tl.store(out_ptr + 2 * n + index, w2.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
-    tl.store(out_ptr + 3 * n + index, w3.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
+    tl.store(out_ptr + (plane + index), w1.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
+    tl.store(out_ptr + (2 * plane + index), w2.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
+    tl.store(out_ptr + (3 * plane + index), w3.to(tl.int64) & 0xFFFFFFFF, mask=in_bounds)
 
 
 def philox_words_launch(out, seed: int, n: int, first_counter: int = 0, stream: int = 0,

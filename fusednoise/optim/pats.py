@@ -26,7 +26,7 @@ import torch
 from .. import backends as _backends
 from .. import rng
 from .. import sharding
-from ..validation import check_name_patterns
+from ..validation import check_name_patterns, first_overlap
 from ..reference import pats as _reference
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -155,8 +155,13 @@ class _StepCounts:
     checkpoint, a value set by hand) is linked again, keeping its value.
     """
 
+    # Tests set this to run the capturable form of :meth:`advance` (one slice per run of positions, what a GPU
+    # runs) on CPU counts, so that the GPU's branch is tested by the CPU suite.
+    SLICES_ON_CPU = False
+
     def __init__(self, device: torch.device = torch.device("cpu")):
         self.device = device
+        self.by_slices = device.type != "cpu" or self.SLICES_ON_CPU
         self.storage = torch.zeros(0, dtype=torch.float32, device=device)
         self.views: Sequence[torch.Tensor] = ()
         self._index_cache: Dict[tuple, torch.Tensor] = {}
@@ -192,12 +197,9 @@ class _StepCounts:
         """Add 1 to the counts of parameters ``ks`` (in place: the states hold views of the storage). On a GPU
         one slice per run of consecutive ``ks`` (usually one): no index tensor to copy to the device, so a
         captured graph can hold it."""
-        if self.device.type != "cpu":
-            start = 0
-            for i in range(1, len(ks) + 1):
-                if i == len(ks) or ks[i] != ks[i - 1] + 1:
-                    self.storage[ks[start]:ks[i - 1] + 1].add_(1.0)
-                    start = i
+        if self.by_slices:
+            for first, stop in consecutive_runs(ks):
+                self.storage[first:stop].add_(1.0)
             return
         key = tuple(ks)
         index = self._index_cache.get(key)
@@ -206,6 +208,18 @@ class _StepCounts:
                 self._index_cache.clear()
             index = self._index_cache[key] = torch.tensor(ks, dtype=torch.int64)
         self.storage.index_add_(0, index, torch.ones((), dtype=torch.float32).expand(len(ks)))
+
+
+def consecutive_runs(ks: Sequence[int]) -> List[tuple]:
+    """``[(first, stop), ...]``: the runs of consecutive values of the increasing ``ks`` as half-open ranges
+    (``[0, 1, 2, 5, 7, 8]`` gives ``[(0, 3), (5, 6), (7, 9)]``)."""
+    runs = []
+    start = 0
+    for i in range(1, len(ks) + 1):
+        if i == len(ks) or ks[i] != ks[i - 1] + 1:
+            runs.append((ks[start], ks[i - 1] + 1))
+            start = i
+    return runs
 
 
 def _warm_up_hint() -> str:
@@ -294,6 +308,9 @@ class PATSAdamax(torch.optim.Optimizer):
     (the ``k`` above). State tensors are float32 (float64 for float64 parameters) even for float16/bfloat16
     parameters, whose new values are rounded to nearest.
 
+    Every parameter must have memory of its own: two that share elements (one tensor listed twice, or overlapping
+    views of one storage) raise a ValueError naming them, as one fused launch steps them at once.
+
     Parameters without a gradient are skipped (their step count does not advance). With
     ``torch.amp.GradScaler``, a step skipped for inf/NaN gradients leaves parameters and state untouched.
     """
@@ -334,11 +351,27 @@ class PATSAdamax(torch.optim.Optimizer):
                 if isinstance(p, torch.Tensor):
                     _check_param(p, f"{where}, params[{i}]")
             _check_one_device([p for p in tensors if isinstance(p, torch.Tensor)], where)
+            self._refuse_overlaps([p for p in tensors if isinstance(p, torch.Tensor)], where)
         _check_hyperparameters({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         if param_group.get("capturable", self.defaults["capturable"]) != self.defaults["capturable"]:
             raise ValueError("capturable is a setting of the whole optimizer (where the step counts live): a param "
                              f"group cannot set capturable={param_group['capturable']}")
         super().add_param_group(param_group)
+
+    def _refuse_overlaps(self, new: List[torch.Tensor], where: str) -> None:
+        """ValueError when two parameters (of ``new`` and the groups already added) share memory: one fused launch
+        steps all tensors of a device and dtype at once, so two views of one storage (or one tensor listed
+        twice) would race on a GPU, and the reference would step their elements twice."""
+        old = [p for group in self.param_groups for p in group["params"]]
+        tensors = old + new
+        pair = first_overlap([sharding.local(p) for p in tensors])
+        if pair is not None:
+            def name(i):
+                return f"params[{i - len(old)}] of {where}" if i >= len(old) else "a parameter of an earlier group"
+            i, j = pair
+            what = "are one tensor" if tensors[i] is tensors[j] else "overlap in memory (views of one storage)"
+            raise ValueError(f"PATSAdamax: {name(i)} and {name(j)} {what}; every parameter must have memory of its "
+                             "own (one fused launch steps all tensors of a device and dtype at once)")
 
     # -------------------------------------------------------------------------------------- state dict
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -602,7 +635,12 @@ class PATSAdamax(torch.optim.Optimizer):
         for launch in launches[:-1]:
             launch.run()
 
-        def finish():
+        def finish(held=jobs):
+            # ``held`` (the jobs) lives as long as this function: the launches read the contiguous copies of non-contiguous parameters
+            # and gradients through the addresses in their tables, not through references, so a copy dropped
+            # before the update's launch would be read after it was freed (and on a GPU, refilled by the caching
+            # allocator). Once launched, freeing is safe: the allocator reuses a block on the stream it was used
+            # on (the current one, where every launch and copy here runs) only in stream order.
             if launches:
                 launches[-1].run()
             for p, work in staged:
