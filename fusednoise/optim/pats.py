@@ -125,6 +125,30 @@ def _refuse_param(p: torch.Tensor, grad: torch.Tensor, where: str) -> None:
                         f"got {type(p).__name__} and {type(grad).__name__}")
 
 
+def _check_state_shapes(work: Sequence[tuple], state: Dict[Any, Dict[str, Any]]) -> None:
+    """A RuntimeError (the error type of torch's optimizers and the reference on a size mismatch) naming the
+    first parameter whose gradient or state tensor has another shape than the parameter, before anything
+    changes: a parameter resized since its state was created (``p.data`` swapped, as
+    ``resize_token_embeddings`` does) would otherwise hand the kernels the new element count with the old
+    state's pointers. Host shape comparisons only (no device sync); DTensors compare their global shapes."""
+    for _, p, grad, k, _ in work:
+        shape = p.shape
+        if grad.shape != shape:
+            raise RuntimeError(f"PATSAdamax: parameter {k} has shape {tuple(shape)} but its gradient has shape "
+                               f"{tuple(grad.shape)}; was the parameter resized after backward?")
+        st = state.get(p)
+        if not st:
+            continue
+        for name in STATE_TENSORS:
+            t = st.get(name)
+            if t is not None and t.shape != shape:
+                raise RuntimeError(
+                    f"PATSAdamax: parameter {k} has shape {tuple(shape)} but its state {name!r} has shape "
+                    f"{tuple(t.shape)}: the parameter was resized (its .data replaced, e.g. by "
+                    "resize_token_embeddings) after its optimizer state was created. Build a new optimizer, or "
+                    "drop this parameter's state (del optimizer.state[p]) to restart its moments")
+
+
 def _group_scalars(group: Dict[str, Any], step: int) -> "_reference.StepScalars":
     """The step scalars of ``group`` at step ``step`` (1-based)."""
     beta1, beta2 = group["betas"]
@@ -466,6 +490,7 @@ class PATSAdamax(torch.optim.Optimizer):
         work = self._gather()
         if not work:
             return
+        _check_state_shapes(work, self.state)  # before any state is created or changed
         capturable = self.defaults["capturable"]
         frozen = _capturing({device for *_, device in work})
         if frozen and not capturable:
