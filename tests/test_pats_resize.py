@@ -122,3 +122,30 @@ def test_launcher_refuses_jobs_of_mismatched_sizes():
     with pytest.raises(RuntimeError, match=r"jobs\[0\] has a parameter of 4096 elements but its exp_avg has 8"):
         kernels.PatsLauncher().step([(param, torch.randn_like(param), *small, sc, 0)])
     assert torch.equal(param, kept) and all(not t.any() for t in small)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_of_another_shape_loaded_or_set_after_a_step_is_refused(backend):
+    """The check is cached per parameter between steps: a checkpoint of another shape (torch's
+    load_state_dict does not compare shapes) or a state tensor replaced by hand is checked again."""
+    params, opt = _stepped(backend)
+    small, small_opt = _stepped(backend, sizes=(16, 5))
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.load_state_dict(small_opt.state_dict())
+    before = _snapshot(opt, params)
+    with fusednoise.backend(backend), pytest.raises(RuntimeError, match=r"parameter 1 has shape \(8,\) but its "
+                                                                         r"state 'exp_avg' has shape \(5,\)"):
+        opt.step()
+    _assert_unchanged(opt, params, before)
+
+    params, opt = _stepped(backend)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with fusednoise.backend(backend):
+        opt.step()  # the shapes are now cached as checked
+    opt.state[params[0]]["sensitivity"] = torch.zeros(3, device=params[0].device)
+    before = _snapshot(opt, params)
+    with fusednoise.backend(backend), pytest.raises(RuntimeError, match="its state 'sensitivity' has shape"):
+        opt.step()
+    _assert_unchanged(opt, params, before)
