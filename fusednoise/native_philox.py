@@ -361,9 +361,9 @@ def _cached_library(compiler: str, name: str):
         pass
     try:
         _build(compiler, target)
-    except OSError:  # the directory is ours but not writable now (a read-only file system, a full disk)
-        return _build_private(compiler, name)
-    return _load_verified(target)
+        return _load_verified(target)
+    except (OSError, _Corrupt):  # not writable now (a read-only file system, a full disk), or another process
+        return _build_private(compiler, name)  # replaced the library between its build and its record
 
 
 def _build_private(compiler: str, name: str):
