@@ -3,8 +3,10 @@ directory belong to the current user, that nobody else can write them, and that 
 digest its build recorded; one that fails is rebuilt (incomplete or garbage) or refused (another user could
 have planted it), and building outside the cache leaves nothing behind.
 """
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,14 +39,23 @@ def _library(directory):
     return found
 
 
-def _built(directory):
-    """The cached library, built as a first load would, but not loaded into this process: a file this process
-    has mapped must not be cut short under it (that is the SIGBUS the tests below guard against)."""
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    """One build, as a first load makes it, copied into each test's cache (a build takes a second or more)."""
     compiler = native_philox._compiler()
-    native_philox._private_dir(directory)
+    directory = tmp_path_factory.mktemp("template")
     library = directory / native_philox.library_name(compiler)
     native_philox._build(compiler, library)
     return library
+
+
+def _built(directory, template):
+    """The cached library and its build record in ``directory``, not loaded into this process: a file this
+    process has mapped must not be cut short under it (that is the SIGBUS the tests below guard against)."""
+    native_philox._private_dir(directory)
+    for source in (template, Path(str(template) + ".sha256")):
+        shutil.copy2(source, directory / source.name)
+    return directory / template.name
 
 
 def _record(library):
@@ -63,7 +74,6 @@ def test_build_records_size_and_digest(cache):
     library = _library(cache)
     record = _record(library)
     data = library.read_bytes()
-    import hashlib
     assert record == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert sorted(p.name for p in cache.iterdir()) == [library.name, library.name + ".sha256"]  # no temporaries
     assert library.stat().st_mode & 0o077 == 0
@@ -75,10 +85,10 @@ print(native_philox.status())
 """
 
 
-def test_truncated_library_is_rebuilt_not_loaded(cache):
+def test_truncated_library_is_rebuilt_not_loaded(cache, template):
     """A truncated shared library crashed ctypes.CDLL (SIGBUS) in every process: the load runs in a
     subprocess, so a crash fails this test."""
-    library = _built(cache)
+    library = _built(cache, template)
     size = library.stat().st_size
     with open(library, "r+b") as handle:  # a copy cut off mid-write
         handle.truncate(size // 3)
@@ -90,16 +100,16 @@ def test_truncated_library_is_rebuilt_not_loaded(cache):
     assert library.stat().st_size == size == _record(library)["size"]
 
 
-def test_garbage_library_is_rebuilt(cache):
-    library = _built(cache)
+def test_garbage_library_is_rebuilt(cache, template):
+    library = _built(cache, template)
     library.write_bytes(b"not an ELF file" * 100)
     library.chmod(0o600)
     _loads_the_c_library()
     assert library.read_bytes()[:4] in (b"\x7fELF", b"\xcf\xfa\xed\xfe")  # rebuilt, not fallen back to numpy
 
 
-def test_library_without_a_build_record_is_rebuilt(cache):
-    library = _built(cache)
+def test_library_without_a_build_record_is_rebuilt(cache, template):
+    library = _built(cache, template)
     record = Path(str(library) + ".sha256")
     record.unlink()
     _loads_the_c_library()
@@ -127,8 +137,8 @@ OTHER_UID = 4242  # a user id nobody here has (the tests run as root, which may 
 @pytest.mark.parametrize("case", ["library group/other-writable", "record group/other-writable",
                                   "library of another user", "record of another user",
                                   "directory group/other-writable", "directory of another user"])
-def test_a_file_another_user_could_have_written_is_refused(cache, case):
-    library = _built(cache)
+def test_a_file_another_user_could_have_written_is_refused(cache, template, case):
+    library = _built(cache, template)
     target = {"library": library, "record": Path(str(library) + ".sha256"), "directory": cache}[case.split()[0]]
     if "writable" in case:
         target.chmod(0o777 if target.is_dir() else 0o666)
@@ -142,4 +152,7 @@ def test_a_file_another_user_could_have_written_is_refused(cache, case):
     mtime = library.stat().st_mtime_ns
     with pytest.warns(RuntimeWarning, match=message):
         _loads_the_c_library()  # built and loaded from a private temporary directory instead
-    assert library.read_bytes() == planted and library.stat().st_mtime_ns == mtime  # not loaded, not replaced
+    assert library.read_bytes() == planted and library.stat().st_mtime_ns == mtime  # not replaced
+    if os.path.exists("/proc/self/maps"):  # and not mapped into this process
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            assert str(library) not in maps.read()
