@@ -79,7 +79,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import numbers
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -283,8 +283,7 @@ class LNSR:
             raise ValueError(f"inject_layer must be in [0, {self.depth - 1}] (the model has {self.depth} layers), "
                              f"got {inject_layer}")
         self.inject_layer = int(inject_layer)
-        self.weights = self._check_weights(weights)
-        self._weights_on: Dict[torch.device, Optional[torch.Tensor]] = {}
+        self.weights = weights  # checked by the property's setter
         self.encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
         if batched and self.model_type not in BATCHED_MODEL_TYPES:
             raise ValueError(f"batched=True supports the model types {BATCHED_MODEL_TYPES}; "
@@ -335,12 +334,25 @@ class LNSR:
             return int(config.num_hidden_layers) * int(getattr(config, "inner_group_num", 1))
         return len(self.layers)
 
-    def _check_weights(self, weights):
+    @property
+    def weights(self) -> Optional[Tuple[float, ...]]:
+        """``lambda_r`` for the layers ``b .. L-1`` (None: 1 each). A tuple, so it cannot change in place:
+        assign a new value (None, a number or ``L - b`` numbers, checked as in the constructor) and the next call
+        uses it."""
+        return self._lambdas
+
+    @weights.setter
+    def weights(self, weights: WeightsSpec) -> None:
+        self._lambdas = self._check_weights(weights)
+        # the weights as a float32 tensor per device, made at the first call on that device after an assignment
+        self._weights_on: Dict[torch.device, torch.Tensor] = {}
+
+    def _check_weights(self, weights) -> Optional[Tuple[float, ...]]:
         count = self.depth - self.inject_layer
         if weights is None:
             return None
         if isinstance(weights, numbers.Real) and not isinstance(weights, bool):
-            return [_real(weights, "weights")] * count
+            return (_real(weights, "weights"),) * count
         if isinstance(weights, torch.Tensor):
             weights = weights.detach().cpu().tolist()
         if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
@@ -348,7 +360,7 @@ class LNSR:
         if len(weights) != count:
             raise ValueError(f"weights must have one entry per penalised layer: {count} (layers {self.inject_layer}"
                              f" to {self.depth - 1}), got {len(weights)}")
-        return [_real(w, f"weights[{i}]") for i, w in enumerate(weights)]
+        return tuple(_real(w, f"weights[{i}]") for i, w in enumerate(weights))
 
     def _embedding_weight(self) -> torch.Tensor:
         get = getattr(self.model, "get_input_embeddings", None)

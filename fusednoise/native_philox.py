@@ -6,6 +6,13 @@ compiler (``$CC``, else ``cc``/``gcc``/``clang``), cached under ``~/.cache/fused
 overrides), loaded with ctypes, and checked against a Random123 known-answer vector before first use. Without a
 compiler (or with ``FUSEDNOISE_NATIVE=0``) :mod:`fusednoise.rng` falls back to numpy: the same words, slower.
 
+The cache is checked before anything is loaded from it (loading a library runs its code, and a truncated one
+crashes the process inside ``dlopen``): the build records the library's size and sha256 digest in
+``<library>.sha256``, written after the library is complete (both by renames), and a library whose size or digest
+differs, or that has no record, is rebuilt. A cache directory, library or record that is not the current user's or
+that its group or others can write is refused with a RuntimeWarning: the library is then built in a private
+temporary directory, loaded, and the directory removed at once (as when the cache directory cannot be created).
+
 Only integer work is done here: the uint32 words and their exact conversion to Triton's uniform floats (an
 int32-to-float32 conversion and one float32 multiply, both correctly rounded, so the floats are bitwise those of
 :func:`fusednoise.rng.uint_to_uniform`). The float math that follows (Box-Muller, the methods' formulas) stays in
@@ -21,14 +28,18 @@ ctypes releases the GIL during a call, so large draws are split over ``torch.get
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -171,11 +182,60 @@ def _cache_dir() -> Path:
     return Path(root)
 
 
+class _Untrusted(Exception):
+    """A cache path another user could have written (not ours, or group/other-writable): never loaded."""
+
+
+class _Corrupt(Exception):
+    """A cached library that is missing, incomplete or not what was built (size or digest): rebuilt."""
+
+
+def _check_owner(info: os.stat_result, path: Path, what: str) -> None:
+    """:class:`_Untrusted` unless ``path`` (its ``os.stat`` result ``info``) belongs to the current user and
+    nobody else can write it: loading a library runs its code, so the file and its directory must be ours."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    if uid is not None and info.st_uid != uid:
+        raise _Untrusted(f"{what} {path} belongs to uid {info.st_uid}, not to the current user (uid {uid})")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise _Untrusted(f"{what} {path} is writable by its group or by others (mode {stat.S_IMODE(info.st_mode):o})")
+
+
+def _private_dir(path: Path) -> Path:
+    """``path``, created (mode 0700) if missing, after checking that it is a directory only we can write."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.stat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise _Untrusted(f"the cache path {path} is not a directory")
+    _check_owner(info, path, "the cache directory")
+    return path
+
+
+def _sidecar(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    """Write ``data`` to ``target`` through a uniquely named temporary file in its directory and a rename."""
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
 def _build(compiler: str, target: Path) -> None:
-    """Compile SOURCE into ``target``, written atomically (a temporary file renamed into place), so processes
-    building at the same time never load a half-written library."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+    """Compile SOURCE into ``target`` and record its size and sha256 digest in ``<target>.sha256``.
+
+    The library is compiled in a temporary directory next to ``target`` (removed afterwards) and renamed into
+    place, so processes building at the same time never load a half-written file; the record is written (also by
+    a rename) only once the library is complete, and a library without a matching record is never loaded."""
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as work:
         source = Path(work) / "philox.c"
         source.write_text(SOURCE)
         output = Path(work) / target.name
@@ -184,10 +244,69 @@ def _build(compiler: str, target: Path) -> None:
         for extra in (["-march=native"], []):  # -march=native where the compiler has it (gcc, clang on x86)
             result = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
             if result.returncode == 0:
+                data = output.read_bytes()
+                os.chmod(output, 0o600)
                 os.replace(output, target)
+                record = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                _atomic_write(_sidecar(target), json.dumps(record).encode())
                 return
             errors.append(f"{' '.join(extra) or 'plain'}: exit {result.returncode} {result.stderr.strip()[-400:]}")
         raise RuntimeError("C compiler failed: " + " | ".join(errors))
+
+
+def _read_record(library: Path) -> dict:
+    record_path = _sidecar(library)
+    try:
+        handle = os.open(record_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise _Corrupt(f"{library} has no build record ({record_path.name})") from None
+    except OSError as error:
+        raise _Corrupt(f"cannot read the build record {record_path}: {error}") from None
+    with os.fdopen(handle, "rb") as stream:
+        _check_owner(os.fstat(stream.fileno()), record_path, "the build record")
+        try:
+            record = json.loads(stream.read(4096))
+            return {"size": int(record["size"]), "sha256": str(record["sha256"])}
+        except (ValueError, KeyError, TypeError) as error:
+            raise _Corrupt(f"the build record {record_path} is unreadable ({error})") from None
+
+
+def _open_verified(library: Path) -> int:
+    """An open descriptor of ``library`` after checking, on that descriptor (so nothing can swap the file in
+    between), that it is a regular file of ours that only we can write, with the size and sha256 digest its
+    build recorded. :class:`_Corrupt` (rebuild it) or :class:`_Untrusted` (never load it) otherwise."""
+    record = _read_record(library)
+    try:
+        handle = os.open(library, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        raise _Corrupt(f"{library} is missing") from None
+    except OSError as error:
+        raise _Untrusted(f"cannot open {library} as a plain file ({error})") from None
+    try:
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Untrusted(f"{library} is not a regular file")
+        _check_owner(info, library, "the cached library")
+        if info.st_size != record["size"]:
+            raise _Corrupt(f"{library} has {info.st_size} bytes, its build wrote {record['size']} (truncated?)")
+        digest = hashlib.sha256()
+        with os.fdopen(os.dup(handle), "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != record["sha256"]:
+            raise _Corrupt(f"{library}'s sha256 digest is not the one its build recorded")
+        return handle
+    except BaseException:
+        os.close(handle)
+        raise
+
+
+def _load_verified(library: Path):
+    """The bound library at ``library``, verified first (:func:`_open_verified`). Loaded by its path (the
+    dynamic loader knows a library by its name, and each cached build has its own); the directory is ours and
+    only ours to write, so the file checked is the file loaded."""
+    os.close(_open_verified(library))
+    return _bind(library)
 
 
 def _bind(path: Path):
@@ -211,6 +330,49 @@ def _known_answer_ok(library) -> bool:
     return tuple(out.tolist()) == _KAT_WORDS
 
 
+def library_name(compiler: str) -> str:
+    """The cached library's file name: a digest of the source, the compiler, the CPU and the platform."""
+    key = hashlib.sha256("\0".join([SOURCE, compiler, _cpu_signature(), platform.platform()]).encode())
+    return f"philox-{key.hexdigest()[:16]}{'.dylib' if platform.system() == 'Darwin' else '.so'}"
+
+
+def _cached_library(compiler: str, name: str):
+    """The library ``name`` from the cache directory, built (again) when it is missing or fails verification.
+
+    A cache directory or file that another user could have written is refused with a warning, and so is a
+    cache directory that cannot be created: the library is then built in a private temporary directory, loaded,
+    and the directory removed at once (the loaded library stays mapped), so nothing is left behind."""
+    try:
+        directory = _private_dir(_cache_dir())
+    except (OSError, _Untrusted) as error:
+        if isinstance(error, _Untrusted):
+            warnings.warn(f"fusednoise: not using the C philox cache: {error}; building it in a private "
+                          "temporary directory instead", RuntimeWarning, stacklevel=4)
+        return _build_private(compiler, name)
+    target = directory / name
+    try:
+        return _load_verified(target)
+    except _Untrusted as error:
+        warnings.warn(f"fusednoise: refusing the cached C philox: {error}; building it in a private temporary "
+                      "directory instead (delete the file if you did not put it there, and fusednoise rebuilds "
+                      "it)", RuntimeWarning, stacklevel=4)
+        return _build_private(compiler, name)
+    except (_Corrupt, OSError):  # missing, incomplete, or not what its build wrote (or no longer loadable)
+        pass
+    try:
+        _build(compiler, target)
+        return _load_verified(target)
+    except (OSError, _Corrupt):  # not writable now (a read-only file system, a full disk), or another process
+        return _build_private(compiler, name)  # replaced the library between its build and its record
+
+
+def _build_private(compiler: str, name: str):
+    with tempfile.TemporaryDirectory(prefix="fusednoise-") as work:
+        target = _private_dir(Path(work)) / name
+        _build(compiler, target)
+        return _load_verified(target)
+
+
 def _load():
     """The library, building it on first use; None (with the reason in ``status()``) when it cannot be had."""
     global _library, _status
@@ -226,17 +388,9 @@ def _load():
         if compiler is None:
             _status = "no C compiler found (set CC, or install cc/gcc/clang)"
             return None
-        key = hashlib.sha256("\0".join([SOURCE, compiler, _cpu_signature(), platform.platform()]).encode())
-        target = _cache_dir() / f"philox-{key.hexdigest()[:16]}{'.dylib' if platform.system() == 'Darwin' else '.so'}"
         try:
-            if not target.is_file():
-                try:
-                    _build(compiler, target)
-                except OSError:  # the cache directory is not writable: build into a private temporary one
-                    target = Path(tempfile.mkdtemp(prefix="fusednoise-")) / target.name
-                    _build(compiler, target)
-            library = _bind(target)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+            library = _cached_library(compiler, library_name(compiler))
+        except (OSError, RuntimeError, subprocess.SubprocessError, _Untrusted, _Corrupt) as error:
             _status = f"could not build or load the C philox ({error})"
             return None
         if not _known_answer_ok(library):

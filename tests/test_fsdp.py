@@ -11,7 +11,12 @@ ranks is 4 + 3, of 1 row 1 + 0), so the offsets, the mean reduction and the empt
   bitwise, and an unsharded one-process checkpoint loads into the sharded optimizer (cut to the shards);
 * ``noisytune.perturb_`` on the wrapped model, both backends: the unwrapped model's result;
 * HyPe and LNSR hooks on a wrapped tiny BERT: the unwrapped model's outputs, penalty and (rank-averaged)
-  gradients.
+  gradients;
+* HSDP (``fully_shard`` on a 2-D ``(replicate, shard)`` mesh, parameters placed ``(Replicate(), Shard(0))``):
+  PATSAdamax and NoisyTune on a 2 x 1 mesh (two replicas of unsharded tensors) and a 1 x 2 mesh (one replica in
+  two shards) equal one process, which holds only when the statistics are added over the *shard* dimension's
+  group: over the replicate dimension's, the 2 x 1 run would count each replica's sum twice and the 1 x 2 run
+  would use each shard's own mean.
 """
 import os
 import socket
@@ -176,6 +181,29 @@ def _refused_placements(mesh):
     return errors
 
 
+HSDP_MESHES = {"2x1": (2, 1), "1x2": (1, 2)}  # (replicate, shard)
+
+
+def _hsdp_runs(rank, out):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    for name, shape in HSDP_MESHES.items():
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
+        backend, kwargs = PATS_CASES["reference-noise"]
+        model = _mlp()
+        _shard(model, mesh)
+        out[f"hsdp/{name}/placements"] = tuple(model[0].weight.placements) == (Replicate(), Shard(0))
+        opt = PATSAdamax(model.parameters(), **PATS_ARGS, **kwargs)
+        with fusednoise.backend(backend):
+            _train(model, opt, _batches(rank))
+        out[f"hsdp/{name}/pats"] = _full(model.parameters())
+        model = _mlp()
+        _shard(model, mesh)
+        noisytune.perturb_(model, 0.15, seed=5)
+        out[f"hsdp/{name}/noisytune"] = _full(model.parameters())
+
+
 def _worker(rank, port, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -188,6 +216,7 @@ def _worker(rank, port, out_dir):
         _resume_run(mesh, rank, out, os.path.join(out_dir, "checkpoint"))
         _unsharded_checkpoint_run(mesh, rank, out)
         out["refused"] = _refused_placements(mesh)
+        _hsdp_runs(rank, out)
         for backend in ("reference", "triton"):
             model = _mlp()
             _shard(model, mesh)
@@ -295,6 +324,16 @@ def test_an_unsharded_checkpoint_loads_into_the_sharded_optimizer(runs):
     ranks, expected = runs
     for rank in ranks:
         assert _max_diff(rank["unsharded-checkpoint"], expected["pats/reference-noise"]) < 1e-5
+
+
+@pytest.mark.parametrize("mesh", list(HSDP_MESHES))
+def test_hsdp_replicate_then_shard_mesh_equals_one_process(runs, mesh):
+    """PATS's mean sensitivity and NoisyTune's std are added over the shard dimension's group of a 2-D mesh."""
+    ranks, expected = runs
+    for rank in ranks:
+        assert rank[f"hsdp/{mesh}/placements"]
+        assert _max_diff(rank[f"hsdp/{mesh}/pats"], expected["pats/reference-noise"]) < 1e-5
+        assert _max_diff(rank[f"hsdp/{mesh}/noisytune"], expected["noisytune"][1]) < 1e-6
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

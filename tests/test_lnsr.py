@@ -526,6 +526,60 @@ def test_deeper_albert_counts_depths_not_modules():
     assert penalty.item() > 0 and reg.last_terms.shape == (5,)
 
 
+def test_weights_set_after_a_call_apply_at_the_next_call():
+    """The weights are cached per device as a tensor: an assignment must reach the next call (issue 19)."""
+    model = build_model("bert")
+    reg = lnsr.LNSR(model, weights=1.0)
+    batch = _batch("bert")
+    torch.manual_seed(3)
+    _, base = reg(**batch)
+    base_terms = reg.last_terms.clone()
+    assert base.item() > 0 and list(reg.weights) == [1.0, 1.0]
+    reg.weights = [0.0] * reg.depth
+    torch.manual_seed(3)
+    _, penalty = reg(**batch)
+    assert penalty.item() == 0.0 and not reg.last_terms.any()
+    reg.weights = [0.5, 2.0]
+    torch.manual_seed(3)
+    _, penalty = reg(**batch)
+    torch.testing.assert_close(reg.last_terms, base_terms * torch.tensor([0.5, 2.0]), rtol=1e-6, atol=0)
+    reg.weights = 3.0
+    assert list(reg.weights) == [3.0, 3.0]
+    torch.manual_seed(3)
+    _, penalty = reg(**batch)
+    torch.testing.assert_close(penalty, 3.0 * base, rtol=1e-6, atol=0)
+    with pytest.raises(TypeError):  # a tuple: changed by assignment only, which is checked
+        reg.weights[0] = 0.0
+    with pytest.raises(ValueError, match="weights must have one entry per penalised layer"):
+        reg.weights = [1.0]
+    assert list(reg.weights) == [3.0, 3.0]
+    reg.weights = None
+    torch.manual_seed(3)
+    _, penalty = reg(**batch)
+    torch.testing.assert_close(penalty, base, rtol=1e-6, atol=0)
+
+
+def test_encoder_decoder_layers_get_their_own_weights():
+    """T5 (2 encoder + 2 decoder blocks): the penalty is fused per group of one shape and mask (the encoder,
+    the decoder), and each group must take its own slice of the weights, not the encoder's."""
+    model = build_model("t5")
+    batch = _batch("t5")
+    batch["decoder_attention_mask"] = torch.ones_like(batch["decoder_input_ids"])
+    batch["decoder_attention_mask"][1, -2:] = 0
+    reg = lnsr.LNSR(model)
+    assert reg.depth == 4 and reg.encoder_decoder
+    torch.manual_seed(4)
+    reg(**batch)
+    unweighted = reg.last_terms.clone()
+    assert (unweighted > 0).all()
+    weights = torch.tensor([0.0, 0.25, 1.5, 4.0])  # a zero for an encoder layer, distinct everywhere
+    reg.weights = weights.tolist()
+    torch.manual_seed(4)
+    _, penalty = reg(**batch)
+    torch.testing.assert_close(reg.last_terms, weights * unweighted, rtol=1e-6, atol=0)
+    torch.testing.assert_close(penalty, (weights * unweighted).sum(), rtol=1e-6, atol=0)
+
+
 # --------------------------------------------------------------------------------------------- Trainer and CLI
 def test_cli_flags_reach_the_trainer_config():
     from fusednoise import cli

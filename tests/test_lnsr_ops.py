@@ -211,6 +211,32 @@ def test_diff_norm_reductions_of_an_example_without_real_tokens(backend):
         torch.testing.assert_close(gc[:, [0, 2]].double(), f_gc * 2 / 3, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("reduction", ops_lnsr.REDUCTIONS)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_diff_norm_never_reads_padded_positions(backend, reduction):
+    """inf and NaN in padded positions (mask 0) of the clean and noisy states change nothing: the penalty, the
+    per-layer terms and the gradients equal those with zeros there (and the formula's), and the padded
+    positions' gradients are exactly 0. Multiplying a padded row by 0 instead of skipping it gives NaN."""
+    L, B, T, D = 2, 3, 5, 8
+    clean, noisy = _layers(L, B, T, D, torch.float32, seed=13)
+    mask = _mask(B, T, seed=13)
+    padded = (mask == 0)[None, :, :, None].expand(L, B, T, D)
+    assert padded.any()
+    zeros = (clean.masked_fill(padded, 0.0), noisy.masked_fill(padded, 0.0))
+    poisoned = (clean.masked_fill(padded, float("inf")), noisy.masked_fill(padded, float("nan")))
+    poisoned[0][0, -1, -1, 0] = -float("inf")  # both signs of inf
+    got = _fused(*poisoned, [1.0, 0.5], mask, backend, reduction=reduction)
+    clean_run = _fused(*zeros, [1.0, 0.5], mask, backend, reduction=reduction)
+    for value in got:
+        assert torch.isfinite(value).all()
+    for a, b in zip(got, clean_run):
+        assert torch.equal(a, b)
+    assert not got[2][padded].any() and not got[3][padded].any()
+    f_total, f_per_layer, f_gc, _ = _formula(*zeros, [1.0, 0.5], mask, reduction)
+    torch.testing.assert_close(got[0].double(), f_total, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got[2].double(), f_gc, rtol=1e-5, atol=1e-7)
+
+
 def test_diff_norm_scalar_weight_and_bool_mask():
     clean, noisy = _layers(3, 2, 4, 8, torch.float32, seed=2)
     mask = _mask(2, 4, seed=2)

@@ -159,6 +159,42 @@ def test_deterministic_and_keyed_by_position(backend):
     assert not torch.equal(d[0], a[0])
 
 
+def _expected_noisytune(x, seed, k, noise_lambda):
+    """SPEC section 3 written out: ``W + (u - 0.5) * lambda * std(W)`` in float32, with ``u`` of element ``i`` the
+    uniform of word ``i % 4`` of ``philox(seed, i // 4 (lo, hi), k, 0)``, from the plain-torch philox."""
+    from fusednoise import rng
+
+    flat = x.detach().reshape(-1).double()
+    std = torch.tensor(float(flat.std()), dtype=torch.float32)
+    blocks = torch.arange((flat.numel() + 3) // 4, dtype=torch.int64)
+    lo, hi = blocks & 0xFFFFFFFF, blocks >> 32
+    words = rng._philox4x32_torch(seed, lo, hi, torch.full_like(lo, k), torch.zeros_like(lo), 10)
+    u = torch.stack([rng.uint_to_uniform(w) for w in words], dim=1).reshape(-1)[:flat.numel()]
+    noise = (u - 0.5) * (torch.tensor(noise_lambda, dtype=torch.float32) * std)
+    return (x.detach().reshape(-1).cpu().float() + noise).view(x.shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_shape_matrices_draw_their_own_streams(backend):
+    """Two matrices of one shape and the same values get different noise: the k-th tensor draws stream k,
+    each equal to the formula's (a shared stream would give them identical noise)."""
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(3)
+    base = 0.1 * torch.randn(16, 12, generator=gen)
+    tensors = [base.clone().to(device), base.clone().to(device), torch.randn(30, generator=gen).to(device),
+               base.clone().to(device)]
+    originals = [t.clone() for t in tensors]
+    with fusednoise.backend(backend):
+        perturb_(tensors, noise_lambda=0.15, seed=77)
+    noises = [(t - o).cpu() for t, o in zip(tensors, originals)]
+    assert noises[0].abs().min() > 0 and not torch.equal(noises[0], noises[1])
+    assert not torch.equal(noises[0], noises[3]) and not torch.equal(noises[1], noises[3])
+    assert (noises[0] - noises[1]).abs().mean() > 0.1 * noises[0].abs().mean()
+    for k in (0, 1, 3):
+        expected = _expected_noisytune(originals[k].cpu(), 77, k, 0.15)
+        torch.testing.assert_close(tensors[k].cpu(), expected, rtol=0, atol=1e-7, msg=f"tensor {k}")
+
+
 def test_seed_from_cpu_generator():
     x, y = torch.randn(100), None
     y = x.clone()

@@ -337,6 +337,24 @@ def test_torch_compile_fullgraph_traces_the_ops():
     assert torch.equal(x.grad, eager_grad)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "aot_eager"])
+def test_add_residual_noise_gradients_of_x_and_residual(compiled):
+    """d(x + residual + eps)/dx = d/dresidual = 1: both get the upstream gradient, eagerly (an autograd Function)
+    and traced (the op's registered backward, which torch.compile uses)."""
+    def loss(x, residual, weight):
+        return (fusednoise.add_residual_noise(x * 1.0, residual * 1.0, 0.1, seed=3) * weight).sum()
+
+    fn = torch.compile(loss, fullgraph=True, backend="aot_eager") if compiled else loss
+    x = torch.randn(4, 8, requires_grad=True)
+    residual = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(4, 8)
+    fn(x, residual, weight).backward()
+    assert torch.equal(x.grad, weight) and torch.equal(residual.grad, weight)
+    x.grad = residual.grad = None
+    fn(x.detach(), residual, weight).backward()  # the residual alone needs a gradient
+    assert torch.equal(residual.grad, weight)
+
+
 def test_torch_compile_draws_a_fresh_seed_each_call():
     compiled = torch.compile(lambda x: fusednoise.add_noise(x, 1.0), fullgraph=True, backend="aot_eager")
     x = torch.zeros(64)

@@ -358,6 +358,43 @@ def test_noise_eps_bounds_the_noise_of_zero_sensitivity():
     assert PATSAdamax([torch.nn.Parameter(torch.ones(2))]).defaults["noise_eps"] == 1e-8
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sensitivity_ema_and_moments_follow_the_formula_from_a_nonzero_state(backend):
+    """Four steps from a non-zero state (s~, m, u and the step count as a resumed run has them) against SPEC
+    section 4 written out here: s~ = beta * s~ + (1 - beta) * |theta * g| with theta before the step,
+    m = beta1 * m + (1 - beta1) * g, u = max(beta2 * u, |g| + eps). From a zero state the decayed terms are
+    multiplied by zero, so only this catches an EMA that lost its decay."""
+    device = _device(backend)
+    gen = torch.Generator().manual_seed(21)
+    n, beta, beta1, beta2, eps = 300, 0.75, 0.9, 0.999, 1e-8
+    p = torch.nn.Parameter(torch.randn(n, generator=gen).to(device))
+    opt = PATSAdamax([p], lr=1e-2, betas=(beta1, beta2), eps=eps, sensitivity_beta=beta, noise_lambda=1e-4,
+                     noise_prob=0.5, seed=9)
+    s = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    m = torch.randn(n, generator=gen, dtype=torch.float64)
+    u = torch.rand(n, generator=gen, dtype=torch.float64) + 1.0
+    opt.state[p].update(step=torch.tensor(5.0), exp_avg=m.float().to(device), exp_inf=u.float().to(device),
+                        sensitivity=s.float().to(device))
+    s, m, u = (t.float().double() for t in (s, m, u))
+    for step in range(4):
+        g = torch.randn(n, generator=gen, dtype=torch.float64) * 3
+        p.grad = g.float().to(device)
+        theta = p.detach().cpu().double()
+        with fusednoise.backend(backend):
+            opt.step()
+        g = g.float().double()
+        s = beta * s + (1 - beta) * (theta * g).abs()
+        m = beta1 * m + (1 - beta1) * g
+        u = torch.maximum(beta2 * u, g.abs() + eps)
+        state = opt.state[p]
+        torch.testing.assert_close(state["sensitivity"].cpu().double(), s, rtol=2e-6, atol=0, msg=f"s~, {step}")
+        torch.testing.assert_close(state["exp_avg"].cpu().double(), m, rtol=2e-6, atol=1e-7, msg=f"m, {step}")
+        torch.testing.assert_close(state["exp_inf"].cpu().double(), u, rtol=2e-6, atol=0, msg=f"u, {step}")
+        assert float(state["step"]) == 6 + step
+    # the state it started from still weighs in: not what a zero start gives
+    assert (s - (1 - beta) * (theta * g).abs()).min() > 1e-3
+
+
 def _splitmix64_key(seed, step):
     """The per-step philox key (SPEC section 4), written out: splitmix64(seed + step * golden) >> 2."""
     mask = (1 << 64) - 1

@@ -382,6 +382,18 @@ class _CapturableTables:
         return on_device
 
 
+def _check_sizes(jobs: Sequence[PatsJob]) -> None:
+    """A RuntimeError naming the first job whose gradient or state tensor has another element count than its
+    parameter: the kernels index all of them by the parameter's count, so a mismatch would read and write past
+    the end of the smaller tensors. Host numbers only."""
+    for i, job in enumerate(jobs):
+        numel = job[0].numel()
+        for name, t in zip(("grad", "exp_avg", "exp_inf", "sensitivity"), job[1:5]):
+            if t is not None and t.numel() != numel:
+                raise RuntimeError(f"PatsLauncher: jobs[{i}] has a parameter of {numel} elements but its {name} has "
+                                   f"{t.numel()}; every tensor of a job must have the parameter's size")
+
+
 class PatsLauncher:
     """Launches the fused step; caches the chunk tables (they depend only on the tensors' sizes) and, for
     capturable steps, the device table."""
@@ -419,6 +431,7 @@ class PatsLauncher:
         jobs = [j if type(j) is PatsJob else PatsJob(*j) for j in jobs if j[0].numel() > 0]
         if not jobs:
             return []
+        _check_sizes(jobs)  # before anything is launched
         jobs.sort(key=lambda j: not j[5].noise)  # noise rows first: pass 1's chunks are a prefix
         device = jobs[0][0].device
         dtype = jobs[0][0].dtype

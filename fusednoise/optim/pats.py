@@ -125,6 +125,48 @@ def _refuse_param(p: torch.Tensor, grad: torch.Tensor, where: str) -> None:
                         f"got {type(p).__name__} and {type(grad).__name__}")
 
 
+def _check_state_shapes(work: Sequence[tuple], state: Dict[Any, Dict[str, Any]], checked: Dict[int, tuple]) -> None:
+    """A RuntimeError (the error type of torch's optimizers and the reference on a size mismatch) naming the
+    first parameter whose gradient or state tensor has another shape than the parameter, before anything
+    changes: a parameter resized since its state was created (``p.data`` swapped, as
+    ``resize_token_embeddings`` does) would otherwise hand the kernels the new element count with the old
+    state's pointers. Host shape comparisons only (no device sync); DTensors compare their global shapes.
+
+    ``checked`` (``id(p)``: the parameter's shape and state tensors when they last matched) keeps the per-step
+    cost to two shape reads and a few identity tests per parameter; a new shape or a replaced state tensor is
+    checked again."""
+    for _, p, grad, k, _ in work:
+        shape = p.shape
+        if grad.shape != shape:
+            _refuse_shapes(p, grad, None, k)
+        st = state.get(p)
+        if not st:
+            continue
+        get = st.get
+        seen = checked.get(id(p))
+        if (seen is not None and seen[0] == shape and seen[1] is get("exp_avg") and seen[2] is get("exp_inf")
+                and seen[3] is get("sensitivity")):
+            continue
+        _refuse_shapes(p, grad, st, k)
+        checked[id(p)] = (shape, get("exp_avg"), get("exp_inf"), get("sensitivity"))
+
+
+def _refuse_shapes(p: torch.Tensor, grad: torch.Tensor, st: Optional[Dict[str, Any]], k: int) -> None:
+    """The full check of :func:`_check_state_shapes` for one parameter: the named RuntimeError, or nothing."""
+    shape = p.shape
+    if grad.shape != shape:
+        raise RuntimeError(f"PATSAdamax: parameter {k} has shape {tuple(shape)} but its gradient has shape "
+                           f"{tuple(grad.shape)}; was the parameter resized after backward?")
+    for name in STATE_TENSORS:
+        t = (st or {}).get(name)
+        if isinstance(t, torch.Tensor) and t.shape != shape:
+            raise RuntimeError(
+                f"PATSAdamax: parameter {k} has shape {tuple(shape)} but its state {name!r} has shape "
+                f"{tuple(t.shape)}: the parameter was resized (its .data replaced, e.g. by "
+                "resize_token_embeddings) after its optimizer state was created. Build a new optimizer, or "
+                "drop this parameter's state (del optimizer.state[p]) to restart its moments")
+
+
 def _group_scalars(group: Dict[str, Any], step: int) -> "_reference.StepScalars":
     """The step scalars of ``group`` at step ``step`` (1-based)."""
     beta1, beta2 = group["betas"]
@@ -312,7 +354,10 @@ class PATSAdamax(torch.optim.Optimizer):
     views of one storage) raise a ValueError naming them, as one fused launch steps them at once.
 
     Parameters without a gradient are skipped (their step count does not advance). With
-    ``torch.amp.GradScaler``, a step skipped for inf/NaN gradients leaves parameters and state untouched.
+    ``torch.amp.GradScaler``, a step skipped for inf/NaN gradients leaves parameters and state untouched. A
+    parameter resized after its state was created (``resize_token_embeddings`` replaces ``.data``), or a state
+    loaded for another shape, makes ``step`` raise a RuntimeError naming it, before anything changes: delete
+    its state (``del optimizer.state[p]``) to restart its moments, or build a new optimizer.
     """
 
     def __init__(self, params, lr: float = 2e-5, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -331,6 +376,7 @@ class PATSAdamax(torch.optim.Optimizer):
         self._state_layouts: Dict[int, tuple] = {}  # id(param): the (dtype, device, noise) its state was checked for
         self._shard_layouts: Dict[int, tuple] = {}  # id(DTensor param): (its local shape, its ShardLayout)
         self._steps: Dict[torch.device, _StepCounts] = {}  # where the step counts live: CPU, or (capturable) GPUs
+        self._shapes_checked: Dict[int, tuple] = {}  # id(param): see _check_state_shapes
         super().__init__(params, defaults)
 
     # -------------------------------------------------------------------------------------- param groups
@@ -393,6 +439,7 @@ class PATSAdamax(torch.optim.Optimizer):
         layouts = {key: self._layout(p, f"parameter {key}") for key, p in id_map.items() if key in held}
         super().load_state_dict({**state_dict, "state": stripped})
         self._state_layouts.clear()
+        self._shapes_checked.clear()
         capturable = self.defaults["capturable"]
         for key, tensors in held.items():
             p = id_map[key]
@@ -499,6 +546,7 @@ class PATSAdamax(torch.optim.Optimizer):
         work = self._gather()
         if not work:
             return
+        _check_state_shapes(work, self.state, self._shapes_checked)  # before any state is created or changed
         capturable = self.defaults["capturable"]
         frozen = _capturing({device for *_, device in work})
         if frozen and not capturable:
@@ -649,7 +697,7 @@ class PATSAdamax(torch.optim.Optimizer):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in ("_launcher", "_state_layouts", "_shard_layouts", "_steps"):
+        for name in ("_launcher", "_state_layouts", "_shard_layouts", "_steps", "_shapes_checked"):
             state.pop(name, None)
         return state
 
@@ -659,6 +707,7 @@ class PATSAdamax(torch.optim.Optimizer):
         self.__dict__.setdefault("_state_layouts", {})
         self.__dict__.setdefault("_shard_layouts", {})
         self.__dict__.setdefault("_steps", {})
+        self.__dict__.setdefault("_shapes_checked", {})
         for group in self.param_groups:
             group.setdefault("capturable", False)
         self.defaults.setdefault("capturable", False)
