@@ -364,6 +364,11 @@ def model(case, compiled: dict, show_path: bool = False, device_name: str = DEFA
         devices={name: predict(case.bytes_per_element, per_element, device, efficiency)
                  for name, device in DEVICES.items()},
     )
+    hot_sources = {tuple(compiled["sources"][i.addr]) for b in path.path if b not in path.small_loop_blocks
+                   for i in path.blocks[b].ins if i.addr in path.element_accesses and i.addr in compiled["sources"]}
+    for access in compiled.get("accesses") or []:
+        if access.get("source") is not None and compiled["sources"]:
+            access["on_hot_path"] = tuple(access["source"]) in hot_sources
     record.update(record["devices"][device_name], device=device_name, **coalescing(compiled))
     if show_path:
         record["path"] = dict(body=[f"B{b}" for b in path.path], prologue=[f"B{b}" for b in path.prologue],
@@ -373,11 +378,15 @@ def model(case, compiled: dict, show_path: bool = False, device_name: str = DEFA
 
 
 def coalescing(compiled: dict) -> dict:
-    """The record's coalescing fields, from the TTGIR check of ``ttgir_coalescing``."""
+    """The record's coalescing fields, from the TTGIR check of ``ttgir_coalescing``: the uncoalesced tensor
+    loads/stores on the hot path (matched by source line with the hot path's element accesses; every access when
+    the hot path is not known: a compiled-only case, or no line info), and those off it (reported, not failing)."""
     accesses = compiled.get("accesses") or []
-    return dict(global_accesses=len(accesses),
-                uncoalesced_accesses=[a for a in accesses if a["uncoalesced"]],
-                undetermined_accesses=[a for a in accesses if a["undetermined"]])
+    hot = [a for a in accesses if a.get("on_hot_path") is not False]
+    return dict(global_accesses=len(accesses), hot_path_accesses=len(hot),
+                uncoalesced_accesses=[a for a in hot if a["uncoalesced"]],
+                uncoalesced_off_hot_path=[a for a in accesses if a["uncoalesced"] and a not in hot],
+                undetermined_accesses=[a for a in hot if a["undetermined"]])
 
 
 def failures(case, record: dict) -> List[str]:
@@ -438,6 +447,8 @@ def _compile_one(index: int) -> dict:
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])
         sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], check=True, capture_output=True, text=True).stdout
+        # the same code with source lines: which TTGIR loads/stores the hot path's accesses come from
+        with_lines = subprocess.run([_tool("nvdisasm"), "-c", "-gi", cubin], capture_output=True, text=True).stdout
         usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], check=True, capture_output=True,
                                text=True).stdout
     try:
@@ -448,7 +459,10 @@ def _compile_one(index: int) -> dict:
     resources = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     registers, stack, _, local = (int(x) for x in resources.groups())
     spill_ops = len(re.findall(r"\b(STL|LDL)\b", sass))
-    return dict(error="", sass=sass, registers=registers, local_bytes=local + stack,
+    sources = sass_cfg.source_lines(with_lines)
+    sources = {i.addr: sources[i.addr] for i in sass_cfg.parse(sass)
+               if isinstance(i, Ins) and i.base in ("LDG", "STG") and i.addr in sources}
+    return dict(error="", sass=sass, registers=registers, local_bytes=local + stack, sources=sources,
                 # local memory used by spill code (no kernel here keeps an array in local memory on purpose)
                 spill_bytes=(local + stack) if spill_ops else 0,
                 shared=compiled.metadata.shared, accesses=accesses, seconds=time.perf_counter() - started)
@@ -471,10 +485,12 @@ def _cell(record: dict, key: str, fmt: str) -> str:
 
 def _coalesced_cell(record: dict) -> str:
     bad, unknown = len(record.get("uncoalesced_accesses", [])), len(record.get("undetermined_accesses", []))
+    off = len(record.get("uncoalesced_off_hot_path", []))
     if not record.get("global_accesses"):
         return "-"
-    text = f"NO: {bad} of {record['global_accesses']}" if bad else "yes"
-    return text + (f" ({unknown} undetermined)" if unknown else "")
+    notes = [f"{unknown} undetermined"] * bool(unknown) + [f"{off} uncoalesced off the hot path"] * bool(off)
+    return (f"NO: {bad} of {record['hot_path_accesses']}" if bad else "yes") + (f" ({', '.join(notes)})"
+                                                                                if notes else "")
 
 
 def table(records: List[dict], targeted: bool, devices=TABLE_DEVICES) -> List[str]:

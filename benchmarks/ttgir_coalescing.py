@@ -18,7 +18,8 @@ a large stride (``RUNTIME_STRIDE`` bytes, so that no two rows share a sector) wh
 (every lane's ``sizePerThread`` elements) and reports
 * ``lane_stride_bytes``: the address step from lane 0 to lane 1 (their first elements);
 * ``sector_efficiency``: the fewest 32-byte sectors that could hold the distinct bytes the warp accesses / the
-  sectors it touches, assuming the base is sector-aligned. 1.0 is a coalesced access (a warp's bytes fill whole
+  sectors it touches, with the warp's lowest address at the start of a sector (the access pattern, not the base's
+  alignment, which is a property of the tensor). 1.0 is a coalesced access (a warp's bytes fill whole
   sectors, or lanes share one element: a broadcast); the strided store above is 0.25.
 An access is uncoalesced when its efficiency is below ``MIN_EFFICIENCY``. Addresses that depend on loaded data (a
 gather) or on an operation this does not evaluate are reported as undetermined, not as uncoalesced.
@@ -65,13 +66,16 @@ class Access:
     lane_stride_bytes: Optional[int] = None
     sector_efficiency: Optional[float] = None
     undetermined: str = ""       # why the addresses could not be derived
+    source: Optional[Tuple[str, int]] = None  # (file name, line) of the innermost source location
+    on_hot_path: Optional[bool] = None        # set by sass_roofline from the SASS line info (None: not known)
 
     @property
     def uncoalesced(self) -> bool:
         return self.sector_efficiency is not None and self.sector_efficiency < MIN_EFFICIENCY
 
     def describe(self) -> str:
-        what = f"{self.op} of {'x'.join(map(str, self.shape))} x {self.element_bytes} B (TTGIR line {self.line})"
+        where = f"{self.source[0]}:{self.source[1]}, " if self.source else ""
+        what = f"{self.op} of {'x'.join(map(str, self.shape))} x {self.element_bytes} B ({where}TTGIR line {self.line})"
         if self.undetermined:
             return f"{what}: undetermined ({self.undetermined})"
         return (f"{what}: lanes {self.lane_stride_bytes} B apart, sector efficiency {self.sector_efficiency:.0%}")
@@ -79,7 +83,8 @@ class Access:
     def as_dict(self) -> dict:
         return dict(op=self.op, line=self.line, shape=list(self.shape), element_bytes=self.element_bytes,
                     lane_stride_bytes=self.lane_stride_bytes, sector_efficiency=self.sector_efficiency,
-                    undetermined=self.undetermined, uncoalesced=self.uncoalesced, description=self.describe())
+                    undetermined=self.undetermined, uncoalesced=self.uncoalesced, description=self.describe(),
+                    source=list(self.source) if self.source else None, on_hot_path=self.on_hot_path)
 
 
 class _Unknown(Exception):
@@ -138,6 +143,34 @@ def _tensor_type(type_text: str) -> Tuple[Tuple[int, ...], str, str]:
     return shape, element.strip(), layout.strip()
 
 
+_LOC_DEF = re.compile(r"^(#loc\d*)\s*=\s*loc\((.*)\)\s*$")
+
+
+def _source(loc: str, defs: Dict[str, str], depth: int = 0) -> Optional[Tuple[str, int]]:
+    """The innermost (file name, line) of an MLIR location: a file:line:col, a name or call site around one, or
+    an alias ``#locN`` of one."""
+    loc = loc.strip()
+    if depth > 50:
+        return None
+    match = re.match(r'^"([^"]*)":(\d+):\d+', loc)
+    if match:
+        return match.group(1).rsplit("/", 1)[-1], int(match.group(2))
+    if loc.startswith("#loc"):
+        name = re.match(r"#loc\d*", loc).group(0)
+        return _source(defs[name], defs, depth + 1) if name in defs else None
+    if loc.startswith("callsite("):
+        return _source(loc[len("callsite("):].split(" at ", 1)[0], defs, depth + 1)
+    match = re.match(r'^"[^"]*"\((.*)\)$', loc)  # a name location
+    if match:
+        return _source(match.group(1), defs, depth + 1)
+    if loc.startswith("fused"):
+        for part in re.findall(r'#loc\d*|"[^"]*":\d+:\d+', loc):
+            found = _source(part, defs, depth + 1)
+            if found:
+                return found
+    return None
+
+
 @dataclass
 class _Op:
     line: int
@@ -147,13 +180,17 @@ class _Op:
     text: str          # the op's text without its results and loc
     result_type: str   # the first result's type
     operand_type: str  # the first operand's type
+    loc: str = ""      # the op's location (``#loc12`` or an inline one)
 
 
-def _parse(ttgir: str) -> Tuple[List[_Op], Dict[str, Tuple[str, str]]]:
-    """The ops in text order, and the aliases of region arguments: ``{%arg: ("init", %value) | ("unknown", "")}``
-    (an ``scf.for``'s iteration arguments are their initial values: the first trip)."""
-    ops, aliases = [], {}
+def _parse(ttgir: str) -> Tuple[List[_Op], List[Tuple[int, str, str, str]]]:
+    """The ops in text order, and the region arguments and loop results as aliases ``(line, %name, kind,
+    %value)``, kind "init" (an ``scf.for``'s iteration arguments and results are their initial values: the
+    first trip) or "unknown" (the induction variable, the same for every lane)."""
+    ops, aliases = [], []
     for number, raw in enumerate(ttgir.splitlines(), 1):
+        index = raw.rfind(" loc(")
+        loc = raw[index + len(" loc("):].rstrip().rstrip(")") if index >= 0 else ""
         match = _OP.match(_strip_loc(raw).rstrip(" {"))
         if not match:
             continue
@@ -167,13 +204,13 @@ def _parse(ttgir: str) -> Tuple[List[_Op], Dict[str, Tuple[str, str]]]:
         if name == "scf.for":
             head = re.match(r"(%\w+)\s*=", rest)
             if head:
-                aliases[head.group(1)] = ("unknown", "")  # the induction variable: uniform across lanes
+                aliases.append((number, head.group(1), "unknown", ""))
             for arg, init in re.findall(r"(%\w+)\s*=\s*(%[\w#]+)", rest.split("iter_args", 1)[-1]):
-                aliases[arg] = ("init", init)
+                aliases.append((number, arg, "init", init))
             inits = re.findall(r"=\s*(%[\w#]+)", rest.split("iter_args", 1)[-1]) if "iter_args" in rest else []
             for k, res in enumerate(r for r in results if "#" in r or len(results) == 1):
                 if k < len(inits):
-                    aliases[res] = ("init", inits[k])
+                    aliases.append((number, res, "init", inits[k]))
             continue
         # attributes inside {...} may hold " : " (tt.make_range): split the types off at the top level instead
         pieces = _split_top(rest, " : ")
@@ -183,7 +220,8 @@ def _parse(ttgir: str) -> Tuple[List[_Op], Dict[str, Tuple[str, str]]]:
         operand_type = _split_top(arrow[0].strip(), ", ")[0] if types else ""
         if name == "arith.constant":
             result_type = types.strip()
-        ops.append(_Op(number, results, name, _VALUE.findall(code), rest, result_type.strip(), operand_type.strip()))
+        ops.append(_Op(number, results, name, _VALUE.findall(code), rest, result_type.strip(), operand_type.strip(),
+                       loc))
     return ops, aliases
 
 
@@ -196,28 +234,40 @@ UNIFORM = _Uniform()
 
 
 class _Evaluator:
-    def __init__(self, ops: List[_Op], aliases: Dict[str, Tuple[str, str]]):
-        self.defs = {r: op for op in ops for r in op.results}
-        self.aliases = aliases
-        self.values: Dict[str, object] = {}
+    """Values by name at a line: MLIR reuses a name in sibling regions (two loops may each define ``%idx_3``), so
+    a use reads the latest definition above it."""
 
-    def value(self, name: str):
-        if name not in self.values:
-            self.values[name] = self._evaluate(name)
-        value = self.values[name]
+    def __init__(self, ops: List[_Op], aliases: List[Tuple[int, str, str, str]]):
+        self.defs: Dict[str, List[Tuple[int, object]]] = {}
+        for op in ops:
+            for r in op.results:
+                self.defs.setdefault(r, []).append((op.line, op))
+        for line, name, kind, init in aliases:
+            self.defs.setdefault(name, []).append((line, (kind, init)))
+        for entries in self.defs.values():
+            entries.sort(key=lambda e: e[0])
+        self.values: Dict[Tuple[str, int], object] = {}
+
+    def value(self, name: str, at: int):
+        """The value of ``name`` as the op on line ``at`` reads it."""
+        entries = [e for e in self.defs.get(name, []) if e[0] < at]
+        if not entries:
+            return UNIFORM  # a function argument
+        line, definition = entries[-1]
+        key = (name, line)
+        if key not in self.values:
+            self.values[key] = self._evaluate(definition, line)
+        value = self.values[key]
         if isinstance(value, _Unknown):
             raise value
         return value
 
-    def _evaluate(self, name: str):
+    def _evaluate(self, definition, line: int):
         try:
-            if name in self.aliases:
-                kind, init = self.aliases[name]
-                return UNIFORM if kind == "unknown" else self.value(init)
-            op = self.defs.get(name)
-            if op is None:  # a function argument
-                return UNIFORM
-            return self._op(op)
+            if isinstance(definition, tuple):
+                kind, init = definition
+                return UNIFORM if kind == "unknown" else self.value(init, line)
+            return self._op(definition)
         except _Unknown as error:
             return error
 
@@ -238,7 +288,7 @@ class _Evaluator:
             if shape or _tensor_type(op.operand_type)[0]:
                 raise _Unknown("addresses from loaded data")
             return UNIFORM  # a scalar load: the same value for every lane
-        args = [self.value(a) for a in op.operands]
+        args = [self.value(a, op.line) for a in op.operands]
         if all(a is UNIFORM or np.ndim(a) == 0 for a in args) and not shape:
             # scalar arithmetic: exact when every input is a known constant
             if any(a is UNIFORM for a in args) or name not in _BINARY:
@@ -348,7 +398,8 @@ def _measure(offsets: np.ndarray, shape: Tuple[int, ...], layout: Blocked, eleme
     for elements in lanes.values():
         for index in elements:
             touched.update(range(int(offsets[index]), int(offsets[index]) + element_bytes))
-    sectors = {byte // SECTOR for byte in touched}
+    low = min(touched)  # the pattern, not the alignment: the warp's lowest address starts a sector
+    sectors = {(byte - low) // SECTOR for byte in touched}
     return stride, math.ceil(len(touched) / SECTOR) / len(sectors)
 
 
@@ -372,6 +423,7 @@ def accesses(ttgir: str) -> List[Access]:
     """Every tensor ``tt.load``/``tt.store`` of the kernel, with its lane stride and sector efficiency."""
     layouts = _layouts(ttgir)
     ops, aliases = _parse(ttgir)
+    loc_defs = {m.group(1): m.group(2) for m in map(_LOC_DEF.match, ttgir.splitlines()) if m}
     evaluator = _Evaluator(ops, aliases)
     found = []
     for op in ops:
@@ -382,7 +434,7 @@ def accesses(ttgir: str) -> List[Access]:
             continue  # a scalar access: one address for every lane
         pointee = re.search(r"!tt\.ptr<(\w+)>", element)
         element_bytes = _TYPE_BYTES.get(pointee.group(1) if pointee else "", 0)
-        access = Access(op.name.split(".")[1], op.line, shape, element_bytes)
+        access = Access(op.name.split(".")[1], op.line, shape, element_bytes, source=_source(op.loc, loc_defs))
         found.append(access)
         layout, full_shape, sliced = _resolve_layout(layout_name, shape, layouts)
         if layout is None:
@@ -392,7 +444,7 @@ def accesses(ttgir: str) -> List[Access]:
             access.undetermined = "too large a tensor" if element_bytes else f"element type {element}"
             continue
         try:
-            offsets = evaluator.value(op.operands[0])
+            offsets = evaluator.value(op.operands[0], op.line)
         except _Unknown as error:
             access.undetermined = str(error)
             continue

@@ -61,7 +61,8 @@ def test_every_kernel_compiles_for_sm90(model):
     modelled = [r for r in records.values() if "predicted_fraction" in r]
     assert modelled and all(r["device"] == "h100" and set(r["devices"]) == {"h100", "h200", "h20"}
                             and "calibrated_fraction" in r and "uncoalesced_accesses" in r for r in modelled)
-    assert all(r["global_accesses"] for r in modelled)  # the TTGIR check found the kernels' loads and stores
+    # the TTGIR check found the kernels' loads and stores, and matched some to the SASS hot path by source line
+    assert all(r["global_accesses"] and r["hot_path_accesses"] for r in modelled)
 
 
 @needs_nvidia_backend
