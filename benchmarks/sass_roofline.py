@@ -364,11 +364,15 @@ def model(case, compiled: dict, show_path: bool = False, device_name: str = DEFA
         devices={name: predict(case.bytes_per_element, per_element, device, efficiency)
                  for name, device in DEVICES.items()},
     )
+    # An access is off the hot path when the SASS loads/stores of its source line are all off it. ptxas may
+    # attribute a load to the line that uses it: a line with no SASS access at all counts as on the hot path.
     hot_sources = {tuple(compiled["sources"][i.addr]) for b in path.path if b not in path.small_loop_blocks
                    for i in path.blocks[b].ins if i.addr in path.element_accesses and i.addr in compiled["sources"]}
+    all_sources = {tuple(source) for source in compiled["sources"].values()}
     for access in compiled.get("accesses") or []:
         if access.get("source") is not None and compiled["sources"]:
-            access["on_hot_path"] = tuple(access["source"]) in hot_sources
+            source = tuple(access["source"])
+            access["on_hot_path"] = source in hot_sources or source not in all_sources
     record.update(record["devices"][device_name], device=device_name, **coalescing(compiled))
     if show_path:
         record["path"] = dict(body=[f"B{b}" for b in path.path], prologue=[f"B{b}" for b in path.prologue],

@@ -159,6 +159,10 @@ def test_targets_are_the_issue_9_targets():
     assert all(t.min_fraction >= 0.90 for n, t in targets.items() if n.startswith("lnsr.scaled_noise"))
     assert all(t.min_fraction >= 0.95 and t.max_budget_share <= 0.60 and t.min_access_bits >= 64
                for n, t in targets.items() if n.startswith("lnsr.diff_norm"))
+    # issue 23's expected failures name targeted cases, and are marked, not lowered
+    assert set(specialisations.CALIBRATION_PENDING) <= set(targets)
+    assert all(targets[n].pending == reason for n, reason in specialisations.CALIBRATION_PENDING.items())
+    assert all(t.device in sass_roofline.DEVICES for t in targets.values())
 
 
 def test_compile_check_refuses_to_run_under_the_interpreter():
