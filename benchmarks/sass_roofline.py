@@ -12,11 +12,11 @@ with the ptxas Triton ships, disassembled with its nvdisasm, and the instruction
 on the hot path are counted.
 
 The model (constants in ``DEVICES``; the counts are the same on every sm_90 part). Issue: SMs x 4 schedulers x 1
-warp-instruction per clock (an H100 SXM: 132 SMs at 1.98 GHz = 33.4e12 thread-instructions/s), IMAD.WIDE and
+warp-instruction per clock (an H100 SXM: 132 SMs at 1.98 GHz = 33.45e12 thread-instructions/s), IMAD.WIDE and
 IMAD.HI counting two issue slots. MUFU (lg2, ex2, sin, cos, rsq, rcp, sqrt): 16 per clock per SM (4.2e12/s).
 Memory: a measured copy (H100 3.0e12 B/s, H200 4.3e12, H20 3.29e12). The raw predicted fraction of the memory
 roofline is memory time / max(memory, issue, MUFU time) for the DRAM bytes the kernel must move per element; the
-issue budget per element is 11.1 x those bytes on an H100 (7.7 on an H200). The calibrated fraction divides the
+issue budget per element is 11.15 x those bytes on an H100 (7.78 on an H200). The calibrated fraction divides the
 issue and MUFU times by an efficiency e (0.85 by default, ``--efficiency``): the sustained issue rate FlagGems'
 philox kernels reached on an H20 was 0.85-0.99 of this model's, so a kernel near its issue budget runs below the
 larger of the two times. Targets hold on the calibrated fraction. Every tensor load/store is also checked for
@@ -100,9 +100,9 @@ class Device:
         return self.sms * 128 * self.clock
 
     def summary(self) -> str:
-        return (f"{self.label}: {self.sms} SMs at {self.clock / 1e9:.2f} GHz = {self.issue_rate / 1e12:.1f}e12 "
+        return (f"{self.label}: {self.sms} SMs at {self.clock / 1e9:.2f} GHz = {self.issue_rate / 1e12:.2f}e12 "
                 f"thread-instructions/s, {self.mufu_rate / 1e12:.2f}e12 MUFU/s, {self.mem_bw / 1e12:.2f}e12 B/s "
-                f"({self.source}); issue budget {self.issue_rate / self.mem_bw:.1f} slots per byte")
+                f"({self.source}); issue budget {self.issue_rate / self.mem_bw:.2f} slots per byte")
 
 
 DEVICES = {
