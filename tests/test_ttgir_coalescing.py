@@ -10,7 +10,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import ttgir_coalescing  # noqa: E402
 
 
+SLICES = {"#S1": "#ttg.slice<{dim = 1, parent = #blocked}>", "#S0": "#ttg.slice<{dim = 0, parent = #blocked}>"}
+
+
 def _module(layout: str, body: str) -> str:
+    for short, slice_layout in SLICES.items():  # spelled out as Triton prints them
+        body = body.replace(short, slice_layout)
     return (f"#blocked = #ttg.blocked<{{{layout}}}>\n"
             'module attributes {"ttg.num-warps" = 4 : i32} {\n'
             "  tt.func public @k(%out_ptr: !tt.ptr<f32> {tt.divisibility = 16 : i32}, %D: i32, "
@@ -50,12 +55,12 @@ def test_a_one_dimensional_store(spt, stride, lane_stride, efficiency):
 
 
 ROWS = """\
-    %rows = tt.make_range {end = 64 : i32, start = 0 : i32} : tensor<64xi32, #ttg.slice<{dim = 1, parent = #blocked}>>
-    %cols = tt.make_range {end = 16 : i32, start = 0 : i32} : tensor<16xi32, #ttg.slice<{dim = 0, parent = #blocked}>>
-    %r2 = tt.expand_dims %rows {axis = 1 : i32} : tensor<64xi32, #ttg.slice<{dim = 1, parent = #blocked}>> -> tensor<64x1xi32, #blocked>
+    %rows = tt.make_range {end = 64 : i32, start = 0 : i32} : tensor<64xi32, #S1>
+    %cols = tt.make_range {end = 16 : i32, start = 0 : i32} : tensor<16xi32, #S0>
+    %r2 = tt.expand_dims %rows {axis = 1 : i32} : tensor<64xi32, #S1> -> tensor<64x1xi32, #blocked>
     %d = tt.splat %D : i32 -> tensor<64x1xi32, #blocked>
     %ro = arith.muli %r2, %d : tensor<64x1xi32, #blocked>
-    %c2 = tt.expand_dims %cols {axis = 0 : i32} : tensor<16xi32, #ttg.slice<{dim = 0, parent = #blocked}>> -> tensor<1x16xi32, #blocked>
+    %c2 = tt.expand_dims %cols {axis = 0 : i32} : tensor<16xi32, #S0> -> tensor<1x16xi32, #blocked>
     %rb = tt.broadcast %ro : tensor<64x1xi32, #blocked> -> tensor<64x16xi32, #blocked>
     %cb = tt.broadcast %c2 : tensor<1x16xi32, #blocked> -> tensor<64x16xi32, #blocked>
     %o = arith.addi %rb, %cb : tensor<64x16xi32, #blocked>
@@ -85,10 +90,10 @@ def test_a_broadcast_value_is_not_uncoalesced():
     # every lane of a row reads the same per-row weight (a slice layout): one sector for 4 bytes
     layout = "sizePerThread = [1, 4], threadsPerWarp = [1, 32], warpsPerCTA = [4, 1], order = [1, 0]"
     body = """\
-    %rows = tt.make_range {end = 4 : i32, start = 0 : i32} : tensor<4xi32, #ttg.slice<{dim = 1, parent = #blocked}>>
-    %p = tt.splat %out_ptr : !tt.ptr<f32> -> tensor<4x!tt.ptr<f32>, #ttg.slice<{dim = 1, parent = #blocked}>>
-    %q = tt.addptr %p, %rows : tensor<4x!tt.ptr<f32>, #ttg.slice<{dim = 1, parent = #blocked}>>, tensor<4xi32, #ttg.slice<{dim = 1, parent = #blocked}>>
-    %w = tt.load %q : tensor<4x!tt.ptr<f32>, #ttg.slice<{dim = 1, parent = #blocked}>>
+    %rows = tt.make_range {end = 4 : i32, start = 0 : i32} : tensor<4xi32, #S1>
+    %p = tt.splat %out_ptr : !tt.ptr<f32> -> tensor<4x!tt.ptr<f32>, #S1>
+    %q = tt.addptr %p, %rows : tensor<4x!tt.ptr<f32>, #S1>, tensor<4xi32, #S1>
+    %w = tt.load %q : tensor<4x!tt.ptr<f32>, #S1>
 """
     access = _one(_module(layout, body))
     assert access.lane_stride_bytes == 0 and access.sector_efficiency == 1.0 and not access.uncoalesced
@@ -135,10 +140,10 @@ def test_a_slice_layout_maps_lanes_through_its_parent():
     # a per-row vector in the slice of a layout with a row per lane: lanes hold consecutive rows, 4 bytes apart
     layout = "sizePerThread = [1, 1], threadsPerWarp = [32, 1], warpsPerCTA = [4, 1], order = [0, 1]"
     body = """\
-    %rows = tt.make_range {end = 128 : i32, start = 0 : i32} : tensor<128xi32, #ttg.slice<{dim = 1, parent = #blocked}>>
-    %p = tt.splat %out_ptr : !tt.ptr<f32> -> tensor<128x!tt.ptr<f32>, #ttg.slice<{dim = 1, parent = #blocked}>>
-    %q = tt.addptr %p, %rows : tensor<128x!tt.ptr<f32>, #ttg.slice<{dim = 1, parent = #blocked}>>, tensor<128xi32, #ttg.slice<{dim = 1, parent = #blocked}>>
-    %w = tt.load %q : tensor<128x!tt.ptr<f32>, #ttg.slice<{dim = 1, parent = #blocked}>>
+    %rows = tt.make_range {end = 128 : i32, start = 0 : i32} : tensor<128xi32, #S1>
+    %p = tt.splat %out_ptr : !tt.ptr<f32> -> tensor<128x!tt.ptr<f32>, #S1>
+    %q = tt.addptr %p, %rows : tensor<128x!tt.ptr<f32>, #S1>, tensor<128xi32, #S1>
+    %w = tt.load %q : tensor<128x!tt.ptr<f32>, #S1>
 """
     access = _one(_module(layout, body))
     assert access.lane_stride_bytes == 4 and access.sector_efficiency == 1.0
