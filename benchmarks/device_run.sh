@@ -10,7 +10,8 @@
 #   3. the test suite on CUDA (tests/test_kernels_compile.py is step 2's work, so it is deselected)
 #   4. pytest benchmarks --benchmark-json benchmarks/results/<gpu-name>.json
 #   5. the Markdown table: each kernel's measured fraction of the measured copy bandwidth beside the static
-#      prediction (benchmarks/device_table.py), <gpu-name>-vs-static.md
+#      prediction, and the measured issue efficiency (the model's issue time / the measured time: what
+#      sass_roofline.py --efficiency stands in for) (benchmarks/device_table.py), <gpu-name>-vs-static.md
 #   6. extra GPU checks (run_extra_steps below: later issues add theirs there)
 #
 # Each step has a time cap inside an overall 8-minute budget; a failed or timed-out step is recorded and the run
@@ -101,11 +102,19 @@ step environment 30 bash -c show_environment
 step install 90 bash -c do_install
 GPU=$(python -c "import sys, torch; sys.path.insert(0, 'benchmarks'); from device_table import gpu_slug; \
 print(gpu_slug(torch.cuda.get_device_name()))" 2>>"$LOG") || GPU=gpu
+# the static model's device constants (SMs, clock, copy bandwidth) for this GPU, so that the table's issue
+# efficiency (the model's issue time / the measured time) is this device's
+case "$GPU" in
+    *h200*) DEVICE=h200 ;;
+    *h20) DEVICE=h20 ;;
+    *) DEVICE=h100 ;;
+esac
 STATIC_JSON="$OUT_DIR/static-$GPU.json"
 BENCH_JSON="benchmarks/results/$GPU.json"
-log "gpu: $GPU"
+log "gpu: $GPU (static model constants: $DEVICE)"
 
-step static-model 90 python benchmarks/sass_roofline.py --json "$STATIC_JSON" --md "$OUT_DIR/static-$GPU.md"
+step static-model 90 python benchmarks/sass_roofline.py --device "$DEVICE" --json "$STATIC_JSON" \
+    --md "$OUT_DIR/static-$GPU.md"
 step tests 170 python -m pytest tests -q -rfEs -p no:cacheprovider --deselect tests/test_kernels_compile.py \
     --junitxml="$OUT_DIR/tests-$GPU.xml"
 step benchmarks 150 python -m pytest benchmarks -q -p no:cacheprovider --benchmark-json "$BENCH_JSON"

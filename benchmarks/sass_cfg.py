@@ -9,7 +9,7 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 _LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^([.$\w]+):$")
@@ -108,6 +108,36 @@ def blocks_of(items: List[object]) -> List[Block]:
         elif last.base not in ("EXIT", "RET") and falls:
             b.succ.append(b.idx + 1)
     return blocks
+
+
+_SOURCE = re.compile(r'^\s*//## File "([^"]*)", line (\d+)(?: inlined at "([^"]*)", line (\d+))?')
+
+
+def source_lines(text: str) -> Dict[int, Tuple[str, int]]:
+    """{instruction address: (file name, line)} of the innermost source location ``nvdisasm -gi`` prints before
+    each instruction (an inlined function's line, not its caller's); instructions without one inherit the last."""
+    out: Dict[int, Tuple[str, int]] = {}
+    group: List[Tuple[str, int, Optional[Tuple[str, int]]]] = []
+    current: Optional[Tuple[str, int]] = None
+    for raw in text.splitlines():
+        match = _SOURCE.match(raw)
+        if match:
+            caller = (match.group(3).rsplit("/", 1)[-1], int(match.group(4))) if match.group(3) else None
+            group.append((match.group(1).rsplit("/", 1)[-1], int(match.group(2)), caller))
+            continue
+        ins = _LINE.match(re.sub(r"/\* 0x[0-9a-f]{16} \*/", "", raw))
+        if not ins:
+            continue
+        if group:
+            # the last frame printed is the outermost; walk back while a frame is inlined at the one after it
+            k = len(group) - 1
+            while k > 0 and group[k - 1][2] == group[k][:2]:
+                k -= 1
+            current = group[k][:2]
+            group = []
+        if current is not None:
+            out[int(ins.group(1), 16)] = current
+    return out
 
 
 def label_index(blocks: List[Block]) -> Dict[str, int]:

@@ -19,7 +19,7 @@ The LNSR diff-norm launch builders take ``sm_count=``, which stands in for the C
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, List, Optional
 
 import torch
@@ -34,13 +34,15 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class Target:
-    """What the static model must predict for a case (issue 9)."""
+    """What the static model must predict for a case (issue 9): fractions are the calibrated ones (issue 23: the
+    issue and MUFU rates sustained at 0.85 of the model's), and a targeted kernel has no uncoalesced access."""
 
     min_fraction: float                   # predicted fraction of the memory roofline, 0..1
     max_budget_share: float = 0.0         # issue slots per element / the budget at the roofline (0: no limit)
     min_warps_per_sm: int = 0             # resident warps per SM the registers allow
     min_access_bits: int = 0              # narrowest bulk global load/store, in bits
     pending: str = ""                     # why the kernel does not meet it yet: an expected failure
+    device: str = "h100"                  # whose constants (sass_roofline.DEVICES) the fractions are taken on
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,27 @@ NOISYTUNE = Target(0.95, min_access_bits=128)
 LNSR_NOISE = Target(0.90)
 PATS = Target(0.95, min_warps_per_sm=16)
 DIFF_NORM = Target(0.95, max_budget_share=0.60, min_access_bits=64)
+
+# Issue 23: the cases the calibration (issue and MUFU rates sustained at 0.85 of the model's peak) moves below
+# their target on an H100, with the figures of the run that found them (benchmarks/results/static-sm90.md has the
+# current ones). Each is an expected failure until a kernel change gives it the headroom (issue 20: cheaper
+# randomness per element); the targets themselves are not lowered.
+_CALIBRATION = "issue 23: calibrated {cal} (raw {raw}) < {target} of the roofline on an H100 at e = 0.85, {share} of " \
+               "the issue budget"
+CALIBRATION_PENDING = {
+    "hype[fp16,normal,stochastic]": _CALIBRATION.format(cal="77%", raw="91%", target="90%", share="110%"),
+    "hype[fp16,uniform,stochastic]": _CALIBRATION.format(cal="85%", raw="100%", target="90%", share="100%"),
+    "hype[bf16,normal,stochastic]": _CALIBRATION.format(cal="84%", raw="99%", target="90%", share="101%"),
+    "lnsr.scaled_noise.forward[fp16,D=1024]": _CALIBRATION.format(cal="86%", raw="100%", target="90%",
+                                                                  share="99%"),
+    "lnsr.scaled_noise.forward[bf16,D=1024]": _CALIBRATION.format(cal="84%", raw="99%", target="90%",
+                                                                  share="101%"),
+}
+
+
+def _with_pending(case: "Case") -> "Case":
+    reason = CALIBRATION_PENDING.get(case.name)
+    return replace(case, target=replace(case.target, pending=reason)) if reason else case
 
 
 # ------------------------------------------------------------------------------------------------ cases
@@ -259,4 +282,5 @@ def _rng() -> Iterator[Case]:
 
 def cases() -> List[Case]:
     """Every case, in table order. Building them imports triton but compiles nothing."""
-    return [*_hype(), *_noisytune(), *_pats(), *_lnsr_noise(), *_diff_norm(), *_neftune(), *_rng()]
+    return [_with_pending(case) for case in
+            (*_hype(), *_noisytune(), *_pats(), *_lnsr_noise(), *_diff_norm(), *_neftune(), *_rng())]
