@@ -27,9 +27,9 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, get_linear_schedule_with_warmup
 
-from fusednoise.glue import get_task, load_glue, tokenize
+from fusednoise.experiments.glue import get_task, load_glue, tokenize
 from fusednoise.lnsr import DEFAULT_REDUCTION, LNSR, REDUCTIONS
-from fusednoise.models import load_classifier
+from fusednoise.experiments.models import load_classifier
 
 COLUMNS = ["input_ids", "attention_mask", "token_type_ids", "label"]
 

@@ -22,8 +22,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-from fusednoise.finetune import LEGACY_SETTINGS
-from fusednoise.glue import TASKS, get_task
+from fusednoise.experiments.finetune import LEGACY_SETTINGS
+from fusednoise.experiments.glue import TASKS, get_task
 
 WIDTH = 116
 # Settings that must be equal for a run to be paired with a vanilla run (the comparison's shared training).

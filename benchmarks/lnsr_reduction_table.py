@@ -11,7 +11,7 @@ fresh model, the first batch). ``--runs`` reads a folder of ``fusednoise finetun
 main metric (x100, mean ± sample std and the seeds) of vanilla and of every LNSR (reduction, dropout) that was run,
 with the paired difference to vanilla's run of the same seed. Run files written before ``lnsr_reduction`` and
 ``lnsr_dropout`` existed ran the per-example sum with replayed dropout
-(:data:`fusednoise.finetune.LEGACY_SETTINGS`). Other LNSR settings (weight, scale, layer) must be the defaults:
+(:data:`fusednoise.experiments.finetune.LEGACY_SETTINGS`). Other LNSR settings (weight, scale, layer) must be the defaults:
 rows with others are left out, and say so.
 """
 import argparse
@@ -21,10 +21,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-from fusednoise.finetune import LEGACY_SETTINGS, method_settings, run_label, shared_settings
-from fusednoise.glue import TASKS, get_task
+from fusednoise.experiments.finetune import LEGACY_SETTINGS, method_settings, run_label, shared_settings
+from fusednoise.experiments.glue import TASKS, get_task
 from fusednoise.lnsr import REDUCTIONS
-from fusednoise.report import load_runs
+from fusednoise.experiments.report import load_runs
 
 DROPOUTS = ("replay", "independent")
 # The settings this table varies; any other non-default LNSR setting makes a run another experiment.

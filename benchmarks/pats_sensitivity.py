@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from transformers import DataCollatorWithPadding
 
-from fusednoise.glue import load_glue, tokenize
-from fusednoise.models import load_classifier
+from fusednoise.experiments.glue import load_glue, tokenize
+from fusednoise.experiments.models import load_classifier
 from fusednoise.optim import pats_param_groups
 from fusednoise.optim.pats import DEFAULT_NOISE_EPS
 

@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from transformers import DataCollatorWithPadding, TrainingArguments
 
-from fusednoise.glue import compute_metrics, load_glue, tokenize
+from fusednoise.experiments.glue import compute_metrics, load_glue, tokenize
 from fusednoise.integrations.transformers import (FusedNoiseTrainer, HyPeConfig, LNSRConfig,  # fusednoise
                                                   NoisyTuneConfig, PATSConfig, warmup_steps_for)
-from fusednoise.models import load_classifier
+from fusednoise.experiments.models import load_classifier
 
 
 def main():

@@ -62,7 +62,7 @@ def parse_args(argv=None):
 
 def load_model_and_tokenizer(args, data, dtype):
     if args.tiny:
-        from fusednoise.llm import tiny_causal_lm, word_tokenizer
+        from fusednoise.experiments.llm import tiny_causal_lm, word_tokenizer
 
         tokenizer = word_tokenizer(list(data["prompt"]) + list(data["completion"]))
         return tiny_causal_lm("llama", vocab_size=len(tokenizer), dtype=dtype, seed=args.seed), tokenizer
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     from trl import SFTConfig, SFTTrainer
 
     from fusednoise.integrations.trainer import FusedNoiseMixin
-    from fusednoise.llm import sst2_instructions
+    from fusednoise.experiments.llm import sst2_instructions
 
     class Trainer(FusedNoiseMixin, SFTTrainer):
         """TRL's SFTTrainer with hype=, lnsr=, noisytune=, pats= and neftune=."""

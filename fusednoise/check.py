@@ -332,7 +332,7 @@ def run_check(model: Optional[str] = None, device: Optional[str] = None, steps: 
               max_length: int = 128, sigma: float = 1e-5, data_dir: Optional[str] = None) -> dict:
     """The whole ``fusednoise check``: prints the op lines and the timings; returns the timings (seconds)."""
     from . import backends
-    from .models import load_classifier, resolve_model_path
+    from .experiments.models import load_classifier, resolve_model_path
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"fusednoise check on {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")

@@ -1,11 +1,11 @@
 """The ``fusednoise`` command line.
 
 * ``fusednoise finetune``: fine-tune on a GLUE task with any mix of HyPe, LNSR, NoisyTune and PATS over seeds;
-  writes a JSON per run, a Markdown table and a plot (see :mod:`fusednoise.finetune`).
+  writes a JSON per run, a Markdown table and a plot (see :mod:`fusednoise.experiments.finetune`).
 * ``fusednoise demo``: the same command with small defaults (RTE, 256 training examples, vanilla vs HyPe-N vs
   PATS vs its Adamax control, one seed): about 4 minutes of training on a 2-core CPU.
 * ``fusednoise report``: rewrite the table and plot of an output folder from its run JSONs
-  (:mod:`fusednoise.report`).
+  (:mod:`fusednoise.experiments.report`).
 * ``fusednoise check``: check every fused op against its reference on this device, and time HyPe and the PATS
   step on MiniLM (:mod:`fusednoise.check`).
 """
@@ -16,9 +16,9 @@ import os
 import sys
 from typing import List, Optional
 
-from .finetune import LNSR_DROPOUTS, METHODS, PATS_LR, FinetuneConfig, parse_recipe
+from .experiments.finetune import LNSR_DROPOUTS, METHODS, PATS_LR, FinetuneConfig, parse_recipe
 from .lnsr import REDUCTIONS
-from .glue import TASKS
+from .experiments.glue import TASKS
 
 _TASK_CHOICES = sorted(TASKS)
 # Measured: `fusednoise demo --data-dir ../shared/data/glue` on this project's 2-core CPU, 3 min 38 s (four runs
@@ -225,14 +225,14 @@ def _config(args, task: str, recipes) -> FinetuneConfig:
 def _preflight(plans) -> None:
     """Refuse, before anything trains, a task whose runs would train nothing (a ValueError naming the flags that
     fix it); run_all prints the milder warnings as each task starts."""
-    from .finetune import preflight
+    from .experiments.finetune import preflight
 
     for base, _ in plans:
         preflight(base)
 
 
 def _finetune(args, command: str, plans) -> int:
-    from .finetune import run_all
+    from .experiments.finetune import run_all
 
     total = 0
     for base, recipes in plans:
@@ -271,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             plans = _configs(args)
             _preflight(plans)
         elif args.command == "report":
-            from .report import rename_runs, write_report
+            from .experiments.report import rename_runs, write_report
 
             def warn(message):
                 print(f"fusednoise report: warning: {message}", file=sys.stderr)

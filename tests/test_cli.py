@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import fusednoise
-from fusednoise import cli, finetune
+from fusednoise import cli
+from fusednoise.experiments import finetune
 from fusednoise.cli import main
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"

@@ -13,9 +13,9 @@ import datasets
 import transformers as hf
 from transformers import TrainerCallback, TrainingArguments
 
-from fusednoise import finetune
+from fusednoise.experiments import finetune
 from fusednoise.cli import main
-from fusednoise.finetune import FinetuneConfig, parse_recipe
+from fusednoise.experiments.finetune import FinetuneConfig, parse_recipe
 from fusednoise.integrations.trainer import (FusedNoiseTrainer, HyPeCallback, HyPeConfig, LNSRConfig,
                                              NoisyTuneConfig, PATSConfig, warmup_steps_for)
 

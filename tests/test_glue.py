@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusednoise import glue
-from fusednoise.glue import compute_metrics, get_task, load_glue, tokenize
+from fusednoise.experiments import glue
+from fusednoise.experiments.glue import compute_metrics, get_task, load_glue, tokenize
 
 GLUE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
 needs_glue = pytest.mark.skipif(not GLUE_DIR.is_dir(), reason="needs ../shared/data/glue")
@@ -107,7 +107,7 @@ def test_subsampling_is_fixed_by_data_seed_and_leaves_dev_whole():
 
 @needs_glue
 def test_tokenize_truncates_pairs_and_keeps_labels():
-    from fusednoise.models import load_classifier
+    from fusednoise.experiments.models import load_classifier
 
     _, tokenizer = load_classifier(None, num_labels=2)
     splits = load_glue("rte", GLUE_DIR, max_train_samples=16)

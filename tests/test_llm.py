@@ -8,7 +8,7 @@ import torch
 
 import fusednoise
 from fusednoise import hype, lnsr, neftune, noisytune
-from fusednoise.llm import FAMILIES, tiny_causal_lm, word_tokenizer
+from fusednoise.experiments.llm import FAMILIES, tiny_causal_lm, word_tokenizer
 from fusednoise.optim import PATSAdamax, pats_param_groups
 
 peft = pytest.importorskip("peft", reason="the LLM tests need the [llm] extra: pip install -e '.[llm]'")

@@ -614,7 +614,7 @@ def test_cli_rejects_bad_lnsr_options(capsys, argv, message):
 def test_finetune_config_checks_and_warning_names_the_cli_flags(monkeypatch):
     import warnings
 
-    from fusednoise import finetune
+    from fusednoise.experiments import finetune
     from fusednoise.integrations import trainer
 
     with pytest.raises(ValueError, match="lnsr_reduction must be one of"):

@@ -3,7 +3,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from fusednoise.finetune import FinetuneConfig
+from fusednoise.experiments.finetune import FinetuneConfig
 
 
 def _script():

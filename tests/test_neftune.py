@@ -9,7 +9,7 @@ from torch import nn
 
 import fusednoise
 from fusednoise import neftune
-from fusednoise.llm import tiny_causal_lm
+from fusednoise.experiments.llm import tiny_causal_lm
 
 try:  # transformers >= 5.x keeps the hook here; older releases in trainer_utils
     from transformers.integrations.neftune import neftune_post_forward_hook
@@ -189,7 +189,7 @@ def _trainer(tmp_path, model, **kwargs):
     from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
     from fusednoise.integrations.trainer import FusedNoiseTrainer
-    from fusednoise.llm import word_tokenizer
+    from fusednoise.experiments.llm import word_tokenizer
 
     tokenizer = word_tokenizer(["a b c"])
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, report_to=[],
@@ -216,7 +216,7 @@ def test_trainer_applies_neftune_while_training_only(tmp_path):
 
 def test_finetune_recipe_and_cli_flag():
     from fusednoise import cli
-    from fusednoise.finetune import FinetuneConfig, parse_recipe
+    from fusednoise.experiments.finetune import FinetuneConfig, parse_recipe
     from fusednoise.integrations.trainer import NEFTuneConfig
 
     assert parse_recipe("neftune+hype-n") == ("hype-n", "neftune")

@@ -1,13 +1,13 @@
-"""fusednoise.report: the tables and the plot of a folder of runs, from hand-made run JSONs (no training)."""
+"""fusednoise.experiments.report: the tables and the plot of a folder of runs, from hand-made run JSONs (no training)."""
 import dataclasses
 import json
 import re
 
 import pytest
 
-from fusednoise import finetune, report
+from fusednoise.experiments import finetune, report
 from fusednoise.cli import main
-from fusednoise.finetune import FinetuneConfig
+from fusednoise.experiments.finetune import FinetuneConfig
 
 
 def fake_run(task, recipe, seed, value, epochs=2, schema=finetune.SCHEMA, baseline=0.5, steps=0.25,

@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from .finetune import (METHODS, SCHEMA, SCHEMAS, _setting, check_name, identity_key, parse_recipe, row_key,
+from .runs import (METHODS, SCHEMA, SCHEMAS, _setting, check_name, identity_key, parse_recipe, row_key,
                        run_file_name, write_atomically)
 from .glue import TASKS, GlueTask, get_task
 
