@@ -684,11 +684,12 @@ class PATSAdamax(torch.optim.Optimizer):
             launch.run()
 
         def finish(held=jobs):
-            # ``held`` (the jobs) lives as long as this function: the launches read the contiguous copies of non-contiguous parameters
-            # and gradients through the addresses in their tables, not through references, so a copy dropped
-            # before the update's launch would be read after it was freed (and on a GPU, refilled by the caching
-            # allocator). Once launched, freeing is safe: the allocator reuses a block on the stream it was used
-            # on (the current one, where every launch and copy here runs) only in stream order.
+            # ``held`` (the jobs) lives as long as this function: the launches read the contiguous copies of
+            # non-contiguous parameters and gradients through the addresses in their tables, not through
+            # references, so a copy dropped before the update's launch would be read after it was freed (and on a
+            # GPU, refilled by the caching allocator). Once launched, freeing is safe: the allocator reuses a block
+            # on the stream it was used on (the current one, where every launch and copy here runs) only in stream
+            # order.
             if launches:
                 launches[-1].run()
             for p, work in staged:
