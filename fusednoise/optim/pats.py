@@ -314,6 +314,9 @@ class PATSAdamax(torch.optim.Optimizer):
         self._state_layouts: Dict[int, tuple] = {}  # id(param): the (dtype, device, noise) its state was checked for
         self._shard_layouts: Dict[int, tuple] = {}  # id(DTensor param): (its local shape, its ShardLayout)
         self._steps: Dict[torch.device, _StepCounts] = {}  # where the step counts live: CPU, or (capturable) GPUs
+        self._keys: Dict[int, int] = {}  # id(param): its k, for every parameter added through add_param_group
+        self._flat_layouts: Dict[int, Any] = {}  # id(DeepSpeed flat partition): its FlatPartition (bind)
+        self._known_lists: tuple = ()  # the param lists last checked to hold only tensors this optimizer knows
         super().__init__(params, defaults)
 
     # -------------------------------------------------------------------------------------- param groups
@@ -339,6 +342,44 @@ class PATSAdamax(torch.optim.Optimizer):
             raise ValueError("capturable is a setting of the whole optimizer (where the step counts live): a param "
                              f"group cannot set capturable={param_group['capturable']}")
         super().add_param_group(param_group)
+        k = sum(len(group["params"]) for group in self.param_groups[:-1])
+        for p in self.param_groups[-1]["params"]:
+            self._keys.setdefault(id(p), k)
+            k += 1
+
+    # -------------------------------------------------------------------------------------- DeepSpeed ZeRO
+    def parameter_keys(self) -> Dict[int, int]:
+        """``id(parameter) -> k`` (its index in the parameter list this optimizer was built with, counted over
+        all groups: the ``k`` of the noise keys) for the parameters given to it."""
+        return dict(self._keys)
+
+    def bind_flat_partitions(self, layouts: Dict[int, Any], stage: str) -> None:
+        """Step the DeepSpeed flat partitions in ``layouts`` (``id(tensor) -> FlatPartition``) as slices of the
+        parameters they hold; called by :func:`fusednoise.integrations.deepspeed.bind`."""
+        self._flat_layouts = dict(layouts)
+        self._known_lists = ()
+
+    def _check_known_params(self) -> None:
+        """A TypeError, before anything changes, when a param group holds a tensor this optimizer was not given
+        and that no :func:`~fusednoise.integrations.deepspeed.bind` maps: DeepSpeed replaces each group's
+        parameters by flat partitions that cut across tensors, on which per-tensor statistics would silently be
+        per-partition ones. Checked again only when a group's parameter list is replaced."""
+        lists = tuple(id(group["params"]) for group in self.param_groups)
+        if lists == self._known_lists:
+            return
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if id(p) not in self._keys and id(p) not in self._flat_layouts:
+                    from ..integrations.deepspeed import ALTERNATIVES
+
+                    raise TypeError(
+                        f"PATSAdamax: param group {gi}, params[{i}] (shape {tuple(p.shape)}) is a tensor this "
+                        "optimizer was not given: DeepSpeed's ZeRO-1/2 (and its fp16/bf16 optimizers) replace each "
+                        "group's parameters by one flat partition that cuts across the tensors, on which PATS's "
+                        "per-tensor mean sensitivity and noise keys would be wrong. Under ZeRO-1/2 call "
+                        "fusednoise.integrations.deepspeed.bind(engine) after deepspeed.initialize "
+                        f"(FusedNoiseTrainer does); ZeRO-3 is not supported: use {ALTERNATIVES}")
+        self._known_lists = lists
 
     # -------------------------------------------------------------------------------------- state dict
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -463,9 +504,13 @@ class PATSAdamax(torch.optim.Optimizer):
 
     @_backends.eager_only
     def _step(self) -> None:
+        self._check_known_params()
         work = self._gather()
         if not work:
             return
+        if self._flat_layouts:  # DeepSpeed steps one group at a time (a one-group list): k by position would repeat
+            work = [(group, p, grad, self._flat_layouts[id(p)].slot if id(p) in self._flat_layouts else k, device)
+                    for group, p, grad, k, device in work]
         capturable = self.defaults["capturable"]
         frozen = _capturing({device for *_, device in work})
         if frozen and not capturable:
@@ -502,6 +547,8 @@ class PATSAdamax(torch.optim.Optimizer):
                      else [0.0] * len(work))
         else:
             steps = self._step_counts(torch.device("cpu")).read(states, ks)
+        if self._flat_layouts:  # DeepSpeed ZeRO-1/2 partitions: stepped as slices of the parameters they hold
+            layouts = [self._flat_layouts.get(id(p), layout) for (_, p, _, _, _), layout in zip(work, layouts)]
         self._run(*self._jobs(work, layouts, states, steps, capturable), use_kernels)
         if not capturable:
             self._steps[torch.device("cpu")].advance(ks)
@@ -526,6 +573,9 @@ class PATSAdamax(torch.optim.Optimizer):
                 bucket.append(make((p, grad, state["exp_avg"], state["exp_inf"],
                                     state["sensitivity"] if sc.noise else None, sc, state["stream"], 0, -1, 0,
                                     step_count)))
+                continue
+            if not isinstance(layout, sharding.ShardLayout):  # a DeepSpeed flat partition
+                layout.add_jobs(bucket, shared, key, p, grad, state, sc, step_count)
                 continue
             if layout.sharded and sc.draw:
                 shared.setdefault(layout.group, []).append((key, len(bucket)))
@@ -611,7 +661,8 @@ class PATSAdamax(torch.optim.Optimizer):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in ("_launcher", "_state_layouts", "_shard_layouts", "_steps"):
+        for name in ("_launcher", "_state_layouts", "_shard_layouts", "_steps", "_keys", "_flat_layouts",
+                     "_known_lists"):
             state.pop(name, None)
         return state
 
@@ -621,6 +672,10 @@ class PATSAdamax(torch.optim.Optimizer):
         self.__dict__.setdefault("_state_layouts", {})
         self.__dict__.setdefault("_shard_layouts", {})
         self.__dict__.setdefault("_steps", {})
+        self.__dict__.setdefault("_keys", {id(p): k for k, p in enumerate(
+            chain.from_iterable(group["params"] for group in self.param_groups))})
+        self.__dict__.setdefault("_flat_layouts", {})
+        self.__dict__.setdefault("_known_lists", ())
         for group in self.param_groups:
             group.setdefault("capturable", False)
         self.defaults.setdefault("capturable", False)
