@@ -188,4 +188,21 @@ def gathered(params: Iterable[torch.Tensor]):
         yield
 
 
-__all__ = ["ALTERNATIVES", "FlatPartition", "Piece", "bind", "gathered", "is_zero3_param", "partitions"]
+def refresh_master_weights(optimizer) -> bool:
+    """After the model's parameters were changed in place (NoisyTune) once DeepSpeed holds its own float32 master
+    copies (ZeRO-1/2/3, its fp16/bf16 optimizers), copy them into those masters, or the first step would write
+    the unchanged masters back over them: ``refresh_fp32_params()`` of the DeepSpeed optimizer inside
+    ``optimizer`` (an engine's, or accelerate's wrapper of it). Returns whether there was one to refresh."""
+    for _ in range(4):  # accelerate's wrapper -> DeepSpeed's optimizer -> the client optimizer
+        if optimizer is None:
+            return False
+        refresh = getattr(optimizer, "refresh_fp32_params", None)
+        if callable(refresh):
+            refresh()
+            return True
+        optimizer = getattr(optimizer, "optimizer", None)
+    return False
+
+
+__all__ = ["ALTERNATIVES", "FlatPartition", "Piece", "bind", "gathered", "is_zero3_param", "partitions",
+           "refresh_master_weights"]

@@ -83,9 +83,9 @@ def block_shape(D: int):
     return max(1, tile // block_d), block_d
 
 
-def neftune_launch(x, mask, lengths, out, alpha: float, seed: int, offset=None) -> Launch:
+def neftune_launch(x, mask, lengths, out, alpha: float, seed: int, offset=None, tokens_per_length=None) -> Launch:
     """The launch :func:`launch_neftune` runs (also built from ``meta`` tensors by ``specialisations``)."""
-    D, T = x.shape[-1], x.shape[-2]
+    D, T = x.shape[-1], x.shape[-2] if tokens_per_length is None else tokens_per_length
     n_rows = x.numel() // D if D else 0
     block_r, block_d = block_shape(D)
     return Launch(
@@ -95,11 +95,12 @@ def neftune_launch(x, mask, lengths, out, alpha: float, seed: int, offset=None) 
         dict(HAS_MASK=mask is not None, BF16_BY_BITS=interpreter_enabled(), BLOCK_R=block_r, BLOCK_D=block_d))
 
 
-def launch_neftune(x, mask, lengths, out, alpha: float, seed: int, offset=None) -> None:
+def launch_neftune(x, mask, lengths, out, alpha: float, seed: int, offset=None, tokens_per_length=None) -> None:
     """Noise contiguous ``x`` (..., T, D) into contiguous ``out``. ``mask``: contiguous (N,) integer/float keep
     flags of the N = x.numel() / D token rows, or None (every token kept, ``L_b = T``); ``lengths``: the (B,)
-    int64 kept-token counts of the examples (ignored without a mask). ``offset``: as for
+    int64 kept-token counts of the examples (ignored without a mask), one per ``tokens_per_length`` token rows
+    (default T; 1 for packed rows, whose every token has its own sequence's count). ``offset``: as for
     ``noise.launch_noise``."""
     if x.numel() == 0:
         return
-    neftune_launch(x, mask, lengths, out, alpha, seed, offset).run()
+    neftune_launch(x, mask, lengths, out, alpha, seed, offset, tokens_per_length).run()
