@@ -13,6 +13,11 @@ left alone by default and reported as skipped (``include_head=True`` perturbs it
 FSDP2-sharded parameters (DTensors, SPEC section 4c) are perturbed on their local shards with the std of the
 whole matrix (the shards' moments merged across the ranks, one collective for all matrices) and the noise of
 each element keyed by its index in the unsharded matrix: the same noise as on the unwrapped model.
+
+DeepSpeed ZeRO-3 parameters (placeholders whose data the ranks hold in slices) are gathered whole for the
+perturbation (``deepspeed.zero.GatheredParameters``, rank 0's result partitioned back), so each std is the whole
+matrix's; DeepSpeed's float32 master weights must then take the change
+(:func:`fusednoise.integrations.deepspeed.refresh_master_weights`; ``FusedNoiseTrainer`` does it).
 """
 from __future__ import annotations
 

@@ -32,7 +32,8 @@ What each one does inside the Trainer:
   (linear decay, ``warmup_steps``) drives its learning rate as for any optimizer.
 * **NEFTune** (:class:`NEFTuneCallback`): ``neftune.apply`` at ``on_train_begin``, ``handle.remove()`` at
   ``on_train_end``; noise on the input embeddings scaled by each example's own length (the attention mask of
-  each training batch), inert in eval mode. Use it instead of ``TrainingArguments(neftune_noise_alpha=...)``
+  each training batch; each packed sequence's own, from ``position_ids``, in TRL's packed and padding-free
+  batches), inert in eval mode. Use it instead of ``TrainingArguments(neftune_noise_alpha=...)``
   (which scales by the padded length); setting both is an error.
 * **LNSR**: ``compute_loss`` runs :class:`fusednoise.lnsr.LNSR` (a clean and a noisy pass) and returns
   ``task loss + penalty``; the mean penalty since the last log is logged as ``lnsr_penalty``. In evaluation the
@@ -43,6 +44,10 @@ With a plain ``Trainer`` (or a subclass of your own): the two callbacks work on 
 ``Trainer(optimizers=(pats_optimizer(model, args), None))``, and :class:`FusedNoiseMixin` adds them all to a
 Trainer subclass of your own (``class MyTrainer(FusedNoiseMixin, MyBaseTrainer)``), TRL's ``SFTTrainer`` included
 (``class Trainer(FusedNoiseMixin, SFTTrainer)``; ``examples/sft_lora.py``).
+
+DeepSpeed (``TrainingArguments(deepspeed=...)``): every method. ``pats=`` needs ZeRO-1 or ZeRO-2 (the Trainer
+binds the optimizer to the engine's partitions, :func:`fusednoise.integrations.deepspeed.bind`; ZeRO-3 is refused
+when training starts); NoisyTune gathers ZeRO-3's matrices and refreshes DeepSpeed's float32 master weights.
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import defaultdict
 from itertools import chain
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -360,12 +361,13 @@ class PATSAdamax(torch.optim.Optimizer):
         self._known_lists = ()
 
     def _check_known_params(self) -> None:
-        """A TypeError, before anything changes, when a param group holds a tensor this optimizer was not given
-        and that no :func:`~fusednoise.integrations.deepspeed.bind` maps: DeepSpeed replaces each group's
-        parameters by flat partitions that cut across tensors, on which per-tensor statistics would silently be
-        per-partition ones. Checked again only when a group's parameter list is replaced."""
+        """A TypeError, before anything changes, when DeepSpeed is in use and a param group holds a tensor this
+        optimizer was not given that no :func:`~fusednoise.integrations.deepspeed.bind` maps: DeepSpeed replaces
+        each group's parameters by flat partitions that cut across tensors, on which per-tensor statistics would
+        silently be per-partition ones. Checked again only when a group's parameter list is replaced. (Without
+        DeepSpeed a tensor put in a group behind the optimizer's back is stepped as one tensor, as before.)"""
         lists = tuple(id(group["params"]) for group in self.param_groups)
-        if lists == self._known_lists:
+        if lists == self._known_lists or "deepspeed" not in sys.modules:
             return
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
@@ -504,10 +506,10 @@ class PATSAdamax(torch.optim.Optimizer):
 
     @_backends.eager_only
     def _step(self) -> None:
-        self._check_known_params()
         work = self._gather()
         if not work:
             return
+        self._check_known_params()
         if self._flat_layouts:  # DeepSpeed steps one group at a time (a one-group list): k by position would repeat
             work = [(group, p, grad, self._flat_layouts[id(p)].slot if id(p) in self._flat_layouts else k, device)
                     for group, p, grad, k, device in work]
