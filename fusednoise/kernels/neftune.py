@@ -3,7 +3,8 @@ tokens an attention mask keeps, ``out = x`` on padded ones, in one pass.
 
 One read of x and one write of out per element, no noise tensor: the uniforms are drawn in registers, four per
 philox call. Per token row the kernel also reads the row's mask entry and its example's token count ``L_b`` (one
-integer per example, counted by the caller from the mask), and turns ``L_b`` into the row's scale itself with
+integer per example, counted by the caller from the mask; for packed rows one per token, its sequence's count,
+with ``T = 1``), and turns ``L_b`` into the row's scale itself with
 IEEE-rounded ``sqrt_rn``/``div_rn`` (a handful of instructions per row, not per element). The counter layout and
 the rounding of the scale are those of :mod:`fusednoise.reference.neftune`, which this kernel matches: the
 philox words bitwise, so ``x = 0`` gives bitwise the reference's noise. The kernel reads the call's offset

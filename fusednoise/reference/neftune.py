@@ -55,13 +55,13 @@ def token_lengths(shape, mask: Optional[torch.Tensor], position_ids: Optional[to
     for size in shape[:-1]:
         n_rows *= size
     device = (position_ids if position_ids is not None else cu_seq_lens if cu_seq_lens is not None else mask).device
-    index = torch.arange(n_rows, device=device)
+    index = torch.arange(n_rows + 1, device=device)  # one slot past the end: where cu_seq_lens' last entry falls
     starts = index % T == 0
     if position_ids is not None:
-        starts |= position_ids.reshape(-1) == 0
-    if cu_seq_lens is not None:
-        bounds = cu_seq_lens.reshape(-1).to(torch.int64)
-        starts[bounds[bounds < n_rows]] = True
+        starts[:n_rows] |= position_ids.reshape(-1) == 0
+    if cu_seq_lens is not None:  # an index_put, no boolean indexing: no host sync (CUDA graphs can capture it)
+        starts[cu_seq_lens.reshape(-1).to(torch.int64).clamp(0, n_rows)] = True
+    starts = starts[:n_rows]
     sequence = torch.cumsum(starts, dim=0) - 1
     kept = torch.ones(n_rows, dtype=torch.int64, device=device) if mask is None else (mask.reshape(-1) != 0).long()
     counts = torch.zeros(n_rows, dtype=torch.int64, device=device).index_add_(0, sequence, kept)
