@@ -164,7 +164,7 @@ def bind(engine_or_optimizer) -> None:
                                   "offload")
     client.bind_flat_partitions({id(flat): layout for flat, layout in
                                  zip(zero.single_partition_of_fp32_groups, partitions(zero, client.parameter_keys()))
-                                 }, stage)
+                                 })
 
 
 # --------------------------------------------------------------------------------------------- ZeRO-3 parameters

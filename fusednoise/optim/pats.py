@@ -354,7 +354,7 @@ class PATSAdamax(torch.optim.Optimizer):
         all groups: the ``k`` of the noise keys) for the parameters given to it."""
         return dict(self._keys)
 
-    def bind_flat_partitions(self, layouts: Dict[int, Any], stage: str) -> None:
+    def bind_flat_partitions(self, layouts: Dict[int, Any]) -> None:
         """Step the DeepSpeed flat partitions in ``layouts`` (``id(tensor) -> FlatPartition``) as slices of the
         parameters they hold; called by :func:`fusednoise.integrations.deepspeed.bind`."""
         self._flat_layouts = dict(layouts)
