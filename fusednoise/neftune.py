@@ -22,11 +22,18 @@ Here the scale follows each example's own length from the attention mask, and th
 noise tensor. Without padding (every example as long as the batch, or no attention mask) the two agree in
 distribution.
 
-Where the attention mask comes from: a forward pre-hook on the model records the ``attention_mask`` of each call
-(keyword or positional, as the model's ``forward`` names it) for the embedding hook of that call. No mask (none
-passed, as in TRL's padding-free and packed batches, which pass ``position_ids`` instead) means every token of
-the row counts: for a packed row, ``L`` is the packed length, as with the built-in. Calling a submodule of the
-model directly (not through the model given to :func:`apply`) also leaves the mask unseen.
+Packed and padding-free batches (TRL's ``packing=True`` and ``padding_free=True``, ``transformers``'
+``DataCollatorWithFlattening``) put several sequences in one row and pass ``position_ids`` (and the varlen
+kernels' ``cu_seq_lens_q``) instead of an attention mask: each sequence is scaled by its own length, a sequence
+starting where ``position_ids`` returns to 0 (or at each entry of ``cu_seq_lens_q``), still in the one fused pass.
+The built-in scales the whole packed row by its length, so a sequence packed with others gets ``sqrt(L / T)`` of
+its noise, whatever its neighbours.
+
+Where the mask and positions come from: a forward pre-hook on the model records the ``attention_mask`` and
+``position_ids`` of each call (keyword or positional, as the model's ``forward`` names them) and its
+``cu_seq_lens_q`` keyword for the embedding hook of that call. No mask and no positions means every token of the
+row counts. Calling a submodule of the model directly (not through the model given to :func:`apply`) leaves them
+unseen.
 """
 from __future__ import annotations
 
@@ -61,15 +68,22 @@ def input_embeddings(model: nn.Module) -> nn.Module:
     return embeddings
 
 
-def _mask_position(model: nn.Module) -> Optional[int]:
-    """Where ``attention_mask`` sits among the positional arguments of ``model.forward`` (None if nowhere)."""
+def _arg_position(model: nn.Module, name: str) -> Optional[int]:
+    """Where argument ``name`` sits among the positional arguments of ``model.forward`` (None if nowhere)."""
     try:
         parameters = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         return None
     positional = [p.name for p in parameters
                   if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    return positional.index("attention_mask") if "attention_mask" in positional else None
+    return positional.index(name) if name in positional else None
+
+
+def _call_argument(args, kwargs, name: str, position: Optional[int]):
+    value = kwargs.get(name)
+    if value is None and position is not None and len(args) > position:
+        value = args[position]
+    return value
 
 
 class NEFTuneHandle:
@@ -87,8 +101,9 @@ class NEFTuneHandle:
         self.alpha = alpha
         self.seed = seed
         self.calls = 0
-        self._masks: List[Optional[torch.Tensor]] = []  # one per model call in flight (nested calls stack)
-        self._mask_position = _mask_position(model)
+        # (attention_mask, position_ids, cu_seq_lens_q) of every model call in flight (nested calls stack)
+        self._masks: List[tuple] = []
+        self._positions = {name: _arg_position(model, name) for name in ("attention_mask", "position_ids")}
         self._hook_handles: list = []
         self._active = False
 
@@ -99,11 +114,9 @@ class NEFTuneHandle:
 
     # ------------------------------------------------------------------------------------------- hooks
     def _record_mask(self, module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        position = self._mask_position
-        if mask is None and position is not None and len(args) > position:
-            mask = args[position]
-        self._masks.append(mask)
+        self._masks.append((_call_argument(args, kwargs, "attention_mask", self._positions["attention_mask"]),
+                            _call_argument(args, kwargs, "position_ids", self._positions["position_ids"]),
+                            kwargs.get("cu_seq_lens_q")))
 
     def _forget_mask(self, module, args, kwargs, output):
         if self._masks:
@@ -115,17 +128,28 @@ class NEFTuneHandle:
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"NEFTune expected the output of {type(module).__name__} to be a tensor of embeddings, "
                             f"got {type(output).__name__}")
-        mask = self._masks[-1] if self._masks else None
+        mask, position_ids, cu_seq_lens = self._masks[-1] if self._masks else (None, None, None)
         if mask is not None and (not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(output.shape[:-1])):
             got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"NEFTune needs the model's attention_mask as one flag per token, shape "
                              f"{tuple(output.shape[:-1])} (the embeddings' (B, T)), got {got}; pass a (B, T) "
                              "padding mask, or none (every token then counts)")
+        if isinstance(position_ids, torch.Tensor) and tuple(position_ids.shape) != tuple(output.shape[:-1]):
+            try:  # a (1, T) row of positions shared by the batch
+                position_ids = position_ids.expand(output.shape[:-1])
+            except RuntimeError:
+                raise ValueError(f"NEFTune reads the sequences of packed rows from position_ids, which must have the "
+                                 f"embeddings' shape {tuple(output.shape[:-1])}, got "
+                                 f"{tuple(position_ids.shape)}") from None
+        if not isinstance(cu_seq_lens, torch.Tensor) or isinstance(position_ids, torch.Tensor):
+            cu_seq_lens = None  # position_ids say the same where both are given
+        if not isinstance(position_ids, torch.Tensor):
+            position_ids = None
         seed = None
         if self.seed is not None:
             seed = derive_seed(self.seed, 0, self.calls)
             self.calls += 1
-        return add_neftune_noise(output, self.alpha, mask, seed)
+        return add_neftune_noise(output, self.alpha, mask, seed, position_ids=position_ids, cu_seq_lens=cu_seq_lens)
 
     def _install(self) -> None:
         # always_call: the mask is forgotten even when the forward raises (LNSR stops its noisy pass that way).

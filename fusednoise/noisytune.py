@@ -13,9 +13,15 @@ left alone by default and reported as skipped (``include_head=True`` perturbs it
 FSDP2-sharded parameters (DTensors, SPEC section 4c) are perturbed on their local shards with the std of the
 whole matrix (the shards' moments merged across the ranks, one collective for all matrices) and the noise of
 each element keyed by its index in the unsharded matrix: the same noise as on the unwrapped model.
+
+DeepSpeed ZeRO-3 parameters (placeholders whose data the ranks hold in slices) are gathered whole for the
+perturbation (``deepspeed.zero.GatheredParameters``, rank 0's result partitioned back), so each std is the whole
+matrix's; DeepSpeed's float32 master weights must then take the change
+(:func:`fusednoise.integrations.deepspeed.refresh_master_weights`; ``FusedNoiseTrainer`` does it).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -163,6 +169,32 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
             else set())
     report = PerturbReport(noise_lambda=float(noise_lambda), seed=seed)
 
+    # DeepSpeed ZeRO-3 partitions every parameter across the ranks (the module holds empty placeholders): gather the
+    # matrices whole for the perturbation, so each std is the whole matrix's; rank 0's result is partitioned back.
+    gather = contextlib.nullcontext()
+    if any(hasattr(x, "ds_id") for _, x in named):
+        from .integrations.deepspeed import gathered
+
+        gather = gathered([x for _, x in named])
+    with gather:
+        stds = _perturb_named(named, patterns, head, report, float(noise_lambda), seed)
+
+    for name, _ in named:
+        if name in stds:
+            s = stds[name]
+            if not math.isfinite(s):
+                report.skipped[name] = "non-finite std"
+            elif s == 0.0:
+                report.skipped[name] = "constant (std 0)"
+            else:
+                report.perturbed.append(name)
+                report.std[name] = s
+    return report
+
+
+def _perturb_named(named, patterns, head, report: PerturbReport, noise_lambda: float, seed: int) -> Dict[str, float]:
+    """Perturb the tensors of ``named`` that no skip reason excludes (recorded in ``report.skipped``); returns
+    their stds by name."""
     # (device, dtype) -> (name, local tensor, k, ShardLayout of a sharded matrix or None)
     buckets: Dict[tuple, List[tuple]] = defaultdict(list)
     views: Dict[tuple, str] = {}  # (memory, shape, strides, dtype) of a tensor to perturb -> its name
@@ -188,21 +220,11 @@ def perturb_(model_or_params: Union[torch.nn.Module, Iterable], noise_lambda: fl
             use_kernels = dtype in _KERNEL_DTYPES and _backends.resolve(items[0][1]) == "triton"
             plain = [item for item in items if item[3] is None]
             shards = [item for item in items if item[3] is not None]
-            stds.update(_perturb_bucket(plain, use_kernels, float(noise_lambda), seed))
-            _perturb_shards(shards, use_kernels, float(noise_lambda), seed, merged)
+            stds.update(_perturb_bucket(plain, use_kernels, noise_lambda, seed))
+            _perturb_shards(shards, use_kernels, noise_lambda, seed, merged)
             stds.update({name: float(merged[name]) for name, _, _, _ in shards})
 
-    for name, _ in named:
-        if name in stds:
-            s = stds[name]
-            if not math.isfinite(s):
-                report.skipped[name] = "non-finite std"
-            elif s == 0.0:
-                report.skipped[name] = "constant (std 0)"
-            else:
-                report.perturbed.append(name)
-                report.std[name] = s
-    return report
+    return stds
 
 
 SAME_MEMORY_REASON = "same elements as an earlier tensor"

@@ -134,6 +134,46 @@ def test_a_mask_that_is_not_one_flag_per_token_is_refused(model):
             model(input_ids=ids, attention_mask=mask[:, :5])
 
 
+# ---------------------------------------------------------------------------------- packed batches
+def packed_batch(kind, lengths):
+    """One row packing sequences of ``lengths`` as a collator makes it (no attention mask)."""
+    examples = [{"input_ids": list(range(4 + i, 4 + i + n))} for i, n in enumerate(lengths)]
+    if kind == "trl":  # TRL's SFTTrainer(padding_free=True), and its packing's collator
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        return DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    from transformers import DataCollatorWithFlattening
+
+    collated = DataCollatorWithFlattening(return_flash_attn_kwargs=True)(examples)
+    if kind == "cu_seq_lens":  # the varlen kernels' boundaries alone: the model builds its own positions
+        del collated["position_ids"]
+    return collated
+
+
+@pytest.mark.parametrize("kind", ["transformers", "trl", "cu_seq_lens"])
+def test_packed_sequences_are_scaled_by_their_own_length(model, kind):
+    from fusednoise.hype import derive_seed
+    from fusednoise.reference.neftune import uniform_rows
+
+    lengths = [3, 9, 5]
+    inputs = {k: v for k, v in packed_batch(kind, lengths).items() if k in (
+        "input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")}
+    assert "attention_mask" not in inputs
+    clean = model.get_input_embeddings()(inputs["input_ids"]).detach()
+    recorder = LayerInputs(model)
+    with neftune.apply(model, alpha=ALPHA, seed=9):
+        model(**inputs)
+    noise = (recorder.seen[0] - clean)[0]
+    T, D = noise.shape
+    unit = uniform_rows(T, D, derive_seed(9, 0, 0))  # the first noisy call's U(-1, 1) draws
+    start = 0
+    for length in lengths:
+        scale = ALPHA / math.sqrt(length * D)  # the paper's, per sequence (the built-in: ALPHA / sqrt(T * D))
+        torch.testing.assert_close(noise[start:start + length], unit[start:start + length] * scale,
+                                   rtol=1e-5, atol=1e-7)
+        start += length
+
+
 # ---------------------------------------------------------------------------------- against transformers
 def builtin_noise(shape, alpha, seed):
     """transformers' NEFTune hook on an embedding whose output is zeros: its noise alone."""

@@ -187,6 +187,86 @@ def test_torch_compile_fullgraph_traces_the_op():
     assert not torch.equal(fresh(zeros), fresh(zeros))  # the seed is drawn at run time, not baked into the graph
 
 
+# ---------------------------------------------------------------------------------- packed rows
+def packed_positions(lengths_per_row, tokens, device=KERNEL_DEVICE):
+    """position_ids of rows packed with sequences of the given lengths (0, 1, ... per sequence), zero-filled."""
+    rows = []
+    for lengths in lengths_per_row:
+        row = torch.cat([torch.arange(n) for n in lengths]) if lengths else torch.zeros(0, dtype=torch.int64)
+        rows.append(torch.cat([row, torch.zeros(tokens - len(row), dtype=torch.int64)]))
+    return torch.stack(rows).to(device)
+
+
+def papers_scales(lengths, alpha, D):
+    """alpha / sqrt(L * D) in IEEE float32, written out: the scale each packed sequence must get."""
+    import numpy as np
+
+    return [float(np.float32(alpha) / np.sqrt(np.float32(n * D))) for n in lengths]
+
+
+PACKED = [[3, 5, 4], [12], [1, 6, 2]]  # three sequences in a row; one; three ending in 3 zero-filled positions
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [False, True])
+def test_packed_rows_kernel_matches_reference(dtype, masked):
+    T, D = 12, 40
+    positions = packed_positions(PACKED, T)
+    mask = None
+    if masked:  # a packed row with padding (TRL's packing without padding_free) and a hole inside a sequence
+        mask = (positions != 0).long()
+        mask[:, 0] = 1
+        mask[0, 3] = 1
+        mask[0, 4] = 0
+    x = torch.randn(3, T, D, device=KERNEL_DEVICE).to(dtype)
+    seed = rng.draw_seed()
+    outs = {}
+    for backend in ("triton", "reference"):
+        with fusednoise.backend(backend):
+            outs[backend] = (fusednoise.add_neftune_noise(torch.zeros_like(x), 7.5, mask, seed=seed,
+                                                          position_ids=positions).cpu(),
+                             fusednoise.add_neftune_noise(x, 7.5, mask, seed=seed, position_ids=positions).cpu())
+    assert torch.equal(outs["triton"][0], outs["reference"][0])  # the noise alone: bitwise
+    if dtype == torch.float32:
+        torch.testing.assert_close(outs["triton"][1], outs["reference"][1], rtol=2e-7, atol=1e-7)
+    else:
+        steps = (outs["triton"][1].view(torch.int16).int() - outs["reference"][1].view(torch.int16).int()).abs()
+        assert int(steps.max()) <= 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_each_packed_sequence_is_scaled_by_its_own_length(backend):
+    T, D, alpha = 12, 40, 6.0
+    positions = packed_positions(PACKED, T)
+    seed = rng.draw_seed()
+    with fusednoise.backend(backend):
+        noise = fusednoise.add_neftune_noise(torch.zeros(3, T, D, device=KERNEL_DEVICE), alpha, seed=seed,
+                                             position_ids=positions).cpu()
+    unit = reference.uniform_rows(3 * T, D, seed).view(3, T, D)  # the U(-1, 1) draws of the counter rule
+    for row, lengths in enumerate(PACKED):
+        # a row's zero-filled tail: each position 0 starts a sequence of one token (as the varlen kernels see it)
+        lengths = lengths + [1] * (T - sum(lengths))
+        start = 0
+        for length, scale in zip(lengths, papers_scales(lengths, alpha, D)):
+            torch.testing.assert_close(noise[row, start:start + length], unit[row, start:start + length] * scale,
+                                       rtol=1e-6, atol=0)
+            start += length
+
+
+def test_cu_seq_lens_and_position_ids_agree_and_one_sequence_per_row_is_the_unpacked_noise():
+    T, D = 12, 16
+    x = torch.zeros(1, 3 * T, D)
+    lengths = [5, 20, 11]
+    positions = packed_positions([lengths], 3 * T, device="cpu")
+    cu_seq_lens = torch.tensor([0, 5, 25, 36], dtype=torch.int32)
+    by_positions = fusednoise.add_neftune_noise(x, 5.0, seed=4, position_ids=positions)
+    assert torch.equal(by_positions, fusednoise.add_neftune_noise(x, 5.0, seed=4, cu_seq_lens=cu_seq_lens))
+    plain = torch.zeros(2, T, D)
+    arange = torch.arange(T).expand(2, T)
+    assert torch.equal(fusednoise.add_neftune_noise(plain, 5.0, seed=4, position_ids=arange),
+                       fusednoise.add_neftune_noise(plain, 5.0, seed=4))  # positions 0..T-1: one sequence a row
+
+
 # ---------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(alpha=-1.0), ValueError, "alpha"),
@@ -197,6 +277,10 @@ def test_torch_compile_fullgraph_traces_the_op():
     (dict(alpha=5.0, attention_mask=[[1, 1, 1]] * 2), TypeError, "attention_mask must be a torch.Tensor"),
     (dict(alpha=5.0, attention_mask=torch.ones(2, 3, dtype=torch.complex64)), TypeError, "attention_mask"),
     (dict(alpha=5.0, attention_mask=torch.ones(2, 3, device="meta")), ValueError, "attention_mask is on"),
+    (dict(alpha=5.0, position_ids=torch.zeros(2, 4, dtype=torch.long)), ValueError, "position_ids must have shape"),
+    (dict(alpha=5.0, position_ids=torch.zeros(2, 3)), TypeError, "position_ids must be a dense integer"),
+    (dict(alpha=5.0, position_ids=[[0, 1, 2]] * 2), TypeError, "position_ids must be a torch.Tensor"),
+    (dict(alpha=5.0, cu_seq_lens=torch.zeros(2, 3, dtype=torch.int32)), ValueError, "cu_seq_lens must be 1-D"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, error, match):
     x = torch.randn(2, 3, 8)

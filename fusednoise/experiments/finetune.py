@@ -19,7 +19,7 @@ A run's identity is its whole configuration (:func:`run_identity`): it is writte
 ``OUTPUT/runs/TASK__RECIPE[__SETTINGS]__DIGEST__seedN.json``, where ``SETTINGS`` lists the recipe's method settings
 that differ from their defaults and ``DIGEST`` is a short hash of everything that decides the run
 (``stsb__hype-n__hype_sigma=0__5c3e0f9a1b__seed0.json``): two runs that differ in anything (epochs, learning rate,
-a method setting, ...) never share a file, and the tables (:mod:`fusednoise.report`) give different method or
+a method setting, ...) never share a file, and the tables (:mod:`fusednoise.experiments.report`) give different method or
 shared settings separate rows.
 """
 from __future__ import annotations

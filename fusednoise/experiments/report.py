@@ -5,7 +5,7 @@ by older versions (schema ``fusednoise.finetune/1``), gives one report. What a r
 is in the table itself:
 
 * each row is a task, a recipe with its non-default method settings, and the shared training settings
-  (:func:`fusednoise.finetune.row_key`); its seeds give mean ± sample std;
+  (:func:`fusednoise.experiments.finetune.row_key`); its seeds give mean ± sample std;
 * the class-majority baseline (what a model that ignores its input scores) as the first row of each task;
 * each recipe's difference to its *control*: the same recipe with ``pats`` replaced by ``adamax`` (PATS is Adamax
   plus noise, so its noise is measured against Adamax at the same learning rate), else ``vanilla``;
@@ -142,7 +142,7 @@ def load_runs(output: Union[str, Path], warn: Callable[[str], None] = _warn) -> 
 
 def rename_runs(output: Union[str, Path], warn: Callable[[str], None] = _warn) -> List[Tuple[Path, Path]]:
     """Give every run file of ``OUTPUT/runs`` the name its config gives today
-    (:func:`fusednoise.finetune.run_file_name`: the whole configuration, as a digest), for folders written by
+    (:func:`fusednoise.experiments.finetune.run_file_name`: the whole configuration, as a digest), for folders written by
     older versions. Returns the ``(old, new)`` pairs; refuses (``FileExistsError``, nothing renamed) if two files
     would take one name (two files of one run) or a new name is taken by another file. Files that are not runs
     (:func:`read_run`) are named through ``warn`` and left as they are."""
@@ -210,7 +210,7 @@ def _one_run_per_seed(key: tuple, group: Sequence[dict], duplicates: List[Tuple[
 
 
 def _groups(runs: Sequence[dict], duplicates: Optional[List[Tuple[str, str]]] = None) -> Dict[tuple, List[dict]]:
-    """Runs by :func:`~fusednoise.finetune.row_key`, in task order, then recipe order, then label; one run per
+    """Runs by :func:`~fusednoise.experiments.finetune.row_key`, in task order, then recipe order, then label; one run per
     seed (:func:`_one_run_per_seed`, which adds to ``duplicates``)."""
     groups: Dict[tuple, List[dict]] = {}
     for run in runs:
@@ -293,7 +293,7 @@ def timing_notes(rows: Sequence[tuple]) -> Dict[tuple, List[str]]:
     """Row key -> why its ms/step is not comparable with the other rows of its table (empty: comparable as far as
     the runs recorded). A row is set apart when a run of it was timed on another device or host than most runs
     of the table, on a loaded machine (1-minute load average above its CPU count, at the run's start or end), or
-    while the calibration matmul (:func:`fusednoise.finetune.calibration_ms`) took more than
+    while the calibration matmul (:func:`fusednoise.experiments.finetune.calibration_ms`) took more than
     :data:`SLOW_CALIBRATION` times its quickest on that host; or when it recorded no timing conditions while
     other rows did. Runs older than ``fusednoise.finetune/3`` recorded only the device."""
     runs = [r for _, group in rows for r in group]

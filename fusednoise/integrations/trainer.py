@@ -32,7 +32,8 @@ What each one does inside the Trainer:
   (linear decay, ``warmup_steps``) drives its learning rate as for any optimizer.
 * **NEFTune** (:class:`NEFTuneCallback`): ``neftune.apply`` at ``on_train_begin``, ``handle.remove()`` at
   ``on_train_end``; noise on the input embeddings scaled by each example's own length (the attention mask of
-  each training batch), inert in eval mode. Use it instead of ``TrainingArguments(neftune_noise_alpha=...)``
+  each training batch; each packed sequence's own, from ``position_ids``, in TRL's packed and padding-free
+  batches), inert in eval mode. Use it instead of ``TrainingArguments(neftune_noise_alpha=...)``
   (which scales by the padded length); setting both is an error.
 * **LNSR**: ``compute_loss`` runs :class:`fusednoise.lnsr.LNSR` (a clean and a noisy pass) and returns
   ``task loss + penalty``; the mean penalty since the last log is logged as ``lnsr_penalty``. In evaluation the
@@ -43,13 +44,19 @@ With a plain ``Trainer`` (or a subclass of your own): the two callbacks work on 
 ``Trainer(optimizers=(pats_optimizer(model, args), None))``, and :class:`FusedNoiseMixin` adds them all to a
 Trainer subclass of your own (``class MyTrainer(FusedNoiseMixin, MyBaseTrainer)``), TRL's ``SFTTrainer`` included
 (``class Trainer(FusedNoiseMixin, SFTTrainer)``; ``examples/sft_lora.py``).
+
+DeepSpeed (``TrainingArguments(deepspeed=...)``): every method. ``pats=`` needs ZeRO-1 or ZeRO-2 (the Trainer
+binds the optimizer to the engine's partitions, :func:`fusednoise.integrations.deepspeed.bind`; ZeRO-3 is refused
+when training starts); NoisyTune gathers ZeRO-3's matrices and refreshes DeepSpeed's float32 master weights.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -241,10 +248,15 @@ class NoisyTuneCallback(TrainerCallback):
             raise RuntimeError("NoisyTuneCallback needs the model: the Trainer passes it to on_train_begin")
         if state.global_step > 0 or id(model) in self._perturbed_ids:
             return
+        # Under DeepSpeed ZeRO-3 perturb_ gathers each matrix whole (its std is the whole matrix's).
         self.report = noisytune.perturb_(model, noise_lambda=self.config.noise_lambda,
                                          exclude=tuple(self.config.exclude), seed=self.config.seed,
                                          include_head=self.config.include_head)
         self._perturbed_ids.add(id(model))
+        if "deepspeed" in sys.modules:  # DeepSpeed keeps float32 master weights: they must take the perturbation
+            from .deepspeed import refresh_master_weights
+
+            refresh_master_weights(kwargs.get("optimizer"))
 
 
 class NEFTuneCallback(TrainerCallback):
@@ -304,6 +316,22 @@ def pats_optimizer(model: nn.Module, args=None, config: Union[PATSConfig, dict, 
     return PATSAdamax(pats_param_groups(model, weight_decay=weight_decay), **kwargs)
 
 
+class _BindDeepSpeedPartitions(TrainerCallback):
+    """Under DeepSpeed ZeRO-1/2 (``TrainingArguments(deepspeed=...)``), gives the PATSAdamax the engine's mapping
+    from its flat partitions back to the parameters (:func:`fusednoise.integrations.deepspeed.bind`) once the
+    Trainer has built the engine, before the first step; ZeRO-3 is refused there."""
+
+    def __init__(self, trainer):
+        self._trainer = weakref.ref(trainer)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        trainer = self._trainer()
+        if trainer is not None and getattr(trainer, "is_deepspeed_enabled", False):
+            from .deepspeed import bind
+
+            bind(trainer.model_wrapped)
+
+
 # --------------------------------------------------------------------------------------------- the trainer
 # At the first step, an LNSR penalty this many times the task loss gets a warning: measured on all-MiniLM-L6-v2
 # (docs/lnsr.md), a penalty 15x the loss came with a gradient 64x the task's, and fine-tuning collapsed to one class.
@@ -355,6 +383,8 @@ class FusedNoiseMixin:
         self.neftune_callback = NEFTuneCallback(self.neftune_config) if self.neftune_config is not None else None
         # NoisyTune first: it perturbs the weights before anything else looks at them.
         ours = [cb for cb in (self.noisytune_callback, self.hype_callback, self.neftune_callback) if cb is not None]
+        if self.pats_config is not None:
+            ours.append(_BindDeepSpeedPartitions(self))
         super().__init__(*args, callbacks=ours + callbacks, **kwargs)
         self._lnsr = None
         self._lnsr_sum = None  # a detached tensor: adding floats would synchronise with the GPU every step

@@ -3,7 +3,8 @@ tokens an attention mask keeps, ``out = x`` on padded ones, in one pass.
 
 One read of x and one write of out per element, no noise tensor: the uniforms are drawn in registers, four per
 philox call. Per token row the kernel also reads the row's mask entry and its example's token count ``L_b`` (one
-integer per example, counted by the caller from the mask), and turns ``L_b`` into the row's scale itself with
+integer per example, counted by the caller from the mask; for packed rows one per token, its sequence's count,
+with ``T = 1``), and turns ``L_b`` into the row's scale itself with
 IEEE-rounded ``sqrt_rn``/``div_rn`` (a handful of instructions per row, not per element). The counter layout and
 the rounding of the scale are those of :mod:`fusednoise.reference.neftune`, which this kernel matches: the
 philox words bitwise, so ``x = 0`` gives bitwise the reference's noise. The kernel reads the call's offset
@@ -83,9 +84,9 @@ def block_shape(D: int):
     return max(1, tile // block_d), block_d
 
 
-def neftune_launch(x, mask, lengths, out, alpha: float, seed: int, offset=None) -> Launch:
+def neftune_launch(x, mask, lengths, out, alpha: float, seed: int, offset=None, tokens_per_length=None) -> Launch:
     """The launch :func:`launch_neftune` runs (also built from ``meta`` tensors by ``specialisations``)."""
-    D, T = x.shape[-1], x.shape[-2]
+    D, T = x.shape[-1], x.shape[-2] if tokens_per_length is None else tokens_per_length
     n_rows = x.numel() // D if D else 0
     block_r, block_d = block_shape(D)
     return Launch(
@@ -95,11 +96,12 @@ def neftune_launch(x, mask, lengths, out, alpha: float, seed: int, offset=None) 
         dict(HAS_MASK=mask is not None, BF16_BY_BITS=interpreter_enabled(), BLOCK_R=block_r, BLOCK_D=block_d))
 
 
-def launch_neftune(x, mask, lengths, out, alpha: float, seed: int, offset=None) -> None:
+def launch_neftune(x, mask, lengths, out, alpha: float, seed: int, offset=None, tokens_per_length=None) -> None:
     """Noise contiguous ``x`` (..., T, D) into contiguous ``out``. ``mask``: contiguous (N,) integer/float keep
     flags of the N = x.numel() / D token rows, or None (every token kept, ``L_b = T``); ``lengths``: the (B,)
-    int64 kept-token counts of the examples (ignored without a mask). ``offset``: as for
+    int64 kept-token counts of the examples (ignored without a mask), one per ``tokens_per_length`` token rows
+    (default T; 1 for packed rows, whose every token has its own sequence's count). ``offset``: as for
     ``noise.launch_noise``."""
     if x.numel() == 0:
         return
-    neftune_launch(x, mask, lengths, out, alpha, seed, offset).run()
+    neftune_launch(x, mask, lengths, out, alpha, seed, offset, tokens_per_length).run()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import defaultdict
 from itertools import chain
 from typing import Any, Dict, Iterable, List, Optional, Sequence
@@ -377,6 +378,9 @@ class PATSAdamax(torch.optim.Optimizer):
         self._shard_layouts: Dict[int, tuple] = {}  # id(DTensor param): (its local shape, its ShardLayout)
         self._steps: Dict[torch.device, _StepCounts] = {}  # where the step counts live: CPU, or (capturable) GPUs
         self._shapes_checked: Dict[int, tuple] = {}  # id(param): see _check_state_shapes
+        self._keys: Dict[int, int] = {}  # id(param): its k, for every parameter added through add_param_group
+        self._flat_layouts: Dict[int, Any] = {}  # id(DeepSpeed flat partition): its FlatPartition (bind)
+        self._known_lists: tuple = ()  # the param lists last checked to hold only tensors this optimizer knows
         super().__init__(params, defaults)
 
     # -------------------------------------------------------------------------------------- param groups
@@ -403,6 +407,45 @@ class PATSAdamax(torch.optim.Optimizer):
             raise ValueError("capturable is a setting of the whole optimizer (where the step counts live): a param "
                              f"group cannot set capturable={param_group['capturable']}")
         super().add_param_group(param_group)
+        k = sum(len(group["params"]) for group in self.param_groups[:-1])
+        for p in self.param_groups[-1]["params"]:
+            self._keys.setdefault(id(p), k)
+            k += 1
+
+    # -------------------------------------------------------------------------------------- DeepSpeed ZeRO
+    def parameter_keys(self) -> Dict[int, int]:
+        """``id(parameter) -> k`` (its index in the parameter list this optimizer was built with, counted over
+        all groups: the ``k`` of the noise keys) for the parameters given to it."""
+        return dict(self._keys)
+
+    def bind_flat_partitions(self, layouts: Dict[int, Any]) -> None:
+        """Step the DeepSpeed flat partitions in ``layouts`` (``id(tensor) -> FlatPartition``) as slices of the
+        parameters they hold; called by :func:`fusednoise.integrations.deepspeed.bind`."""
+        self._flat_layouts = dict(layouts)
+        self._known_lists = ()
+
+    def _check_known_params(self) -> None:
+        """A TypeError, before anything changes, when DeepSpeed is in use and a param group holds a tensor this
+        optimizer was not given that no :func:`~fusednoise.integrations.deepspeed.bind` maps: DeepSpeed replaces
+        each group's parameters by flat partitions that cut across tensors, on which per-tensor statistics would
+        silently be per-partition ones. Checked again only when a group's parameter list is replaced. (Without
+        DeepSpeed a tensor put in a group behind the optimizer's back is stepped as one tensor, as before.)"""
+        lists = tuple(id(group["params"]) for group in self.param_groups)
+        if lists == self._known_lists or "deepspeed" not in sys.modules:
+            return
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if id(p) not in self._keys and id(p) not in self._flat_layouts:
+                    from ..integrations.deepspeed import ALTERNATIVES
+
+                    raise TypeError(
+                        f"PATSAdamax: param group {gi}, params[{i}] (shape {tuple(p.shape)}) is a tensor this "
+                        "optimizer was not given: DeepSpeed's ZeRO-1/2 (and its fp16/bf16 optimizers) replace each "
+                        "group's parameters by one flat partition that cuts across the tensors, on which PATS's "
+                        "per-tensor mean sensitivity and noise keys would be wrong. Under ZeRO-1/2 call "
+                        "fusednoise.integrations.deepspeed.bind(engine) after deepspeed.initialize "
+                        f"(FusedNoiseTrainer does); ZeRO-3 is not supported: use {ALTERNATIVES}")
+        self._known_lists = lists
 
     def _refuse_overlaps(self, new: List[torch.Tensor], where: str) -> None:
         """ValueError when two parameters (of ``new`` and the groups already added) share memory: one fused launch
@@ -546,6 +589,10 @@ class PATSAdamax(torch.optim.Optimizer):
         work = self._gather()
         if not work:
             return
+        self._check_known_params()
+        if self._flat_layouts:  # DeepSpeed steps one group at a time (a one-group list): k by position would repeat
+            work = [(group, p, grad, self._flat_layouts[id(p)].slot if id(p) in self._flat_layouts else k, device)
+                    for group, p, grad, k, device in work]
         _check_state_shapes(work, self.state, self._shapes_checked)  # before any state is created or changed
         capturable = self.defaults["capturable"]
         frozen = _capturing({device for *_, device in work})
@@ -583,6 +630,8 @@ class PATSAdamax(torch.optim.Optimizer):
                      else [0.0] * len(work))
         else:
             steps = self._step_counts(torch.device("cpu")).read(states, ks)
+        if self._flat_layouts:  # DeepSpeed ZeRO-1/2 partitions: stepped as slices of the parameters they hold
+            layouts = [self._flat_layouts.get(id(p), layout) for (_, p, _, _, _), layout in zip(work, layouts)]
         self._run(*self._jobs(work, layouts, states, steps, capturable), use_kernels)
         if not capturable:
             self._steps[torch.device("cpu")].advance(ks)
@@ -607,6 +656,9 @@ class PATSAdamax(torch.optim.Optimizer):
                 bucket.append(make((p, grad, state["exp_avg"], state["exp_inf"],
                                     state["sensitivity"] if sc.noise else None, sc, state["stream"], 0, -1, 0,
                                     step_count)))
+                continue
+            if not isinstance(layout, sharding.ShardLayout):  # a DeepSpeed flat partition
+                layout.add_jobs(bucket, shared, key, p, grad, state, sc, step_count)
                 continue
             if layout.sharded and sc.draw:
                 shared.setdefault(layout.group, []).append((key, len(bucket)))
@@ -698,7 +750,8 @@ class PATSAdamax(torch.optim.Optimizer):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for name in ("_launcher", "_state_layouts", "_shard_layouts", "_steps", "_shapes_checked"):
+        for name in ("_launcher", "_state_layouts", "_shard_layouts", "_steps", "_shapes_checked", "_keys",
+                     "_flat_layouts", "_known_lists"):
             state.pop(name, None)
         return state
 
@@ -709,6 +762,10 @@ class PATSAdamax(torch.optim.Optimizer):
         self.__dict__.setdefault("_shard_layouts", {})
         self.__dict__.setdefault("_steps", {})
         self.__dict__.setdefault("_shapes_checked", {})
+        self.__dict__.setdefault("_keys", {id(p): k for k, p in enumerate(
+            chain.from_iterable(group["params"] for group in self.param_groups))})
+        self.__dict__.setdefault("_flat_layouts", {})
+        self.__dict__.setdefault("_known_lists", ())
         for group in self.param_groups:
             group.setdefault("capturable", False)
         self.defaults.setdefault("capturable", False)
