@@ -158,12 +158,12 @@ def test_gradients_are_the_eager_formulas_gradients(backend):
         grads = []
         for fn in (fused_fn, eager_fn):
             leaves = [t.clone().requires_grad_() for t in tensors]
-            with fusednoise.backend(backend):
+            with fusednoise.backend(backend):  # the backward too: it picks its backend when it runs
                 outputs = fn(*leaves)
-            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            loss = (outputs[0] * probe_y).sum() + (outputs[1] * probe_s).sum() if len(outputs) > 1 else \
-                (outputs[0] * probe_y).sum()
-            loss.backward()
+                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                loss = (outputs[0] * probe_y).sum() + (outputs[1] * probe_s).sum() if len(outputs) > 1 else \
+                    (outputs[0] * probe_y).sum()
+                loss.backward()
             grads.append([leaf.grad for leaf in leaves])
         for fused_grad, eager_grad in zip(*grads):  # the noise is additive: its gradient is the identity
             torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-5, atol=1e-5)
