@@ -31,6 +31,7 @@ import inspect
 import weakref
 from typing import Callable, Dict, List, Optional
 
+import torch
 from torch import nn
 
 from . import ops
@@ -128,6 +129,22 @@ def why_not_fusable(layer: nn.Module, noisy: bool = False) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------- the forwards
+def _eager_needed(*tensors) -> bool:
+    """Whether a call must run the eager arithmetic: mixed dtypes (autocast's bf16 matmul outputs beside a float32
+    residual stream: torch promotes, the fused ops do not) or autocast, which runs LayerNorm in float32."""
+    first = tensors[0]
+    return (any(t.dtype != first.dtype for t in tensors[1:])
+            or torch.is_autocast_enabled(first.device.type))
+
+
+def _rms_norm(x, residual, norm):
+    """``(norm(s), s)`` with ``s = x + residual`` (``x`` when residual is None), fused when the dtypes allow."""
+    if residual is not None and _eager_needed(x, residual):
+        s = residual + x
+        return norm(s), s
+    return add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+
+
 def _pre_ln_forward(layer: nn.Module, original: Callable, source: Optional[NoiseSource]) -> Callable:
     signature = inspect.signature(original)
     parameters = list(signature.parameters.values())
@@ -140,16 +157,16 @@ def _pre_ln_forward(layer: nn.Module, original: Callable, source: Optional[Noise
         arguments = dict(bound.arguments)
         hidden_states = arguments.pop(first)
         extra = arguments.pop(var_keyword, {}) if var_keyword else {}
-        norm = layer.input_layernorm
-        normed, residual = add_rms_norm(hidden_states, None, norm.weight, norm.variance_epsilon)
+        normed, residual = _rms_norm(hidden_states, None, layer.input_layernorm)
         attention = layer.self_attn(hidden_states=normed, **arguments, **extra)[0]
-        norm = layer.post_attention_layernorm
-        normed, residual = add_rms_norm(attention, residual, norm.weight, norm.variance_epsilon)
+        normed, residual = _rms_norm(attention, residual, layer.post_attention_layernorm)
         mlp = layer.mlp(normed)
         noise = source.draw() if source is not None else None
         if noise is None:
             return residual + mlp
         sigma, distribution, seed, rounding = noise
+        if mlp.dtype != residual.dtype:
+            return ops.add_noise(residual + mlp, sigma, distribution, seed, rounding)
         return ops.add_residual_noise(residual, mlp, sigma, distribution, seed, rounding)
 
     return forward
@@ -160,6 +177,9 @@ def _post_ln_output_forward(sub: nn.Module, source: Optional[NoiseSource]) -> Ca
         hidden_states = sub.dropout(sub.dense(hidden_states))
         norm = sub.LayerNorm
         noise = source.draw() if source is not None else None
+        if _eager_needed(hidden_states, input_tensor, norm.weight):
+            out = norm(hidden_states + input_tensor)
+            return out if noise is None else ops.add_noise(out, *noise)
         if noise is None:
             return add_layer_norm(hidden_states, input_tensor, norm.weight, norm.bias, norm.eps)
         sigma, distribution, seed, rounding = noise

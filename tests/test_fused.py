@@ -201,3 +201,15 @@ def test_the_triton_kernels_inside_a_patched_model():
             with fusednoise.backend("reference"):
                 reference = run(model, name)
         assert_same_step(reference, kernel, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_autocast_and_mixed_dtypes_take_the_eager_arithmetic(name):
+    # Under autocast the matmuls return bf16 beside a float32 residual stream, and LayerNorm runs in float32:
+    # the patch must compute what the unpatched layers do there too.
+    model = build_model(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unpatched = run(model, name)
+        with fusednoise.fuse_norms(model):
+            patched = run(model, name)
+    assert_same_step(unpatched, patched, torch.float32)
