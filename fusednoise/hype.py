@@ -23,7 +23,10 @@ Usage::
         train(model)
 
 The noise is added by forward pre-hooks on the layers that :func:`fusednoise.layers.find_layers` finds (or the
-``layers=`` you choose), through :func:`fusednoise.add_noise`: one fused pass, no noise tensor.
+``layers=`` you choose), through :func:`fusednoise.add_noise`: one fused pass, no noise tensor. With
+``apply(..., fused=True)`` on LLaMA, Mistral, Qwen2, BERT, RoBERTa or ELECTRA, the layers' residual-add + norm are
+patched with the fused ops of :mod:`fusednoise.fused` and each layer's noise is added by the op that produces its
+input, at no extra pass (the same noise; the first layer of a stack keeps its hook).
 
 With ``seed=``, the noise of a layer call depends on how many noisy calls that layer has made: ``handle.state_dict()``
 holds those counters and ``handle.load_state_dict()`` restores them, so a run resumed from a checkpoint continues
