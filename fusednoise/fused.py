@@ -17,7 +17,9 @@ What each family's patch computes (the eager layer's own arithmetic, fused; ``fu
   carries the next layer's noise. Hidden dropout stays torch's (``hype.apply(disable_dropout=True)`` turns it
   off, as the paper does).
 
-A layer with no patched predecessor in its stack (the first layer) gets its noise from the usual HyPe hook.
+A noisy layer with no patched predecessor in its stack (the first layer) gets its noise in its input norm
+(pre-LN: ``add_rms_norm(x + eps)``, the hook's ``add_noise`` then the norm, in one pass) or from the usual HyPe
+hook (post-LN, whose layers begin with attention, not a norm).
 
 Differences from the hook path that a user can see: the hidden states a model returns with
 ``output_hidden_states=True`` include the noise of the layer they feed (the hook path adds it to a copy), and
@@ -137,15 +139,21 @@ def _eager_needed(*tensors) -> bool:
             or torch.is_autocast_enabled(first.device.type))
 
 
-def _rms_norm(x, residual, norm):
-    """``(norm(s), s)`` with ``s = x + residual`` (``x`` when residual is None), fused when the dtypes allow."""
+def _rms_norm(x, residual, norm, noise=None):
+    """``(norm(s), s)`` with ``s = x + residual`` (``x`` when residual is None) plus ``noise``'s draw when given
+    (``(sigma, distribution, seed, rounding)``), fused when the dtypes allow."""
     if residual is not None and _eager_needed(x, residual):
         s = residual + x
         return norm(s), s
-    return add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+    if noise is None:
+        return add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+    return add_rms_norm(x, residual, norm.weight, norm.variance_epsilon, *noise)
 
 
-def _pre_ln_forward(layer: nn.Module, original: Callable, source: Optional[NoiseSource]) -> Callable:
+def _pre_ln_forward(layer: nn.Module, original: Callable, source: Optional[NoiseSource],
+                    entry: Optional[NoiseSource] = None) -> Callable:
+    """The fused forward of a pre-LN layer. ``source``: the next layer's noise, added in the last residual add;
+    ``entry``: this layer's own input noise (a layer with no patched predecessor), added in the input norm."""
     signature = inspect.signature(original)
     parameters = list(signature.parameters.values())
     first = parameters[0].name
@@ -157,7 +165,8 @@ def _pre_ln_forward(layer: nn.Module, original: Callable, source: Optional[Noise
         arguments = dict(bound.arguments)
         hidden_states = arguments.pop(first)
         extra = arguments.pop(var_keyword, {}) if var_keyword else {}
-        normed, residual = _rms_norm(hidden_states, None, layer.input_layernorm)
+        own_noise = entry.draw() if entry is not None else None
+        normed, residual = _rms_norm(hidden_states, None, layer.input_layernorm, own_noise)
         attention = layer.self_attn(hidden_states=normed, **arguments, **extra)[0]
         normed, residual = _rms_norm(attention, residual, layer.post_attention_layernorm)
         mlp = layer.mlp(normed)
@@ -199,13 +208,14 @@ class FusedNorms:
             submodules for post-LN ones).
     """
 
-    def __init__(self, model: nn.Module, layers: List[nn.Module], sources: Dict[int, NoiseSource]):
+    def __init__(self, model: nn.Module, layers: List[nn.Module], sources: Dict[int, NoiseSource],
+                 entries: Optional[Dict[int, NoiseSource]] = None):
         self.model = model
         self.layers = layers
         self.modules: List[nn.Module] = []
         self._saved: list = []  # (module, had an instance forward, that forward)
         self._active = False
-        self._install(sources)
+        self._install(sources, entries or {})
 
     def _rebind(self, module: nn.Module, forward: Callable) -> None:
         own = module.__dict__.get("forward")
@@ -214,7 +224,7 @@ class FusedNorms:
         self.modules.append(module)
         _PATCHED[module] = self
 
-    def _install(self, sources: Dict[int, NoiseSource]) -> None:
+    def _install(self, sources: Dict[int, NoiseSource], entries: Dict[int, NoiseSource]) -> None:
         already = [type(m).__name__ for layer in self.layers for m in layer.modules() if m in _PATCHED]
         if already:
             raise ValueError(f"{already[0]} is already fused by another live patch: remove() it first")
@@ -223,7 +233,7 @@ class FusedNorms:
             for layer in self.layers:
                 source = sources.get(id(layer))
                 if family(layer) == "pre_ln":
-                    self._rebind(layer, _pre_ln_forward(layer, layer.forward, source))
+                    self._rebind(layer, _pre_ln_forward(layer, layer.forward, source, entries.get(id(layer))))
                 else:
                     self._rebind(layer.attention.output, _post_ln_output_forward(layer.attention.output, None))
                     self._rebind(layer.output, _post_ln_output_forward(layer.output, source))

@@ -26,7 +26,8 @@ The noise is added by forward pre-hooks on the layers that :func:`fusednoise.lay
 ``layers=`` you choose), through :func:`fusednoise.add_noise`: one fused pass, no noise tensor. With
 ``apply(..., fused=True)`` on LLaMA, Mistral, Qwen2, BERT, RoBERTa or ELECTRA, the layers' residual-add + norm are
 patched with the fused ops of :mod:`fusednoise.fused` and each layer's noise is added by the op that produces its
-input, at no extra pass (the same noise; the first layer of a stack keeps its hook).
+input, at no extra pass (the same noise; LLaMA-family first layers add theirs in their input norm, BERT-family
+first layers keep the hook).
 
 With ``seed=``, the noise of a layer call depends on how many noisy calls that layer has made: ``handle.state_dict()``
 holds those counters and ``handle.load_state_dict()`` restores them, so a run resumed from a checkpoint continues
@@ -285,18 +286,25 @@ class HyPeHandle:
         from . import fused
 
         # Fused: a noisy layer whose predecessor in its stack is patched gets its noise from that predecessor's
-        # last fused op (the op that produces its input); the first layer of a stack keeps the hook.
+        # last fused op (the op that produces its input); a first layer adds it in its input norm (pre-LN) or
+        # keeps the hook (post-LN).
         producer_of = {}
         for stack in self._fused_stacks or ():
             for before, layer in zip(stack, stack[1:]):
                 producer_of[id(layer)] = before
+        in_fused = {id(layer) for stack in self._fused_stacks or () for layer in stack}
         try:
-            sources = {}
+            sources, entries = {}, {}
             for position, layer in enumerate(self.layers):
                 producer = producer_of.get(id(layer))
                 if producer is not None:
                     source = fused.NoiseSource(self, position, layer, producer)
                     sources[id(producer)] = source
+                    self._hooks.append(source)
+                elif id(layer) in in_fused and fused.family(layer) == "pre_ln":
+                    # No producer, but a pre-LN layer's input norm can add the noise to its own input.
+                    source = fused.NoiseSource(self, position, layer, layer)
+                    entries[id(layer)] = source
                     self._hooks.append(source)
                 else:
                     hook = _NoiseHook(self, position, layer)
@@ -305,7 +313,8 @@ class HyPeHandle:
                     self.hooked_layers.append(layer)
                 _HOOKED_LAYERS.add(layer)
             if self._fused_stacks is not None:
-                self._fused_patch = fused.FusedNorms(self.model, [l for s in self._fused_stacks for l in s], sources)
+                self._fused_patch = fused.FusedNorms(self.model, [l for s in self._fused_stacks for l in s], sources,
+                                                     entries)
                 self.fused_layers = list(self._fused_patch.layers)
             for module, name in self._switches():
                 entry = _DISABLED_DROPOUT.setdefault(module, {}).get(name)
@@ -417,7 +426,8 @@ def apply(model: nn.Module, sigma: float = DEFAULT_SIGMA, distribution: str = "n
             hooks outside the checkpoint, so ``seed=`` works with its activation checkpointing.
         fused: ``False`` (default): the noise is added by hooks, one extra pass per layer. ``True``: patch the
             layers' residual-add + norm with the fused ops of :mod:`fusednoise.fused` and add each layer's noise
-            in the op that produces its input (no extra pass; the first layer of a stack keeps a hook); raises
+            in the op that produces its input (no extra pass; a pre-LN stack's first layer adds its own in its input
+            norm, a post-LN stack's first layer keeps a hook); raises
             ValueError naming the layer class when the architecture is not one the patches know (LLaMA, Mistral,
             Qwen2, BERT, RoBERTa, ELECTRA). ``"auto"``: fuse when possible, else warn and use hooks. The same
             noise as the hook path (same seeds, same philox words per element), so with ``seed=`` the fused and
