@@ -23,7 +23,11 @@ Usage::
         train(model)
 
 The noise is added by forward pre-hooks on the layers that :func:`fusednoise.layers.find_layers` finds (or the
-``layers=`` you choose), through :func:`fusednoise.add_noise`: one fused pass, no noise tensor.
+``layers=`` you choose), through :func:`fusednoise.add_noise`: one fused pass, no noise tensor. With
+``apply(..., fused=True)`` on LLaMA, Mistral, Qwen2, BERT, RoBERTa or ELECTRA, the layers' residual-add + norm are
+patched with the fused ops of :mod:`fusednoise.fused` and each layer's noise is added by the op that produces its
+input, at no extra pass (the same noise; LLaMA-family first layers add theirs in their input norm, BERT-family
+first layers keep the hook).
 
 With ``seed=``, the noise of a layer call depends on how many noisy calls that layer has made: ``handle.state_dict()``
 holds those counters and ``handle.load_state_dict()`` restores them, so a run resumed from a checkpoint continues
@@ -232,7 +236,8 @@ class HyPeHandle:
 
     def __init__(self, model: nn.Module, layers: List[nn.Module], sigma: float, distribution: str,
                  rounding: str, seed: Optional[int], dropout_modules: List[nn.Module],
-                 dropout_attributes: Sequence[Tuple[nn.Module, str]] = ()):
+                 dropout_attributes: Sequence[Tuple[nn.Module, str]] = (),
+                 fused_stacks: Optional[List[List[nn.Module]]] = None):
         self.model = model
         self.layers = layers
         self.sigma = sigma
@@ -241,9 +246,13 @@ class HyPeHandle:
         self.seed = seed
         self.dropout_modules = dropout_modules
         self.dropout_attributes = list(dropout_attributes)
-        self._hooks: List[_NoiseHook] = []
+        self._hooks: list = []  # per position: a _NoiseHook, or the fused op's NoiseSource (both count calls)
         self._hook_handles: list = []
         self._active = False
+        self._fused_stacks = fused_stacks
+        self._fused_patch = None
+        self.fused_layers: List[nn.Module] = []  # the layers whose norms are fused (empty: hooks only)
+        self.hooked_layers: List[nn.Module] = []  # the noisy layers that get their noise from a hook
 
     def _switches(self) -> List[Tuple[nn.Module, str]]:
         return [(module, "p") for module in self.dropout_modules] + self.dropout_attributes
@@ -274,12 +283,39 @@ class HyPeHandle:
         return self._active
 
     def _install(self) -> None:
+        from . import fused
+
+        # Fused: a noisy layer whose predecessor in its stack is patched gets its noise from that predecessor's
+        # last fused op (the op that produces its input); a first layer adds it in its input norm (pre-LN) or
+        # keeps the hook (post-LN).
+        producer_of = {}
+        for stack in self._fused_stacks or ():
+            for before, layer in zip(stack, stack[1:]):
+                producer_of[id(layer)] = before
+        in_fused = {id(layer) for stack in self._fused_stacks or () for layer in stack}
         try:
+            sources, entries = {}, {}
             for position, layer in enumerate(self.layers):
-                hook = _NoiseHook(self, position, layer)
-                self._hooks.append(hook)
-                self._hook_handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+                producer = producer_of.get(id(layer))
+                if producer is not None:
+                    source = fused.NoiseSource(self, position, layer, producer)
+                    sources[id(producer)] = source
+                    self._hooks.append(source)
+                elif id(layer) in in_fused and fused.family(layer) == "pre_ln":
+                    # No producer, but a pre-LN layer's input norm can add the noise to its own input.
+                    source = fused.NoiseSource(self, position, layer, layer)
+                    entries[id(layer)] = source
+                    self._hooks.append(source)
+                else:
+                    hook = _NoiseHook(self, position, layer)
+                    self._hooks.append(hook)
+                    self._hook_handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+                    self.hooked_layers.append(layer)
                 _HOOKED_LAYERS.add(layer)
+            if self._fused_stacks is not None:
+                self._fused_patch = fused.FusedNorms(self.model, [l for s in self._fused_stacks for l in s], sources,
+                                                     entries)
+                self.fused_layers = list(self._fused_patch.layers)
             for module, name in self._switches():
                 entry = _DISABLED_DROPOUT.setdefault(module, {}).get(name)
                 if entry is None:
@@ -293,6 +329,11 @@ class HyPeHandle:
             raise
         self._active = True
 
+    def layer_seed(self, position: int, call: int) -> int:
+        """:func:`derive_seed` of this handle's ``seed`` for layer ``position``'s ``call``-th noisy forward (the
+        fused ops' noise sources ask the handle, so :mod:`fusednoise.fused` need not import this module)."""
+        return derive_seed(self.seed, position, call)
+
     def remove(self) -> None:
         """Remove the hooks and restore the dropout probabilities. Calling it again does nothing."""
         if not self._active:
@@ -301,6 +342,8 @@ class HyPeHandle:
         for hook_handle in self._hook_handles:
             hook_handle.remove()
         self._hook_handles.clear()
+        if self._fused_patch is not None:
+            self._fused_patch.remove()
         for layer in self.layers:
             _HOOKED_LAYERS.discard(layer)
         for module, name in self._switches():
@@ -322,12 +365,37 @@ class HyPeHandle:
 
     def __repr__(self) -> str:
         state = "active" if self._active else "removed"
-        return (f"HyPeHandle({type(self.model).__name__}, {len(self.layers)} layers, sigma={self.sigma:g}, "
+        fused = f", {len(self.fused_layers)} fused" if self.fused_layers else ""
+        return (f"HyPeHandle({type(self.model).__name__}, {len(self.layers)} layers{fused}, sigma={self.sigma:g}, "
                 f"distribution={self.distribution!r}, rounding={self.rounding!r}, seed={self.seed}, {state})")
 
 
+def _fused_stacks(model: nn.Module, selected: List[nn.Module], fused) -> Optional[List[List[nn.Module]]]:
+    """The stacks to patch for ``fused`` (None: hooks only); raises for ``fused=True`` on what cannot be fused."""
+    from . import fused as fused_module
+
+    if fused is False:
+        return None
+    if fused is not True and fused != "auto":
+        raise ValueError(f"fused must be one of {fused_module.FUSED_CHOICES}, got {fused!r}")
+    stacks, reason = fused_module.fusable_stacks(model, noisy=True)
+    if stacks is not None:
+        in_stacks = {id(layer) for stack in stacks for layer in stack}
+        outside = [layer for layer in selected if id(layer) not in in_stacks]
+        if outside:
+            stacks, reason = None, f"{type(outside[0]).__name__} is not in one of the model's layer stacks"
+    if stacks is None:
+        if fused is True:
+            raise ValueError(f"hype.apply(fused=True) cannot fuse {type(model).__name__}: {reason}; "
+                             "use fused='auto' to fall back to hooks, or fused=False")
+        warnings.warn(f"hype.apply(fused='auto'): {type(model).__name__} cannot be fused ({reason}); "
+                      "falling back to HyPe's hooks", UserWarning, stacklevel=3)
+    return stacks
+
+
 def apply(model: nn.Module, sigma: float = DEFAULT_SIGMA, distribution: str = "normal", layers: LayersSpec = None,
-          disable_dropout: bool = False, rounding: str = "nearest", seed: Optional[int] = None) -> HyPeHandle:
+          disable_dropout: bool = False, rounding: str = "nearest", seed: Optional[int] = None,
+          fused: Union[bool, str] = False) -> HyPeHandle:
     """Add HyPe noise to the input hidden states of the model's layers while ``model.training``.
 
     Args:
@@ -361,6 +429,17 @@ def apply(model: nn.Module, sigma: float = DEFAULT_SIGMA, distribution: str = "n
             you wrap in ``torch.utils.checkpoint`` yourself) the recompute is one more call: use ``seed=None``
             there (the first case raises an error rather than give wrong gradients). transformers 5.24 keeps
             hooks outside the checkpoint, so ``seed=`` works with its activation checkpointing.
+        fused: ``False`` (default): the noise is added by hooks, one extra pass per layer. ``True``: patch the
+            layers' residual-add + norm with the fused ops of :mod:`fusednoise.fused` and add each layer's noise
+            in the op that produces its input (no extra pass; a pre-LN stack's first layer adds its own in its input
+            norm, a post-LN stack's first layer keeps a hook); raises
+            ValueError naming the layer class when the architecture is not one the patches know (LLaMA, Mistral,
+            Qwen2, BERT, RoBERTa, ELECTRA). ``"auto"``: fuse when possible, else warn and use hooks. The same
+            noise as the hook path (same seeds, same philox words per element), so with ``seed=`` the fused and
+            hook runs match up to the rounding of ``(a + b) + eps`` in half precision. Every layer of a fused
+            stack is patched (only the chosen ones get noise); ``handle.fused_layers`` lists them. With fusing,
+            hidden states returned by ``output_hidden_states=True`` carry the noise of the layer they feed.
+            ``seed=`` with gradient checkpointing is refused at the first call (the recompute would redraw).
 
     Noise is added only while a hooked layer is in training mode (its ``training`` flag, which ``model.train()``
     and ``model.eval()`` set). Eval mode is bitwise the model without HyPe: the hooks return at once and draw
@@ -395,7 +474,8 @@ def apply(model: nn.Module, sigma: float = DEFAULT_SIGMA, distribution: str = "n
                       f"{configured:g}, but no dropout module or float dropout attribute was found to turn off: "
                       "hidden dropout stays on (set it to 0 in the model's config before building the model)",
                       UserWarning, stacklevel=2)
-    handle = HyPeHandle(model, selected, sigma, distribution, rounding, seed, dropouts, attributes)
+    fused_stacks = _fused_stacks(model, selected, fused)
+    handle = HyPeHandle(model, selected, sigma, distribution, rounding, seed, dropouts, attributes, fused_stacks)
     handle._install()
     return handle
 

@@ -280,7 +280,46 @@ def _rng() -> Iterator[Case]:
     yield Case("rng.take_offset", offsets.take_offset_launch(ticket, ticket), 16, 1, 8, modelled=False)
 
 
+def _fused_norms() -> Iterator[Case]:
+    """The fused residual-add + norm kernels (issue 20): RMSNorm at LLaMA-7B width, (8 x 2048, 4096), LayerNorm at
+    BERT-base width, (32 x 128, 768); forward with the noise (every distribution and rounding) and without,
+    backward. Compiled; not yet modelled (their row tiles and the backward's row loop are not the per-element
+    model's shape) and held to no target here (the roofline targets live with ``benchmarks/sass_roofline.py``)."""
+    from . import norms
+
+    for family, width, rows in (("add_rms_norm", 4096, 8 * 2048), ("add_layer_norm", 768, 32 * 128)):
+        for dname, dtype in DTYPES.items():
+            item = dtype.itemsize
+            x, res, out = _meta((rows, width), dtype), _meta((rows, width), dtype), _meta((rows, width), dtype)
+            w, stats = _meta(width, dtype), _meta(rows, torch.float32)
+
+            def forward(sigma, distribution, stochastic, seed=DRAWN_SEED):
+                if family == "add_rms_norm":
+                    return norms.rms_forward_launch(x, res, w, out, _meta((rows, width), dtype), stats, 1e-6, sigma,
+                                                    distribution, seed, stochastic)
+                return norms.layer_norm_forward_launch(x, res, w, w, out, stats, stats, 1e-12, sigma, distribution,
+                                                       seed, stochastic)
+
+            moved = (4 if family == "add_rms_norm" else 3) * item  # RMSNorm also writes the residual stream
+            for distribution in ("normal", "uniform"):
+                for stochastic in ((False,) if dtype == torch.float32 else (False, True)):
+                    label = f"{dname},{distribution},{'stochastic' if stochastic else 'nearest'}"
+                    yield Case(f"{family}.forward[{label}]", forward(0.01, distribution, stochastic), moved,
+                               rows * width, item, modelled=False)
+            yield Case(f"{family}.forward[{dname},no noise]", forward(0.0, "normal", False, SMALL_SEED), moved,
+                       rows * width, item, modelled=False)
+            plan = norms.backward_plan(rows, width)
+            partial = _meta((plan[2], width), torch.float32)
+            if family == "add_rms_norm":
+                launch = norms.rms_backward_launch(out, out, x, stats, w, res, partial)
+            else:
+                launch = norms.layer_norm_backward_launch(out, x, res, w, stats, stats, out, partial, partial)
+            yield Case(f"{family}.backward[{dname}]", launch, 4 * item, rows * width, item,
+                       iterations=plan[3] // plan[1], modelled=False)
+
+
 def cases() -> List[Case]:
     """Every case, in table order. Building them imports triton but compiles nothing."""
     return [_with_pending(case) for case in
-            (*_hype(), *_noisytune(), *_pats(), *_lnsr_noise(), *_diff_norm(), *_neftune(), *_rng())]
+            (*_hype(), *_noisytune(), *_pats(), *_lnsr_noise(), *_diff_norm(), *_neftune(), *_rng(),
+             *_fused_norms())]

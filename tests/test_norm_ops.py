@@ -1,0 +1,217 @@
+"""Fused residual-add + norm ops (``add_rms_norm``, ``add_layer_norm``): kernel against reference, both against
+the formulas written here (the eager layers' rounding, the noise of the HyPe ops), gradients, the offset path."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusednoise
+from devices import KERNEL_DEVICE
+from fusednoise import ops_norms, rng
+from fusednoise.kernels import norms as norm_kernels
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOLERANCE = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float16: dict(rtol=2e-3, atol=2e-3),
+             torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def fresh(shape, dtype, scale=1.0):
+    return (torch.randn(shape, device=KERNEL_DEVICE) * scale).to(dtype)
+
+
+def rms_both(x, residual, weight, **kwargs):
+    """Forward outputs and the gradients of a fixed random projection, on both backends."""
+    probe = torch.randn(x.shape, device=x.device)
+    results = {}
+    for backend in ("triton", "reference"):
+        with fusednoise.backend(backend):
+            leaves = [t.clone().requires_grad_() if t is not None else None for t in (x, residual, weight)]
+            y, s = ops_norms.add_rms_norm(*leaves, **kwargs)
+            ((y.float() * probe).sum() + (s.float() * probe.flip(-1)).sum()).backward()
+            results[backend] = [y, s] + [t.grad for t in leaves if t is not None]
+    return results["triton"], results["reference"]
+
+
+def ln_both(x, residual, weight, bias, **kwargs):
+    probe = torch.randn(x.shape, device=x.device)
+    results = {}
+    for backend in ("triton", "reference"):
+        with fusednoise.backend(backend):
+            leaves = [t.clone().requires_grad_() for t in (x, residual, weight, bias)]
+            y = ops_norms.add_layer_norm(*leaves, **kwargs)
+            (y.float() * probe).sum().backward()
+            results[backend] = [y] + [t.grad for t in leaves]
+    return results["triton"], results["reference"]
+
+
+def assert_all_close(fused, eager, dtype):
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a.float().cpu(), b.float().cpu(), **TOLERANCE[dtype])
+
+
+# ---------------------------------------------------------------------------------- kernel vs reference
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distribution", ["normal", "uniform"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_add_rms_norm_kernel_matches_reference(dtype, distribution, rounding):
+    x, residual, weight = fresh((3, 5, 64), dtype), fresh((3, 5, 64), dtype), fresh(64, dtype)
+    fused, eager = rms_both(x, residual, weight, eps=1e-6, sigma=0.05, distribution=distribution,
+                            seed=rng.draw_seed(), rounding=rounding)
+    # The residual stream carries the noise: equal bit for bit (float32: up to the Box-Muller's ulps).
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused[1], eager[1], rtol=0, atol=1e-6)
+    else:
+        assert torch.equal(fused[1], eager[1])
+    assert_all_close(fused, eager, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distribution", ["normal", "uniform"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_add_layer_norm_kernel_matches_reference(dtype, distribution, rounding):
+    x, residual = fresh((3, 5, 64), dtype), fresh((3, 5, 64), dtype)
+    weight, bias = fresh(64, dtype), fresh(64, dtype)
+    fused, eager = ln_both(x, residual, weight, bias, eps=1e-12, sigma=0.05, distribution=distribution,
+                           seed=rng.draw_seed(), rounding=rounding)
+    assert_all_close(fused, eager, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_noise_or_residual(dtype):
+    # s is x itself (no copy) and y the plain RMSNorm; the LayerNorm without bias.
+    x, weight = fresh((7, 48), dtype), fresh(48, dtype)
+    fused, eager = rms_both(x, None, weight, eps=1e-5)
+    assert_all_close(fused, eager, dtype)
+    y, s = ops_norms.add_rms_norm(x, None, weight)
+    assert s is x
+    fused, eager = ln_both(x, fresh((7, 48), dtype), weight, fresh(48, dtype), eps=1e-5)
+    assert_all_close(fused, eager, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_not_a_multiple_of_the_noise_group_take_the_two_pass_path(dtype):
+    # 44 features: not a multiple of 8 (bf16's group); float32's group of 4 divides it.
+    x, residual, weight = fresh((6, 44), dtype), fresh((6, 44), dtype), fresh(44, dtype)
+    seed = rng.draw_seed()
+    fused, eager = rms_both(x, residual, weight, sigma=0.1, seed=seed, rounding="stochastic")
+    assert_all_close(fused, eager, dtype)
+    fused, eager = ln_both(x, residual, weight, fresh(44, dtype), sigma=0.1, seed=seed, rounding="stochastic")
+    assert_all_close(fused, eager, dtype)
+
+
+def test_backward_loops_over_several_row_tiles_per_program(monkeypatch):
+    # Few programs: each walks several tiles of rows, the path large inputs take on a GPU.
+    monkeypatch.setattr(norm_kernels, "MAX_BACKWARD_PROGRAMS", 2)
+    x, residual, weight, bias = fresh((70, 128), torch.float32), fresh((70, 128), torch.float32), \
+        fresh(128, torch.float32), fresh(128, torch.float32)
+    assert norm_kernels.backward_plan(70, 128)[3] > norm_kernels.backward_plan(70, 128)[1]
+    assert_all_close(*rms_both(x, residual, weight, sigma=0.0), torch.float32)
+    assert_all_close(*ln_both(x, residual, weight, bias), torch.float32)
+
+
+# ---------------------------------------------------------------------------------- against the formulas
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_is_llama_rms_norm_of_the_noisy_residual_stream(backend, dtype):
+    x, residual, weight = fresh((4, 64), dtype), fresh((4, 64), dtype), fresh(64, dtype)
+    with fusednoise.backend(backend):
+        y, s = ops_norms.add_rms_norm(x, residual, weight, eps=1e-6, sigma=0.1, distribution="uniform", seed=11,
+                                      rounding="stochastic")
+        expected_s = fusednoise.add_residual_noise(x, residual, 0.1, "uniform", seed=11, rounding="stochastic")
+    assert torch.equal(s, expected_s)  # the same philox words per element as the HyPe op
+    hidden = s.float()
+    normed = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(y, weight * normed.to(dtype), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_norm_is_add_noise_of_the_eager_layer_norm(backend, dtype):
+    x, residual = fresh((4, 64), dtype), fresh((4, 64), dtype)
+    weight, bias = fresh(64, dtype), fresh(64, dtype)
+    with fusednoise.backend(backend):
+        y = ops_norms.add_layer_norm(x, residual, weight, bias, eps=1e-12, sigma=0.1, seed=12)
+        clean = F.layer_norm(x + residual, (64,), weight, bias, 1e-12)
+        expected = fusednoise.add_noise(clean, 0.1, seed=12)
+    torch.testing.assert_close(y, expected, **TOLERANCE[dtype])
+    assert not torch.equal(y, clean)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_gradients_are_the_eager_formulas_gradients(backend):
+    x, residual, weight, bias = (fresh((6, 32), torch.float32) for _ in range(2)), None, None, None
+    x, residual = list(x)
+    weight, bias = fresh(32, torch.float32), fresh(32, torch.float32)
+    probe_y, probe_s = torch.randn(6, 32), torch.randn(6, 32)
+
+    def rms_eager(a, r, w):
+        s = fusednoise.add_residual_noise(a, r, 0.3, seed=1)  # the norm sees the noisy stream
+        return w * (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6)), s
+
+    def ln_eager(a, r, w, b):
+        return F.layer_norm(a + r, (32,), w, b, 1e-12)
+
+    for fused_fn, eager_fn, tensors in (
+            (lambda a, r, w: ops_norms.add_rms_norm(a, r, w, 1e-6, sigma=0.3, seed=1), rms_eager,
+             (x, residual, weight)),
+            (lambda a, r, w, b: (ops_norms.add_layer_norm(a, r, w, b, 1e-12, sigma=0.3, seed=1),), ln_eager,
+             (x, residual, weight, bias))):
+        grads = []
+        for fn in (fused_fn, eager_fn):
+            leaves = [t.clone().requires_grad_() for t in tensors]
+            with fusednoise.backend(backend):  # the backward too: it picks its backend when it runs
+                outputs = fn(*leaves)
+                outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+                loss = (outputs[0] * probe_y).sum() + (outputs[1] * probe_s).sum() if len(outputs) > 1 else \
+                    (outputs[0] * probe_y).sum()
+                loss.backward()
+            grads.append([leaf.grad for leaf in leaves])
+        for fused_grad, eager_grad in zip(*grads):  # the noise is additive: its gradient is the identity
+            torch.testing.assert_close(fused_grad, eager_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_offset_path_draws_the_hype_ops_noise_at_the_same_offset():
+    x, residual, weight = fresh((4, 64), torch.bfloat16), fresh((4, 64), torch.bfloat16), fresh(64, torch.bfloat16)
+    results = {}
+    for backend in ("triton", "reference"):
+        with fusednoise.backend(backend), rng.graph_safe():
+            rng.set_offset(7, KERNEL_DEVICE)
+            _, s = ops_norms.add_rms_norm(x, residual, weight, sigma=0.1, seed=3)
+            rng.set_offset(7, KERNEL_DEVICE)
+            expected = fusednoise.add_residual_noise(x, residual, 0.1, seed=3)
+            rng.set_offset(0, KERNEL_DEVICE)
+            host = fusednoise.add_residual_noise(x, residual, 0.1, seed=3)
+        assert torch.equal(s, expected)
+        assert not torch.equal(s, host)
+        results[backend] = s
+    assert torch.equal(results["triton"], results["reference"])
+
+
+def test_torch_compile_fullgraph_equals_eager():
+    def step(x, residual, weight, bias):
+        y, s = ops_norms.add_rms_norm(x, residual, weight, sigma=0.1, seed=4)
+        z = ops_norms.add_layer_norm(y, s, weight, bias, sigma=0.1, seed=5)
+        return z.square().sum()
+
+    tensors = [torch.randn(4, 16, requires_grad=True) for _ in range(2)] + \
+        [torch.randn(16, requires_grad=True) for _ in range(2)]
+    eager = step(*tensors)
+    eager_grads = torch.autograd.grad(eager, tensors)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(*tensors)
+    compiled_grads = torch.autograd.grad(compiled, tensors)
+    assert torch.equal(compiled, eager)
+    for a, b in zip(compiled_grads, eager_grads):
+        assert torch.equal(a, b)
+
+
+def test_bad_arguments_are_named():
+    x, weight = torch.randn(2, 8), torch.randn(8)
+    with pytest.raises(ValueError, match="residual"):
+        ops_norms.add_rms_norm(x, torch.randn(2, 4), weight)
+    with pytest.raises(ValueError, match="weight"):
+        ops_norms.add_rms_norm(x, None, torch.randn(4))
+    with pytest.raises(ValueError, match="distribution"):
+        ops_norms.add_layer_norm(x, x, weight, None, distribution="laplace", sigma=0.1)
+    with pytest.raises(ValueError, match="sigma"):
+        ops_norms.add_layer_norm(x, x, weight, None, sigma=-1.0)
+    with pytest.raises(TypeError, match="bias"):
+        ops_norms.add_layer_norm(x, x, weight, torch.randn(8, dtype=torch.float64))
