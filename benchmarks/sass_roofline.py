@@ -342,6 +342,9 @@ def failures(case, record: dict) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------------ compiling
+FP32_FMA = re.compile(r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.f32\b")
+
+
 def _tool(name: str) -> str:
     import triton
 
@@ -370,6 +373,9 @@ def _compile_one(index: int) -> dict:
     registers, stack, _, local = (int(x) for x in resources.groups())
     spill_ops = len(re.findall(r"\b(STL|LDL)\b", sass))
     return dict(error="", sass=sass, registers=registers, local_bytes=local + stack,
+                # float32 multiply-adds contracted into one rounding (none where a launch disables fp fusion
+                # because its result is claimed bitwise equal to the reference's: tests/test_kernels_compile.py)
+                fp32_fma=len(FP32_FMA.findall(compiled.asm["ptx"])), options=case.launch.compile_options(),
                 # local memory used by spill code (no kernel here keeps an array in local memory on purpose)
                 spill_bytes=(local + stack) if spill_ops else 0,
                 shared=compiled.metadata.shared, seconds=time.perf_counter() - started)
@@ -444,14 +450,16 @@ def run(only: str = "", jobs: int = 1, show_path: bool = False) -> List[dict]:
         if result["error"] or not case.modelled:
             records.append(dict(name=case.name, kernel=case.kernel_name, target=target, error=result["error"],
                                 failures=[f"compile error: {result['error']}"] if result["error"] else [],
-                                registers=result.get("registers"), spill_bytes=result.get("spill_bytes")))
+                                registers=result.get("registers"), spill_bytes=result.get("spill_bytes"),
+                                fp32_fma=result.get("fp32_fma"), options=result.get("options")))
             continue
         try:
             record = model(case, result, show_path)
         except Exception as error:  # noqa: BLE001 - a case the model cannot read is reported, not skipped
             record = dict(name=case.name, kernel=case.kernel_name, error=f"model: {type(error).__name__}: {error}",
                           failures=[f"model error: {error}"])
-        record.update(target=target, compile_seconds=result["seconds"])
+        record.update(target=target, compile_seconds=result["seconds"], fp32_fma=result["fp32_fma"],
+                      options=result["options"])
         record.setdefault("error", "")
         records.append(record)
     return records
