@@ -17,3 +17,37 @@ if not HAS_CUDA:
 @pytest.fixture
 def kernel_device():
     return KERNEL_DEVICE
+
+
+# ------------------------------------------------------------------------------------------------ compile layer
+# Without a GPU, every launch the session makes is recorded and compiled for sm_90 and sm_80 by a worker process
+# (tests/compile_layer.py); the test that checks the result runs last. Only when that test is collected.
+COMPILE_LAYER_TEST = "test_compile_layer.py::test_every_launch_of_the_session_compiles_for_sm90_and_sm80"
+
+
+def pytest_collection_modifyitems(config, items):
+    last = [item for item in items if item.nodeid.endswith(COMPILE_LAYER_TEST)]
+    if not last:
+        return
+    for item in last:
+        items.remove(item)
+        items.append(item)
+    if not HAS_CUDA:
+        import compile_layer
+
+        compile_layer.start(config)
+
+
+def pytest_runtest_setup(item):
+    layer = getattr(item.config, "fusednoise_compile_layer", None)
+    if layer is not None:
+        layer.current_test = item.nodeid
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    layer = getattr(config, "fusednoise_compile_layer", None)
+    if layer is not None and layer.records:
+        terminalreporter.write_line(
+            f"compile layer: {layer.launches} launches, {len(layer.records)} distinct specialisations compiled for "
+            f"sm_90 and sm_80 in {getattr(layer, 'compile_seconds', float('nan')):.0f} s of worker time; the last "
+            f"test waited {getattr(layer, 'waited', float('nan')):.0f} s for it")

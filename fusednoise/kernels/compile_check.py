@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .specialisations import DRAWN_SEED
 
@@ -161,21 +161,24 @@ def specialisation_key(launch, arch: int = 90) -> Tuple:
             tuple(sorted((k, repr(v)) for k, v in attrs.items())), tuple(sorted(launch.compile_options().items())))
 
 
+def _with_value(launch, name: str, value):
+    jit = jit_function(launch.kernel)
+    runtime = [p.name for p in jit.params if not p.is_constexpr]
+    args = list(launch.args)
+    args[runtime.index(name)] = value
+    return dataclasses.replace(launch, args=tuple(args))
+
+
 def per_call_specialisations(launch, values=PER_CALL_VALUES) -> Dict[str, List[Tuple]]:
     """For each per-call argument of the launch's kernel (:data:`PER_CALL_ARGUMENTS`), the distinct
     specialisation keys the launch gets as that argument takes each of ``values``: one key each, or a capture
     can need a kernel its warm-up did not compile."""
     jit = jit_function(launch.kernel)
-    runtime = [p.name for p in jit.params if not p.is_constexpr]
     out = {}
-    for position, name in enumerate(runtime):
-        if name not in PER_CALL_ARGUMENTS:
-            continue
+    for name in (p.name for p in jit.params if not p.is_constexpr and p.name in PER_CALL_ARGUMENTS):
         keys = []
         for value in values:
-            args = list(launch.args)
-            args[position] = value
-            key = specialisation_key(dataclasses.replace(launch, args=tuple(args)))
+            key = specialisation_key(_with_value(launch, name, value))
             if key not in keys:
                 keys.append(key)
         out[name] = keys
@@ -192,6 +195,93 @@ def compile_launch(launch, arch: int = 90, warp_size: int = 32):
     signature, constexprs, attrs = specialise(launch, arch)
     return triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
                           target=GPUTarget("cuda", arch, warp_size), options=launch.compile_options())
+
+
+# ------------------------------------------------------------------------------------------------ recorded launches
+# The CPU suite records the specialisation of every launch it makes (tests/conftest.py) and a process without
+# TRITON_INTERPRET compiles each distinct one for real (``--worker``): what the interpreter hides (an argument
+# equal to 1, a multiple of 16, an unaligned pointer, an int64 size) then fails on a CPU.
+RECORD_ARCHS = (90, 80)
+
+
+def _encode(value):
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if type(value).__name__ == "dtype" and hasattr(value, "name"):  # a tl.dtype constexpr (DTYPE=tl.bfloat16)
+        return {"tl.dtype": value.name}
+    raise TypeError(f"cannot record a constexpr of type {type(value).__name__}")
+
+
+def _decode(value):
+    if isinstance(value, dict):
+        import triton.language as tl
+
+        return tl.dtype(value["tl.dtype"])
+    return value
+
+
+def launch_record(launch, arch: int = 90) -> Dict[str, Any]:
+    """The JSON-able specialisation of a launch: the kernel's module and name, the JIT's signature, constexprs and
+    attributes for its argument values, and its compile options. Equal records compile to the same kernel."""
+    signature, constexprs, attrs = specialise(launch, arch)
+    fn = jit_function(launch.kernel).fn
+    return {"kernel": f"{fn.__module__}:{fn.__qualname__}", "signature": signature,
+            "constexprs": [[list(path), _encode(v)] for path, v in sorted(constexprs.items())],
+            "attrs": [[list(path), v] for path, v in sorted(attrs.items())],
+            "options": dict(sorted(launch.compile_options().items()))}
+
+
+def compile_record(record: Dict[str, Any], arch: int, cache_dir: Optional[str] = None) -> str:
+    """Compile a recorded launch for ``cuda:sm_<arch>``: "" when it compiled, else the compiler's error. With
+    ``cache_dir``, a launch already compiled with this Triton and this kernel source is not compiled again."""
+    import hashlib
+    import importlib
+    import json
+    import os
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name = record["kernel"].split(":")
+    kernel = getattr(importlib.import_module(module), name)
+    marker = None
+    if cache_dir:
+        digest = hashlib.sha256(json.dumps([triton.__version__, arch, kernel.cache_key, record],
+                                           sort_keys=True).encode()).hexdigest()
+        marker = os.path.join(cache_dir, digest)
+        if os.path.exists(marker):
+            return ""
+    constexprs = {tuple(path): _decode(v) for path, v in record["constexprs"]}
+    attrs = {tuple(path): v for path, v in record["attrs"]}
+    try:
+        compiled = triton.compile(ASTSource(kernel, record["signature"], constexprs, attrs),
+                                  target=GPUTarget("cuda", arch, 32), options=dict(record["options"]))
+        error = "" if compiled.asm.get("cubin") else "no cubin produced"
+    except Exception as exc:  # noqa: BLE001 - every compiler failure is a finding to report
+        error = compile_error(exc)
+    if marker and not error:
+        os.makedirs(cache_dir, exist_ok=True)
+        open(marker, "w").close()
+    return error
+
+
+def worker(cache_dir: Optional[str], archs=RECORD_ARCHS) -> int:
+    """Compile the launch records arriving on stdin (one JSON object a line) for each of ``archs``; one JSON
+    line a record on stdout: the record's ``id``, and the error per arch ("" when it compiled)."""
+    import json
+    import time
+
+    refuse_under_interpreter()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        started = time.perf_counter()
+        errors = {str(arch): compile_record(item["record"], arch, cache_dir) for arch in archs}
+        print(json.dumps({"id": item["id"], "errors": errors, "seconds": time.perf_counter() - started}),
+              flush=True)
+    return 0
 
 
 def refuse_under_interpreter() -> None:
@@ -225,20 +315,31 @@ def compile_all(arch: int = 90) -> List[Tuple[str, str]]:
     return results
 
 
-def per_call_findings(cases=None) -> List[Tuple[str, str]]:
+def per_call_findings(cases=None, compile_arch: Optional[int] = None) -> List[Tuple[str, str]]:
     """For every case whose kernel takes a per-call argument (a seed, ...): ``(case, finding)`` pairs, finding
     "" when the values of :data:`PER_CALL_VALUES` all give the launch one specialisation, else which argument
-    gives how many. Needs no compiler, so it also runs under the interpreter."""
+    gives how many. Needs no compiler, so it also runs under the interpreter. With ``compile_arch``, each
+    per-call argument set to 1 and to 16 must also compile to the very kernel (the same hash) the case compiles
+    to."""
     if cases is None:
         from .specialisations import cases as all_cases
         cases = all_cases()
     findings = []
     for case in cases:
-        counts = {name: len(keys) for name, keys in per_call_specialisations(case.launch).items()}
-        if counts:
-            split = {name: n for name, n in counts.items() if n != 1}
-            findings.append((case.name, "" if not split else ", ".join(
-                f"{name} takes {n} specialisations" for name, n in split.items())))
+        per_call = per_call_specialisations(case.launch)
+        if not per_call:
+            continue
+        problems = [f"{name} takes {len(keys)} specialisations" for name, keys in per_call.items() if len(keys) != 1]
+        if not problems and compile_arch is not None:
+            base = compile_launch(case.launch, compile_arch).hash
+            for name in per_call:
+                for value in (1, 16):
+                    try:
+                        if compile_launch(_with_value(case.launch, name, value), compile_arch).hash != base:
+                            problems.append(f"{name}={value} compiles to another kernel")
+                    except Exception as error:  # noqa: BLE001 - a compiler failure is the finding
+                        problems.append(f"{name}={value}: {compile_error(error)}")
+        findings.append((case.name, "; ".join(problems)))
     return findings
 
 
@@ -246,20 +347,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Compile every fusednoise Triton kernel for a CUDA target "
                                                  "(Triton IR to cubin) without a GPU, as the launchers run them.")
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100)")
+    parser.add_argument("--worker", action="store_true",
+                        help="compile the launch records on stdin for sm_90 and sm_80 (the CPU suite's compile "
+                             "layer, tests/conftest.py) instead of the specialisation table")
+    parser.add_argument("--cache", default=None, help="with --worker: a folder remembering what compiled")
     args = parser.parse_args(argv)
+    if args.worker:
+        return worker(args.cache)
     results = compile_all(args.arch)
     for name, error in results:
         print(f"{'ok  ' if not error else 'FAIL'} {name}{'' if not error else ': ' + error}")
     failed = sum(1 for _, error in results if error)
     print(f"{len(results) - failed}/{len(results)} kernels compiled for sm_{args.arch}")
-    findings = per_call_findings()
+    findings = per_call_findings(compile_arch=args.arch)
     for name, finding in findings:
         if finding:
             print(f"FAIL {name}: {finding}")
     split = sum(1 for _, finding in findings if finding)
     values = ", ".join(str(v) for v in PER_CALL_VALUES)
     print(f"{len(findings) - split}/{len(findings)} launches with per-call arguments "
-          f"({', '.join(PER_CALL_ARGUMENTS)}) have one specialisation for the values {values}")
+          f"({', '.join(PER_CALL_ARGUMENTS)}) have one specialisation for the values {values}, and compile to "
+          f"one kernel with each set to 1 or 16")
     return 1 if failed or split else 0
 
 
