@@ -97,9 +97,14 @@ existing_tests() {
         args+=(-k "$2")
         shift 2
     fi
+    local found=0
     for spec in "$@"; do
-        [[ -f ${spec%%::*} ]] && args+=("$spec")
+        [[ -f ${spec%%::*} ]] && args+=("$spec") && found=1
     done
+    if ((!found)); then
+        echo "none of $* is in this checkout: nothing to run"
+        return 0
+    fi
     python -m pytest -q -rfEs -p no:cacheprovider "${args[@]}"
 }
 
@@ -139,8 +144,9 @@ run_hazard_steps() {
     # transposed gradient beside a bf16 bucket (copies freed before the update read them), resized and
     # non-contiguous parameters; NoisyTune/PATS on views of one storage; host tables held by a capture
     step hazards-devices-pats 90 bash -c 'existing_tests tests/test_device_guard.py tests/test_capture_hazards.py \
-        tests/test_gpu_only_paths.py && existing_tests -k "contiguous or resiz or transpos or gradient_copies" \
-        tests/test_pats.py'
+        tests/test_gpu_only_paths.py; first=$?
+        existing_tests -k "kernel_matches_reference or gradient_copies or resiz" tests/test_pats.py || exit 1
+        exit $first'
     # whole captured steps: HyPe and LNSR training steps, NEFTune, a PATS step (capturable=True) replayed N times
     step hazards-captures 120 bash -c 'existing_tests tests/test_cuda_graphs.py tests/test_pats_cuda_graph.py'
     step memcheck 75 bash -c 'sanitize memcheck'

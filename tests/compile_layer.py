@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -120,6 +119,19 @@ class CompileLayer:
     def worker_log(self) -> str:
         return Path(self._err.name).read_text()[-4000:]
 
+    def close(self) -> None:
+        """End the worker if the session ends before the final test (-x, an interrupt) and remove the files."""
+        from fusednoise.kernels import launch
+
+        if self.observe in launch.observers:
+            launch.observers.remove(self.observe)
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        for handle in (self._out, self._err):
+            handle.close()
+            Path(handle.name).unlink(missing_ok=True)
+
     def describe(self, index: int) -> str:
         record = self.records[index]
         specialised = {name: kind for name, kind in record["signature"].items() if kind != "constexpr"}
@@ -132,7 +144,6 @@ def start(config) -> CompileLayer:
 
     layer = CompileLayer()
     config.fusednoise_compile_layer = layer
-    config.fusednoise_compile_layer_started = time.perf_counter()
     launch.observers.append(layer.observe)
     return layer
 

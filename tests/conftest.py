@@ -46,8 +46,14 @@ def pytest_runtest_setup(item):
 
 def pytest_terminal_summary(terminalreporter, config):
     layer = getattr(config, "fusednoise_compile_layer", None)
-    if layer is not None and layer.records:
+    if layer is not None and hasattr(layer, "waited"):  # the final test ran
         terminalreporter.write_line(
             f"compile layer: {layer.launches} launches, {len(layer.records)} distinct specialisations compiled for "
-            f"sm_90 and sm_80 in {getattr(layer, 'compile_seconds', float('nan')):.0f} s of worker time; the last "
-            f"test waited {getattr(layer, 'waited', float('nan')):.0f} s for it")
+            f"sm_90 and sm_80 ({layer.compile_seconds:.0f} s in the worker, cache hits included); the last test "
+            f"waited {layer.waited:.0f} s for it")
+
+
+def pytest_unconfigure(config):
+    layer = getattr(config, "fusednoise_compile_layer", None)
+    if layer is not None:
+        layer.close()
