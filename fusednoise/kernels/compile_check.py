@@ -38,7 +38,10 @@ _TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "f
 # constant (``seed.to(tl.uint64)`` does not compile on a constant), one divisible by 16 another variant, and an
 # int that fits in 32 bits another type, so a CUDA-graph capture could need a kernel the eager warm-up never
 # loaded (loading a module during a capture fails). Each kernel declares them in ``do_not_specialize`` and
-# types them by annotation; :func:`per_call_specialisations` checks that the values below give one kernel.
+# types them by annotation (``seed: tl.uint64``, ``first_block: tl.int64``): ``do_not_specialize`` alone still
+# types an int by its value (i32 when it fits, Triton 3.4 to 3.9), two variants again, and the annotation is the
+# cheapest fix: no launcher change and no cost per call (a seed in a tensor would cost a copy per call, two 32-bit
+# halves an argument more). :func:`per_call_specialisations` checks that the values below give one kernel.
 PER_CALL_ARGUMENTS = ("seed", "first_block", "first_counter", "stream", "purpose")
 PER_CALL_VALUES = (0, 1, 16, 17, 42, 2**33, 2**40, 2**40 + 16, DRAWN_SEED)
 

@@ -70,7 +70,7 @@ def _backward_coef(sx, se, dot, scale):
     return tl.where(ok, scale * dot / tl.where(ok, tl.sqrt(se) * tl.sqrt(sx), 1.0), 0.0)
 
 
-# Per-call values (see launch.py, "Per-call arguments"): not specialised, and typed by their annotation.
+# Per-call values: not specialised by the JIT, typed by annotation (compile_check.PER_CALL_ARGUMENTS).
 @triton.jit(do_not_specialize=["seed"])
 def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, offset_ptr, n_rows, D, G, scale, seed: tl.uint64,
                          BACKWARD: tl.constexpr, ONE_BLOCK: tl.constexpr, FAST: tl.constexpr,
@@ -154,7 +154,7 @@ def launch_scaled_noise(x, grad, out, scale: float, seed: int, offset=None) -> N
     scaled_noise_launch(x, grad, out, scale, seed, offset).run()
 
 
-# Per-call values (see launch.py, "Per-call arguments"): not specialised, and typed by their annotation.
+# Per-call values: not specialised by the JIT, typed by annotation (compile_check.PER_CALL_ARGUMENTS).
 @triton.jit(do_not_specialize=["seed"])
 def _in_manifold_kernel(x_ptr, ids_ptr, w_ptr, nb_ptr, out_ptr, offset_ptr, V, D, s_w, GK, mix_ratio,
                         seed: tl.uint64,

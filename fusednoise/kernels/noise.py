@@ -80,7 +80,7 @@ def _units(w0, w1, w2, w3, DISTRIBUTION: tl.constexpr, FAST: tl.constexpr):
     return 2.0 * _uniform(w0) - 1.0, 2.0 * _uniform(w1) - 1.0, 2.0 * _uniform(w2) - 1.0, 2.0 * _uniform(w3) - 1.0
 
 
-# Per-call values (see launch.py, "Per-call arguments"): not specialised, and typed by their annotation.
+# Per-call values: not specialised by the JIT, typed by annotation (compile_check.PER_CALL_ARGUMENTS).
 @triton.jit(do_not_specialize=["seed", "first_block"])
 def noise_kernel(x_ptr, residual_ptr, out_ptr, offset_ptr, numel, sigma, seed: tl.uint64, first_block: tl.int64,
                  HAS_RESIDUAL: tl.constexpr, DISTRIBUTION: tl.constexpr, STOCHASTIC: tl.constexpr,

@@ -13,7 +13,7 @@ from .launch import Launch
 BLOCK_SIZE = 1024
 
 
-# Per-call values (see launch.py, "Per-call arguments"): not specialised, and typed by their annotation.
+# Per-call values: not specialised by the JIT, typed by annotation (compile_check.PER_CALL_ARGUMENTS).
 @triton.jit(do_not_specialize=["seed", "first_counter", "stream", "purpose"])
 def philox_words_kernel(out_ptr, n, seed: tl.uint64, first_counter: tl.int64, stream: tl.int64, purpose: tl.int64,
                         BLOCK: tl.constexpr):
