@@ -18,7 +18,9 @@ first test that launched it).
 
 The records are those of the interpreter's launches: constexprs chosen for the interpreter (``FAST=False``,
 ``BF16_BY_BITS=True``, interpreter tile sizes) are compiled as launched; the GPU's own choices are compiled by
-``fusednoise/kernels/specialisations.py`` (``tests/test_kernels_compile.py``).
+``fusednoise/kernels/specialisations.py`` (``tests/test_kernels_compile.py``). The interpreter's large tiles
+(LNSR's and NEFTune's ``TILE_INTERPRETER``) make some records slow to compile: a cold cache costs several CPU
+seconds a record. ``FUSEDNOISE_COMPILE_LAYER=0`` turns the layer off (its test then skips, saying so).
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ launch the session made, compiled for sm_90 and sm_80 (``tests/compile_layer.py`
 """
 import contextlib
 import importlib.util
+import os
 import time
 
 import pytest
@@ -168,6 +169,8 @@ def test_every_launch_of_the_session_compiles_for_sm90_and_sm80(request):
     # Runs last (conftest.py): the worker has compiled, in parallel with the session, each distinct launch the
     # session made, with Triton's real compiler and ptxas (run alone, it makes this file's launches itself).
     layer = compile_layer.active(request.config)
+    if layer is None and os.environ.get("FUSEDNOISE_COMPILE_LAYER") == "0":
+        pytest.skip("FUSEDNOISE_COMPILE_LAYER=0: the session's launches were not recorded nor compiled")
     assert layer is not None, "conftest.py starts the compile layer when this test is collected"
     if not layer.records:  # run alone: this file's ops, once each, with the seed that did not compile (issue 18)
         with fusednoise.backend("triton"):
