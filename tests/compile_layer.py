@@ -48,6 +48,7 @@ class CompileLayer:
         self.unrecordable: List[str] = []      # launches whose specialisation could not be computed
         self.current_test = ""
         self.launches = 0
+        self.timed_out = 0.0
         self._queue: "queue.Queue[Optional[str]]" = queue.Queue()
         self._process: Optional[subprocess.Popen] = None
         self._feeder: Optional[threading.Thread] = None
@@ -108,6 +109,7 @@ class CompileLayer:
         try:
             self._process.wait(timeout)
         except subprocess.TimeoutExpired:
+            self.timed_out = timeout
             self._process.kill()
             self._process.wait()
         self._out.flush()

@@ -182,7 +182,9 @@ def test_every_launch_of_the_session_compiles_for_sm90_and_sm80(request):
     layer.waited = time.perf_counter() - started
     layer.compile_seconds = sum(r["seconds"] for r in results.values())
     missing = [i for i in range(len(layer.records)) if i not in results]
-    assert not missing, f"{len(missing)} records not compiled; worker log:\n{layer.worker_log()}"
+    assert not missing, (f"{len(missing)} of {len(layer.records)} records not compiled"
+                         + (f" within {layer.timed_out:.0f} s" if layer.timed_out else "")
+                         + f"; worker log:\n{layer.worker_log()}")
     failures = [f"sm_{arch}: {error}\n    {layer.describe(i)}" for i, result in sorted(results.items())
                 for arch, error in result["errors"].items() if error]
     assert not layer.unrecordable, layer.unrecordable
