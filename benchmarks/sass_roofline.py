@@ -429,6 +429,9 @@ def coalescing_failures(record: dict) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------------ compiling
+FP32_FMA = re.compile(r"\bfma\.rn(?:\.ftz)?(?:\.sat)?\.f32\b")
+
+
 def _tool(name: str) -> str:
     import triton
 
@@ -467,6 +470,9 @@ def _compile_one(index: int) -> dict:
     sources = {i.addr: sources[i.addr] for i in sass_cfg.parse(sass)
                if isinstance(i, Ins) and i.base in ("LDG", "STG") and i.addr in sources}
     return dict(error="", sass=sass, registers=registers, local_bytes=local + stack, sources=sources,
+                # float32 multiply-adds contracted into one rounding (none where a launch disables fp fusion
+                # because its result is claimed bitwise equal to the reference's: tests/test_kernels_compile.py)
+                fp32_fma=len(FP32_FMA.findall(compiled.asm["ptx"])), options=case.launch.compile_options(),
                 # local memory used by spill code (no kernel here keeps an array in local memory on purpose)
                 spill_bytes=(local + stack) if spill_ops else 0,
                 shared=compiled.metadata.shared, accesses=accesses, seconds=time.perf_counter() - started)
@@ -567,7 +573,8 @@ def run(only: str = "", jobs: int = 1, show_path: bool = False, device: str = DE
             record = dict(name=case.name, kernel=case.kernel_name, target=target, error=result["error"],
                           failures=[f"compile error: {result['error']}"] if result["error"] else [],
                           registers=result.get("registers"), spill_bytes=result.get("spill_bytes"),
-                          device=device, **coalescing(result))
+                          device=device, fp32_fma=result.get("fp32_fma"), options=result.get("options"),
+                          **coalescing(result))
             if target and not result["error"]:
                 record["failures"] += coalescing_failures(record)
             records.append(record)
@@ -577,7 +584,8 @@ def run(only: str = "", jobs: int = 1, show_path: bool = False, device: str = DE
         except Exception as error:  # noqa: BLE001 - a case the model cannot read is reported, not skipped
             record = dict(name=case.name, kernel=case.kernel_name, error=f"model: {type(error).__name__}: {error}",
                           failures=[f"model error: {error}"], device=device)
-        record.update(target=target, compile_seconds=result["seconds"])
+        record.update(target=target, compile_seconds=result["seconds"], fp32_fma=result["fp32_fma"],
+                      options=result["options"])
         record.setdefault("error", "")
         records.append(record)
     return records

@@ -1,8 +1,8 @@
 """CUDA graphs on a GPU (benchmarks/device_run.sh runs this file as its own step): a captured noise op draws new
 noise on every replay, distinct calls in one graph draw apart, and a replay draws the words an eager call on the
-offset path (``rng.graph_safe()``) draws for the same seed and offset. HyPe on a small BERT training step, the
-HyPe ops, NEFTune, LNSR's scaled noise with its backward, ``torch.compile(mode="reduce-overhead")``, and the
-errors a capture must raise. The offset path itself (its rule, the kernels against the reference) is checked
+offset path (``rng.graph_safe()``) draws for the same seed and offset. HyPe and LNSR on a small BERT training
+step, the HyPe ops, NEFTune, LNSR's scaled noise with its backward, ``torch.compile(mode="reduce-overhead")``, and
+the errors a capture must raise. The offset path itself (its rule, the kernels against the reference) is checked
 on a CPU in test_graph_offsets.py."""
 import pytest
 import torch
@@ -124,6 +124,41 @@ def test_a_captured_hype_training_step_adds_new_noise_on_every_replay():
     assert not torch.equal(first[0], second[0]) and not torch.equal(first[0], clean_loss)
     for a, b in zip(first[1:], second[1:]):
         assert not torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_captured_lnsr_training_step_adds_new_noise_on_every_replay():
+    # Issue 18: a whole LNSR step (clean and noisy passes, the layer-wise diff norm forward and backward, the
+    # scaled noise's backward) in one graph, as HyPe's above: each replay draws new noise, and equals the eager
+    # step on the offset path at the same seeds and offset.
+    from fusednoise import lnsr
+
+    model = _tiny_bert()
+    reg = lnsr.LNSR(model, scale=0.05)
+    ids = torch.randint(0, 128, (4, 16), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    watched = [model.embeddings.word_embeddings.weight, model.encoder.layer[1].output.dense.weight]
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        torch.random.default_generator.manual_seed(6)  # the CPU generator LNSR's seeds come from
+        outputs, penalty = reg(input_ids=ids)
+        loss = outputs.last_hidden_state.float().pow(2).mean() + penalty
+        loss.backward()
+        return [loss.detach(), penalty.detach()] + [p.grad for p in watched]
+
+    graph, outputs = capture(step)
+    rng.set_offset(91)
+    first = replay(graph, outputs)
+    second = replay(graph, outputs)
+    per_replay = (rng.get_offset() - 91) // 2
+    assert per_replay >= 1  # the noise takes tickets inside the graph
+    rng.set_offset(91)
+    with rng.graph_safe():
+        eager = [t.clone() for t in step()]
+    for replayed, expected in zip(first, eager):
+        torch.testing.assert_close(replayed, expected, rtol=1e-5, atol=1e-7)
+    assert float(first[1]) > 0 and not torch.equal(first[1], second[1])  # a new penalty: new noise
+    for a, b in zip(first[2:], second[2:]):
+        assert not torch.equal(a, b)
 
 
 def test_replays_of_neftune_draw_new_noise_and_leave_padding_alone():

@@ -48,12 +48,28 @@ def model(tmp_path_factory):
                             capture_output=True, text=True, cwd=REPO, env=env, timeout=1500)
     assert (out / "model.json").exists(), result.stdout[-4000:] + result.stderr[-4000:]
     records = {r["name"]: r for r in json.loads((out / "model.json").read_text())}
-    return records, result
+    return records, result, out
+
+
+@needs_nvidia_backend
+def test_compile_check_gives_seeded_kernels_one_specialisation(model):
+    # Issue 18 §2/§3: `python -m fusednoise.kernels.compile_check` compiles every case (seed=1 and seeds divisible
+    # by 16 among them) and checks that each per-call argument (seeds, first blocks, the philox words' counter
+    # words) gives one specialisation for 1, 16, 17, 42 and 64-bit values, and the same compiled kernel (hash) set
+    # to 1 or 16. It reuses the model's Triton cache, so it compiles little again.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(model[2] / "triton-cache")
+    result = subprocess.run([sys.executable, "-m", "fusednoise.kernels.compile_check"], capture_output=True,
+                            text=True, cwd=REPO, env=env, timeout=1500)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert f"{len(CASES)}/{len(CASES)} kernels compiled for sm_90" in result.stdout
+    line = [x for x in result.stdout.splitlines() if "launches with per-call arguments" in x]
+    assert line and line[0].split("/")[0] == line[0].split("/")[1].split()[0], line
 
 
 @needs_nvidia_backend
 def test_every_kernel_compiles_for_sm90(model):
-    records, result = model
+    records, result, _ = model
     assert sorted(records) == sorted(case.name for case in CASES)
     errors = {name: r["error"] for name, r in records.items() if r["error"]}
     assert not errors, errors
@@ -67,11 +83,27 @@ def test_every_kernel_compiles_for_sm90(model):
 
 @needs_nvidia_backend
 def test_no_register_spills_and_every_model_is_consistent(model):
-    records, _ = model
+    records, _, _ = model
     assert all(r["spill_bytes"] == 0 for r in records.values()), {
         n: r["spill_bytes"] for n, r in records.items() if r["spill_bytes"]}
     untargeted = {n: r["failures"] for n, r in records.items() if not r["target"] and r["failures"]}
     assert not untargeted  # e.g. the hot path moving other bytes than the case declares
+
+
+@needs_nvidia_backend
+def test_bitwise_launches_compile_without_fma_contraction(model):
+    # Issue 18 §4: uniform HyPe noise is claimed bitwise the reference's (README, "Random numbers"), which rounds
+    # sigma * unit before adding it. Contracted into one fma.rn.f32 (Triton's default), about 16% of float32
+    # outputs at sigma 0.3 differ by an ulp; the interpreter never contracts, so only the compiled PTX shows it.
+    records, _, _ = model
+    uniform = {n: r for n, r in records.items() if n.startswith("hype[") and "uniform" in n and not r["error"]}
+    assert len(uniform) >= 11  # fp32, fp16, bf16; nearest, stochastic; residual or not; a seed of 1
+    assert all(r["options"]["enable_fp_fusion"] is False for r in uniform.values())
+    contracted = {n: r["fp32_fma"] for n, r in uniform.items() if r["fp32_fma"]}
+    assert not contracted, contracted
+    # The count does see contraction where it is allowed (normal noise: x + unit * sigma in one FMA).
+    normal = [r["fp32_fma"] for n, r in records.items() if n.startswith("hype[") and "normal" in n and not r["error"]]
+    assert normal and all(count > 0 for count in normal)
 
 
 def _target_param(case):

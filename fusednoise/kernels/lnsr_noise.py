@@ -74,8 +74,9 @@ def _backward_coef(sx, se, dot, scale):
     return tl.where(ok, scale * dot / tl.where(ok, tl.sqrt(se) * tl.sqrt(sx), 1.0), 0.0)
 
 
-@triton.jit
-def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, offset_ptr, n_rows, D, G, scale, seed,
+# Per-call values: not specialised by the JIT, typed by annotation (compile_check.PER_CALL_ARGUMENTS).
+@triton.jit(do_not_specialize=["seed"])
+def _scaled_noise_kernel(x_ptr, g_ptr, out_ptr, offset_ptr, n_rows, D, G, scale, seed: tl.uint64,
                          BACKWARD: tl.constexpr, ONE_BLOCK: tl.constexpr, FAST: tl.constexpr,
                          BF16_BY_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     c2, c3 = _offset_words(offset_ptr)
@@ -157,8 +158,10 @@ def launch_scaled_noise(x, grad, out, scale: float, seed: int, offset=None) -> N
     scaled_noise_launch(x, grad, out, scale, seed, offset).run()
 
 
-@triton.jit
-def _in_manifold_kernel(x_ptr, ids_ptr, w_ptr, nb_ptr, out_ptr, offset_ptr, V, D, s_w, GK, mix_ratio, seed,
+# Per-call values: not specialised by the JIT, typed by annotation (compile_check.PER_CALL_ARGUMENTS).
+@triton.jit(do_not_specialize=["seed"])
+def _in_manifold_kernel(x_ptr, ids_ptr, w_ptr, nb_ptr, out_ptr, offset_ptr, V, D, s_w, GK, mix_ratio,
+                        seed: tl.uint64,
                         rtol2, K: tl.constexpr, KP: tl.constexpr, BF16_BY_BITS: tl.constexpr, BLOCK_D: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     token = tl.load(ids_ptr + n).to(tl.int64)

@@ -47,8 +47,9 @@ def _row_uniforms(seed, row0, d0, G, c2, c3, BLOCK_R: tl.constexpr, BLOCK_D: tl.
     return tl.reshape(unit, (BLOCK_R, BLOCK_D))
 
 
-@triton.jit
-def _neftune_kernel(x_ptr, mask_ptr, len_ptr, out_ptr, offset_ptr, n_rows, T, D, G, alpha, seed,
+# Per-call values: not specialised by the JIT, typed by annotation (compile_check.PER_CALL_ARGUMENTS).
+@triton.jit(do_not_specialize=["seed"])
+def _neftune_kernel(x_ptr, mask_ptr, len_ptr, out_ptr, offset_ptr, n_rows, T, D, G, alpha, seed: tl.uint64,
                     HAS_MASK: tl.constexpr, BF16_BY_BITS: tl.constexpr, BLOCK_R: tl.constexpr,
                     BLOCK_D: tl.constexpr):
     row0 = tl.program_id(0).to(tl.int64) * BLOCK_R

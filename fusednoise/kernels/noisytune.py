@@ -136,8 +136,9 @@ def _merged_std(partial_ptr, pstart, npart, numel, CHUNK: tl.constexpr, PBLOCK: 
     return tl.sqrt(tl.sum(spread, axis=0) / (n_total - 1.0))
 
 
-@triton.jit
-def _noise_kernel(meta_ptr, chunks_ptr, partial_ptr, std_ptr, noise_lambda, seed, DTYPE: tl.constexpr,
+# Per-call values: not specialised by the JIT, typed by annotation (compile_check.PER_CALL_ARGUMENTS).
+@triton.jit(do_not_specialize=["seed"])
+def _noise_kernel(meta_ptr, chunks_ptr, partial_ptr, std_ptr, noise_lambda, seed: tl.uint64, DTYPE: tl.constexpr,
                   META: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr, PBLOCK: tl.constexpr,
                   VEC: tl.constexpr, ALIGNED: tl.constexpr, BF16_BY_BITS: tl.constexpr, GIVEN_STD: tl.constexpr,
                   PER_ELEMENT: tl.constexpr):

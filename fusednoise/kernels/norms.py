@@ -83,7 +83,7 @@ def _noisy(total, group, v, seed, offset_ptr, sigma, HAS_NOISE: tl.constexpr, ST
 
 @triton.jit(do_not_specialize=["n_rows", "seed"])
 def add_rms_norm_forward_kernel(x_ptr, residual_ptr, w_ptr, y_ptr, s_ptr, rstd_ptr, offset_ptr, n_rows, N, eps,
-                                sigma, seed, HAS_RESIDUAL: tl.constexpr, STORE_S: tl.constexpr,
+                                sigma, seed: tl.uint64, HAS_RESIDUAL: tl.constexpr, STORE_S: tl.constexpr,
                                 HAS_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr, DISTRIBUTION: tl.constexpr,
                                 FAST: tl.constexpr, INTERPRETED: tl.constexpr, VEC: tl.constexpr,
                                 BLOCK_Q: tl.constexpr, ROWS: tl.constexpr):
@@ -114,7 +114,7 @@ def add_rms_norm_forward_kernel(x_ptr, residual_ptr, w_ptr, y_ptr, s_ptr, rstd_p
 
 @triton.jit(do_not_specialize=["n_rows", "seed"])
 def add_layer_norm_forward_kernel(x_ptr, residual_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, offset_ptr, n_rows,
-                                  N, eps, sigma, seed, HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr,
+                                  N, eps, sigma, seed: tl.uint64, HAS_BIAS: tl.constexpr, HAS_NOISE: tl.constexpr,
                                   STOCHASTIC: tl.constexpr, DISTRIBUTION: tl.constexpr, FAST: tl.constexpr,
                                   INTERPRETED: tl.constexpr, VEC: tl.constexpr, BLOCK_Q: tl.constexpr,
                                   ROWS: tl.constexpr):

@@ -13,15 +13,17 @@ from .launch import Launch
 BLOCK_SIZE = 1024
 
 
-@triton.jit
-def philox_words_kernel(out_ptr, n, seed, first_counter, stream, purpose, BLOCK: tl.constexpr):
+# Per-call values: not specialised by the JIT, typed by annotation (compile_check.PER_CALL_ARGUMENTS).
+@triton.jit(do_not_specialize=["seed", "first_counter", "stream", "purpose"])
+def philox_words_kernel(out_ptr, n, seed: tl.uint64, first_counter: tl.int64, stream: tl.int64, purpose: tl.int64,
+                        BLOCK: tl.constexpr):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     in_bounds = index < n
     counter = index + first_counter
     c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
     c_hi = (counter >> 32).to(tl.uint32)
-    # stream and purpose arrive as i32 or i64 scalars (Triton specialises ints by size); tl.philox needs every
-    # counter word as uint32: widen to an int64 tensor, then truncate (`zero + stream` fails to compile for i64).
+    # stream and purpose arrive as int64 scalars (their annotation); tl.philox needs every counter word as
+    # uint32: widen to an int64 tensor, then truncate (`zero + stream` with a uint32 zero fails to compile).
     wide_zero = index * 0
     c_stream = (wide_zero + stream).to(tl.uint32)
     c_purpose = (wide_zero + purpose).to(tl.uint32)

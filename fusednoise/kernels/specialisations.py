@@ -318,8 +318,47 @@ def _fused_norms() -> Iterator[Case]:
                        iterations=plan[3] // plan[1], modelled=False)
 
 
+def _per_call_values() -> Iterator[Case]:
+    """The values of per-call arguments that the JIT would specialise if the kernels let it (issue 18): a seed
+    of 1 (a constant: ``seed.to(tl.uint64)`` would not compile) and seeds divisible by 16 (a second variant),
+    a first block of 1, the philox words' stream and purpose of 1. Compiled only: they must compile, to the same
+    kernel as a drawn seed (``compile_check.per_call_findings`` checks the specialisation itself)."""
+    from . import lnsr_noise, neftune, noise, noisytune, rng
+
+    n, item = 4096 * 16, 4
+    x = _meta(n, torch.float32)
+    yield Case("hype[fp32,uniform,nearest,seed=1]", noise.noise_launch(x, None, x, 0.01, "uniform", 1, False),
+               2 * item, n, item, modelled=False)
+    half = _meta(n, torch.bfloat16)
+    yield Case("hype[bf16,normal,nearest,seed=16,first_index=4]",
+               noise.noise_launch(half, None, half, 0.01, "normal", 16, False, first_index=4), 4, n, 2,
+               modelled=False)
+    tensors = [_meta((64, 256), torch.float32)] * 2
+    for seed in (1, 2**40 + 16):
+        _, (_, noise_launch) = noisytune.perturb_launches(tensors, [0, 1], 0.15, seed)
+        yield Case(f"noisytune.noise[fp32,seed={seed}]", noise_launch, 8, 2 * 64 * 256, item, modelled=False)
+    rows = _meta((256, 1024), torch.float32)
+    yield Case("lnsr.scaled_noise.forward[fp32,D=1024,seed=1]",
+               lnsr_noise.scaled_noise_launch(rows, None, rows, 0.1, 1), 8, rows.numel(), item, modelled=False)
+    yield Case("lnsr.scaled_noise.backward[fp32,D=1024,seed=16]",
+               lnsr_noise.scaled_noise_launch(rows, rows, rows, 0.1, 16), 12, rows.numel(), item, modelled=False)
+    V, D, k = 512, 64, 10
+    tokens = _meta((256, D), torch.float32)
+    yield Case(f"lnsr.in_manifold[fp32,k={k},D={D},seed=1]",
+               lnsr_noise.in_manifold_launch(tokens, _meta(256, torch.int64), _meta((V, D), torch.float32),
+                                             _meta((V, k), torch.int64), tokens, 1.0, 1), item * (k + 3),
+               tokens.numel(), item, modelled=False)
+    embeddings = _meta((2, 128, 256), torch.float32)
+    for seed in (1, 32):
+        yield Case(f"neftune[fp32,seed={seed}]", neftune.neftune_launch(embeddings, None, None, embeddings, 5.0, seed),
+                   8, embeddings.numel(), item, modelled=False)
+    words = _meta((4, 4096), torch.int64)
+    yield Case("rng.philox_words[seed=1,first_counter=16,stream=1,purpose=1]",
+               rng.philox_words_launch(words, 1, 4096, 16, 1, 1), 32, 4096, 8, modelled=False)
+
+
 def cases() -> List[Case]:
     """Every case, in table order. Building them imports triton but compiles nothing."""
     return [_with_pending(case) for case in
             (*_hype(), *_noisytune(), *_pats(), *_lnsr_noise(), *_diff_norm(), *_neftune(), *_rng(),
-             *_fused_norms())]
+             *_fused_norms(), *_per_call_values())]
