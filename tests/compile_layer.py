@@ -1,4 +1,4 @@
-"""The CPU suite's compile layer: every distinct launch the suite makes is also compiled for sm_90 and sm_80.
+"""The CPU suite's compile layer: every distinct launch the suite makes is also compiled for sm_90 (and sm_80).
 
 Under Triton's interpreter a kernel runs whatever its arguments' values; the JIT on a GPU specialises them (an
 int equal to 1 becomes a constant, an int or pointer divisible by 16 another variant, an int over 32 bits an

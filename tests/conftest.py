@@ -20,7 +20,7 @@ def kernel_device():
 
 
 # ------------------------------------------------------------------------------------------------ compile layer
-# Without a GPU, every launch the session makes is recorded and compiled for sm_90 and sm_80 by a worker process
+# Without a GPU, every launch the session makes is recorded and compiled for sm_90 (and sm_80) by a worker process
 # (tests/compile_layer.py); the test that checks the result runs last. Only when that test is collected, and
 # not with FUSEDNOISE_COMPILE_LAYER=0 (the test then skips, saying so).
 COMPILE_LAYER_TEST = "test_compile_layer.py::test_every_launch_of_the_session_compiles_for_sm90_and_sm80"
@@ -50,7 +50,7 @@ def pytest_terminal_summary(terminalreporter, config):
     if layer is not None and hasattr(layer, "waited"):  # the final test ran
         terminalreporter.write_line(
             f"compile layer: {layer.launches} launches, {len(layer.records)} distinct specialisations compiled for "
-            f"sm_90 and sm_80 ({layer.compile_seconds:.0f} s in the worker, cache hits included); the last test "
+            f"sm_90, each kernel signature's first for sm_80 ({layer.compile_seconds:.0f} s in the worker, cache hits included); the last test "
             f"waited {layer.waited:.0f} s for it")
 
 

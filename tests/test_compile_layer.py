@@ -9,7 +9,7 @@ fails (a capture cannot load a module). ``compile_check.specialise`` computes th
 own binder, ``do_not_specialize`` and annotations included, so these tests see what the JIT would do.
 
 The last test (moved to the end of the session by ``conftest.py``) waits for the compile layer: every distinct
-launch the session made, compiled for sm_90 and sm_80 (``tests/compile_layer.py``).
+launch the session made, compiled for sm_90 (and sm_80) (``tests/compile_layer.py``).
 """
 import contextlib
 import importlib.util
