@@ -40,7 +40,10 @@ The hot path (what one thread executes per element in steady state), from the co
   iterations when ptxas unrolled the loop), plus the cheapest rest of the program amortised over the case's trip
   count.
 The element bytes on the path must equal the bytes per element the case declares (more: the path carries
-accesses the case does not count), and the narrowest of them is reported.
+accesses the case does not count), and the narrowest of them is reported. A row padded to a power-of-two tile
+carries its masked lanes' accesses (``Case.lane_padding`` scales the declared bytes for this check); bytes moved
+once per row or per program (a norm's row statistics, a backward's partial dW rows) are the case's
+``amortised_bytes_per_element``, added to the memory time (and the B/elem column), not to the path.
 """
 from __future__ import annotations
 
@@ -361,7 +364,9 @@ def model(case, compiled: dict, show_path: bool = False, device_name: str = DEFA
         local_bytes=compiled["local_bytes"], shared_bytes=compiled["shared"],
         warps_per_sm=blocks_per_sm * launch.num_warps,
         min_global_access_bits=min(access_bits) if access_bits else None,
-        devices={name: predict(case.bytes_per_element, per_element, device, efficiency)
+        amortised_bytes_per_element=case.amortised_bytes_per_element,
+        devices={name: predict(case.bytes_per_element + case.amortised_bytes_per_element, per_element, device,
+                               efficiency)
                  for name, device in DEVICES.items()},
     )
     # An access is off the hot path when the SASS loads/stores of its source line are all off it. ptxas may
@@ -398,6 +403,8 @@ def failures(case, record: dict) -> List[str]:
     out = []
     # Row weights reloaded from the cache may add up to row_weight_bytes_per_element to the declared bytes.
     low, high = case.bytes_per_element, case.bytes_per_element + case.row_weight_bytes_per_element
+    # Masked lanes of a padded row tile carry accesses that move nothing (Case.lane_padding).
+    low, high = low * case.lane_padding, high * case.lane_padding
     if not 0.98 * low <= record["path_bytes_per_element"] <= 1.02 * high:
         out.append(f"the hot path moves {record['path_bytes_per_element']:.2f} B/element in element accesses, the case "
                    f"declares {low:g}" + (f" to {high:g}" if high > low else ""))
@@ -525,7 +532,8 @@ def table(records: List[dict], targeted: bool, devices=TABLE_DEVICES) -> List[st
             f" | {p['budget_share']:.0%} | {p['predicted_fraction']:.0%} | {p['calibrated_fraction']:.0%}"
             f" | {p['calibrated_limit']}" for p in (r["devices"][d] for d in devices))
         lines.append(
-            f"| {r['name']} | {r['bytes_per_element']:g} | {r['issue_slots_per_element']:.1f} "
+            f"| {r['name']} | {r['bytes_per_element'] + r.get('amortised_bytes_per_element', 0):.4g} "
+            f"| {r['issue_slots_per_element']:.1f} "
             f"| {r['mufu_per_element']:.2f} | {r['registers']} | {r['warps_per_sm']} "
             f"| {_cell(r, 'min_global_access_bits', 'd')} bit | {_coalesced_cell(r)}{cells} | {verdict} |")
     return lines
