@@ -29,7 +29,7 @@ from fusednoise.kernels.rng import philox_words
 
 SEEDS = (1, 16, 17, 42, 2**33, 2**40, 2**40 + 16, specialisations.DRAWN_SEED)
 SEEDED_KERNELS = {"noise_kernel", "_noise_kernel", "_scaled_noise_kernel", "_in_manifold_kernel", "_neftune_kernel",
-                  "philox_words_kernel"}
+                  "philox_words_kernel", "add_rms_norm_forward_kernel", "add_layer_norm_forward_kernel"}
 
 needs_nvidia_backend = pytest.mark.skipif(
     importlib.util.find_spec("triton.backends.nvidia") is None,
@@ -64,6 +64,7 @@ def _ops():
     tokens = torch.randint(0, 40, (2, 3), generator=torch.Generator().manual_seed(3)).to(KERNEL_DEVICE)
     manifold_x = _x((2, 3, 8), seed=4)
     grad = _x((6, 16), seed=5)
+    wide, wide_r, weight = _x((4, 32), seed=6), _x((4, 32), seed=7), _x((32,), seed=8)
     return {
         "add_noise[normal]": lambda seed: fusednoise.add_noise(x, 0.1, seed=seed),
         "add_noise[uniform]": lambda seed: fusednoise.add_noise(x, 0.1, "uniform", seed=seed),
@@ -74,6 +75,8 @@ def _ops():
         "in_manifold_noise": lambda seed: ops_lnsr.in_manifold_noise(manifold_x, tokens, vocab, k=4, seed=seed),
         "noisytune": lambda seed: noisytune_kernels.launch_perturb([x.clone()], [0], 0.15, seed),
         "philox_words": lambda seed: philox_words(seed, 64, seed % 1000, seed % 7, seed % 2, device=KERNEL_DEVICE),
+        "add_rms_norm": lambda seed: fusednoise.add_rms_norm(wide, wide_r, weight, sigma=0.1, seed=seed),
+        "add_layer_norm": lambda seed: fusednoise.add_layer_norm(wide, wide_r, weight, weight, sigma=0.1, seed=seed),
     }
 
 

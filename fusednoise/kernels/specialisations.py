@@ -121,6 +121,8 @@ CALIBRATION_PENDING = {
                                                                   share="99%"),
     "lnsr.scaled_noise.forward[bf16,D=1024]": _CALIBRATION.format(cal="84%", raw="99%", target="90%",
                                                                   share="101%"),
+    # 93% calibrated until uniform launches compiled without FMA contraction (issue 18: about 2 more slots/element)
+    "hype[bf16,uniform,stochastic]": _CALIBRATION.format(cal="89%", raw="100%", target="90%", share="96%"),
 }
 
 
