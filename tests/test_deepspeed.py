@@ -21,6 +21,7 @@ deepspeed = pytest.importorskip("deepspeed", reason="the DeepSpeed tests need de
 from fusednoise import hype, lnsr, neftune, noisytune  # noqa: E402
 from fusednoise.optim import PATSAdamax, pats_param_groups  # noqa: E402
 from processes import join_or_fail  # noqa: E402
+from tiny_models import tiny_bert  # noqa: E402
 
 WORLD_SIZE = 2
 STEPS = 3
@@ -53,13 +54,7 @@ def _deepspeed_env(rank: int, world_size: int, port: int) -> None:
 
 
 def _bert(seed=0):
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=37, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config)
+    return tiny_bert(seed, hidden_size=32, intermediate_size=37)
 
 
 def _batches(rank):

@@ -31,6 +31,7 @@ import fusednoise
 from fusednoise import hype, lnsr, noisytune
 from fusednoise.optim import PATSAdamax
 from processes import join_or_fail
+from tiny_models import tiny_bert
 
 WORLD_SIZE = 2
 STEPS = 10
@@ -65,13 +66,7 @@ def _train(model, opt, batches):
 
 
 def _bert(seed=0):
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0)
-    return transformers.BertForSequenceClassification(config)
+    return tiny_bert(seed, hidden_size=16, intermediate_size=24)
 
 
 def _bert_batch(rank):

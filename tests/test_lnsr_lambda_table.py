@@ -1,17 +1,8 @@
 """benchmarks/lnsr_lambda_table.py: the lambda_r tables of docs/lnsr.md (issue 22), on made-up runs."""
-import importlib.util
 import json
-from pathlib import Path
 
 from fusednoise.experiments.finetune import FinetuneConfig
-
-
-def _script():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lnsr_lambda_table.py"
-    spec = importlib.util.spec_from_file_location("lnsr_lambda_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scripts import load_script
 
 
 def _run(folder, name, seed, accuracy, recipe="lnsr", **settings):
@@ -34,7 +25,7 @@ def test_paired_delta_and_scaled_first_step_ratios(tmp_path, capsys):
         {"task": "rte", "seed": s, "reduction": "mean", "dropout": "independent", "loss_ratio": r, "grad_ratio": 2 * r}
         for s, r in ((0, 0.2), (1, 0.3), (2, 0.4))]}))
 
-    script = _script()
+    script = load_script("lnsr_lambda_table")
     assert script.main(["--runs", str(shared), str(sweep), "--first-step", str(first)]) == 0
     out = capsys.readouterr()
     rows = [line for line in out.out.splitlines() if line.startswith("| RTE")]

@@ -6,6 +6,7 @@ import re
 import pytest
 
 from fusednoise.experiments import finetune, report
+from scripts import load_script
 from fusednoise.cli import main
 from fusednoise.experiments.finetune import FinetuneConfig
 
@@ -429,20 +430,8 @@ def test_report_command_rewrites_table_and_plot(tmp_path, capsys):
     assert main(["report", "--output", str(tmp_path / "nothing")]) == 2
 
 
-def _lnsr_table_script():
-    """benchmarks/lnsr_reduction_table.py (docs/lnsr.md's tables), loaded as a module."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "lnsr_reduction_table.py"
-    spec = importlib.util.spec_from_file_location("lnsr_reduction_table", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_lnsr_tables_of_the_docs():
-    script = _lnsr_table_script()
+    script = load_script("lnsr_reduction_table")
     runs = [fake_run("rte", "vanilla", s, v, schema="fusednoise.finetune/1") for s, v in ((0, 0.55), (1, 0.57))]
     legacy = fake_run("rte", "lnsr", 0, 0.5, schema="fusednoise.finetune/1")  # before reduction= existed: sum
     for name in ("lnsr_reduction", "lnsr_dropout"):
