@@ -226,6 +226,13 @@ def _forward_shape(n_rows: int, n_features: int, vec: int):
     return block_q, rows, (-(-n_rows // rows),), warps
 
 
+def _noise_constexprs(x, sigma: float, distribution: str, stochastic: bool) -> dict:
+    """The noise's constexprs, shared by both forwards (stochastic rounding only where the output is 16-bit)."""
+    return dict(HAS_NOISE=sigma > 0, STOCHASTIC=bool(stochastic) and x.dtype.itemsize == 2,
+                DISTRIBUTION=DIST_NORMAL if distribution == "normal" else DIST_UNIFORM, FAST=fast_math(),
+                INTERPRETED=interpreter_enabled())
+
+
 def rms_forward_launch(x, residual, weight, y, s, rstd, eps: float, sigma: float, distribution: str, seed: int,
                        stochastic: bool, offset=None) -> Launch:
     """The launch of :func:`launch_rms_forward` (also built from ``meta`` tensors by ``specialisations``)."""
@@ -233,15 +240,12 @@ def rms_forward_launch(x, residual, weight, y, s, rstd, eps: float, sigma: float
     n_rows = x.numel() // n_features
     vec = vec_for(x.dtype)
     block_q, rows, grid, warps = _forward_shape(n_rows, n_features, vec)
-    half = x.dtype.itemsize == 2
     return Launch(
         add_rms_norm_forward_kernel, grid,
         (x, residual if residual is not None else x, weight, y, s if s is not None else x, rstd,
          offset if offset is not None else host_offset(x), n_rows, n_features, float(eps), float(sigma), seed),
-        dict(HAS_RESIDUAL=residual is not None, STORE_S=s is not None, HAS_NOISE=sigma > 0,
-             STOCHASTIC=bool(stochastic) and half, DISTRIBUTION=DIST_NORMAL if distribution == "normal" else
-             DIST_UNIFORM, FAST=fast_math(), INTERPRETED=interpreter_enabled(), VEC=vec, BLOCK_Q=block_q,
-             ROWS=rows),
+        dict(HAS_RESIDUAL=residual is not None, STORE_S=s is not None,
+             **_noise_constexprs(x, sigma, distribution, stochastic), VEC=vec, BLOCK_Q=block_q, ROWS=rows),
         warps)
 
 
@@ -251,14 +255,12 @@ def layer_norm_forward_launch(x, residual, weight, bias, y, mean, rstd, eps: flo
     n_rows = x.numel() // n_features
     vec = vec_for(x.dtype)
     block_q, rows, grid, warps = _forward_shape(n_rows, n_features, vec)
-    half = x.dtype.itemsize == 2
     return Launch(
         add_layer_norm_forward_kernel, grid,
         (x, residual, weight, bias if bias is not None else weight, y, mean, rstd,
          offset if offset is not None else host_offset(x), n_rows, n_features, float(eps), float(sigma), seed),
-        dict(HAS_BIAS=bias is not None, HAS_NOISE=sigma > 0, STOCHASTIC=bool(stochastic) and half,
-             DISTRIBUTION=DIST_NORMAL if distribution == "normal" else DIST_UNIFORM, FAST=fast_math(),
-             INTERPRETED=interpreter_enabled(), VEC=vec, BLOCK_Q=block_q, ROWS=rows),
+        dict(HAS_BIAS=bias is not None, **_noise_constexprs(x, sigma, distribution, stochastic), VEC=vec,
+             BLOCK_Q=block_q, ROWS=rows),
         warps)
 
 
