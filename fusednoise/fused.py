@@ -3,6 +3,10 @@
 :func:`fuse_norms` (and ``hype.apply(..., fused=True)``) rebinds ``forward`` on the *instances* of a model's layers
 (never on their classes), as Liger-Kernel does: no parameter, buffer or ``state_dict`` key changes, so it works
 on a ``PeftModel`` and on FSDP2-wrapped layers, and ``remove()`` restores the original forwards exactly.
+FSDP2 (``fully_shard``, before or after patching: it swaps a layer's class for an ``FSDP<Layer>`` subclass, which
+:func:`family` recognises through the MRO, and keeps the instance ``forward``) all-gathers the parameters in its
+forward pre-hook, which ``Module.__call__`` runs before the rebound forward: the fused ops get the plain unsharded
+weights, never DTensor shards (``tests/test_fused_fsdp.py``).
 
 What each family's patch computes (the eager layer's own arithmetic, fused; ``fusednoise/ops_norms.py``):
 
