@@ -21,6 +21,7 @@ from .lnsr import REDUCTIONS
 from .experiments.glue import TASKS
 
 _TASK_CHOICES = sorted(TASKS)
+HYPE_FUSED = {"false": False, "true": True, "auto": "auto"}  # --hype-fused -> FinetuneConfig.hype_fused
 # Measured: `fusednoise demo --data-dir ../shared/data/glue` on this project's 2-core CPU, 3 min 38 s (four runs
 # of 32 steps: vanilla, HyPe-N, PATS and adamax, PATS's control without the noise, so PATS's delta is its noise's).
 DEMO_MINUTES = "about 4 minutes"
@@ -83,6 +84,10 @@ def _add_training_arguments(parser: argparse.ArgumentParser, demo: bool) -> None
     hype.add_argument("--hype-layers", choices=("all", "lower", "upper"), default=defaults.hype_layers)
     hype.add_argument("--hype-keep-dropout", action="store_true",
                       help="keep hidden dropout on (the paper turns it off with HyPe)")
+    hype.add_argument("--hype-fused", choices=list(HYPE_FUSED), default="false",
+                      help="add the noise in fused residual-add + norm ops instead of hooks (hype.apply(fused=...); "
+                           "true: BERT, RoBERTa, ELECTRA, LLaMA, Mistral, Qwen2 or an error; auto: fused where "
+                           "possible, else hooks; default false)")
     lnsr = parser.add_argument_group("LNSR (lnsr, lnsr-manifold)")
     lnsr.add_argument("--lnsr-scale", type=float, default=defaults.lnsr_scale,
                       help="||eps|| / ||x|| of standard noise (default 0.05)")
@@ -213,7 +218,8 @@ def _config(args, task: str, recipes) -> FinetuneConfig:
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, lr=args.lr,
         weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_length=args.max_length,
         device=args.device, hype_sigma=args.hype_sigma, hype_layers=args.hype_layers,
-        hype_keep_dropout=args.hype_keep_dropout, lnsr_scale=args.lnsr_scale, lnsr_weight=args.lnsr_weight,
+        hype_keep_dropout=args.hype_keep_dropout, hype_fused=HYPE_FUSED[args.hype_fused],
+        lnsr_scale=args.lnsr_scale, lnsr_weight=args.lnsr_weight,
         lnsr_inject_layer=args.lnsr_inject_layer, lnsr_k=args.lnsr_k, lnsr_mix_ratio=args.lnsr_mix_ratio,
         lnsr_reduction=args.lnsr_reduction, lnsr_dropout=args.lnsr_dropout,
         noisytune_lambda=args.noisytune_lambda, noisytune_include_head=args.noisytune_include_head,

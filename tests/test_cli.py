@@ -87,6 +87,11 @@ def test_demo_defaults_are_small_and_finetune_defaults_are_the_papers():
     combined = cli._configs(parser.parse_args(["finetune", "--task", "mrpc", "--method", "noisytune",
                                                "--method", "hype-u", "--hype-sigma", "1e-6"]))
     assert combined[0][1] == [("hype-u", "noisytune")] and combined[0][0].hype_sigma == 1e-6
+    assert base.hype_fused is False
+    for flag, value in (("true", True), ("auto", "auto"), ("false", False)):
+        fused = cli._configs(parser.parse_args(["finetune", "--task", "rte", "--method", "hype-n",
+                                                "--hype-fused", flag]))
+        assert fused[0][0].hype_fused == value and fused[0][0].trainer_kwargs()["hype"].fused == value
 
 
 def test_python_m_fusednoise_lists_the_commands():

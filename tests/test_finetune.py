@@ -114,6 +114,47 @@ def test_hype_callback_on_a_plain_trainer(tmp_path):
     assert sum(len(layer._forward_pre_hooks) for layer in model.bert.encoder.layer) == 0
 
 
+def _rebound(model):
+    """The modules whose forward is an instance attribute (what the fused patch rebinds)."""
+    return [name for name, module in model.named_modules() if "forward" in module.__dict__]
+
+
+def test_hype_fused_patches_the_trainers_model_until_training_ends(tmp_path):
+    model = tiny_bert()
+    data = tiny_data()
+    batch = {k: v for k, v in batch_of(data).items() if k != "labels"}
+
+    def check(m):
+        with torch.no_grad():
+            m.train()
+            a, b = m(**batch).logits, m(**batch).logits
+        return _rebound(m), [len(layer._forward_pre_hooks) for layer in m.bert.encoder.layer], torch.equal(a, b)
+
+    probe = Probe(check)
+    trainer = FusedNoiseTrainer(model=model, args=tiny_args(tmp_path, num_train_epochs=1), train_dataset=data,
+                                hype=HyPeConfig(sigma=1e-2, fused=True), callbacks=[probe])
+    trainer.train()
+    rebound, hooks, repeatable = probe.seen[0]
+    # both norms of both BERT layers fused; the first layer's noise from its hook, the second's from layer 0's op
+    assert rebound == [f"bert.encoder.layer.{i}.{sub}" for i in (0, 1) for sub in ("attention.output", "output")]
+    assert hooks == [1, 0] and not repeatable  # and the noise is on
+    # on_train_end, where the hooks are removed, restores the forwards
+    assert trainer.hype_callback.handle is None
+    assert _rebound(model) == [] and all(not layer._forward_pre_hooks for layer in model.bert.encoder.layer)
+
+
+def test_hype_fused_defaults_to_hooks_and_is_checked_where_the_trainer_is_built(tmp_path):
+    assert HyPeConfig().fused is False
+    probe = Probe(_rebound)
+    FusedNoiseTrainer(model=tiny_bert(), args=tiny_args(tmp_path, num_train_epochs=1), train_dataset=tiny_data(),
+                      hype=True, callbacks=[probe]).train()
+    assert probe.seen == [[]]  # no forward rebound: the hooks
+    with pytest.raises(ValueError, match="HyPeConfig.fused must be one of"):
+        FusedNoiseTrainer(model=tiny_bert(), args=tiny_args(tmp_path), hype={"fused": "yes"})
+    with pytest.raises(ValueError, match="HyPeConfig.fused must be one of"):
+        HyPeConfig(fused=1)
+
+
 def test_noisytune_perturbs_once_before_the_first_step(tmp_path, monkeypatch):
     from fusednoise import noisytune
 
@@ -327,6 +368,10 @@ def test_config_maps_methods_to_the_papers_defaults():
     assert FinetuneConfig(task="cola", methods=("pats",)).optimizer_lr == 1e-4
     assert FinetuneConfig(task="cola", methods=("vanilla",), lr=5e-5).trainer_kwargs() == {
         "hype": None, "lnsr": None, "noisytune": None, "pats": None}
+    fused = FinetuneConfig(task="rte", methods=("hype-n",), hype_fused="auto")
+    assert fused.trainer_kwargs()["hype"].fused == "auto" and fused.label == "hype-n (hype_fused=auto)"
+    with pytest.raises(ValueError, match="hype_fused must be"):
+        FinetuneConfig(hype_fused="yes")
     with pytest.raises(ValueError, match="max_train_samples"):
         FinetuneConfig(max_train_samples=0)
     with pytest.raises(ValueError, match="lr must be"):

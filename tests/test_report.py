@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -100,7 +101,8 @@ def test_method_settings_name_the_file_and_the_row():
 # Every setting that decides what a run computes, with another value than FinetuneConfig's default.
 OTHER_VALUES = dict(model="some/model", max_train_samples=500, max_eval_samples=100, data_seed=1, epochs=2.0,
                     batch_size=16, eval_batch_size=64, lr=1e-4, weight_decay=0.01, warmup_ratio=0.0, max_length=64,
-                    device="cuda", data_dir="glue-tsv", hype_sigma=2e-5, hype_layers="lower", hype_keep_dropout=True)
+                    device="cuda", data_dir="glue-tsv", hype_sigma=2e-5, hype_layers="lower", hype_keep_dropout=True,
+                    hype_fused=True)
 
 
 @pytest.mark.parametrize("name", sorted(OTHER_VALUES))
@@ -110,6 +112,18 @@ def test_a_run_is_its_whole_configuration(name):
     other = dataclasses.replace(base, **{name: OTHER_VALUES[name]})
     assert finetune.run_file("o", other) != finetune.run_file("o", base)
     assert finetune.identity_key(other.to_dict()) != finetune.identity_key(base.to_dict())
+
+
+def test_a_setting_added_later_keeps_the_digests_of_runs_written_before_it():
+    """hype_fused at its default (hooks, what every earlier run used) is not in the identity: the committed run
+    files keep their names (this one was written before the setting existed)."""
+    name = "cola__hype-n__260823b26f__seed0.json"
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "finetune-minilm-cpu-glue4" / "runs" / name
+    config = json.loads(path.read_text())["config"]
+    assert "hype_fused" not in config and finetune.run_file_name(config) == name
+    assert finetune.run_file_name(dict(config, hype_fused=False)) == name
+    fused = finetune.run_file_name(dict(config, hype_fused="auto"))
+    assert fused.startswith("cola__hype-n__hype_fused=auto__") and fused != name
 
 
 def test_identity_leaves_out_what_does_not_change_the_run():

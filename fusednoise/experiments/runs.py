@@ -59,8 +59,8 @@ PATS_LR = {"cola": 1e-4, "mrpc": 3e-4, "rte": 3e-4, "stsb": 3e-4, "sst2": 3e-4}
 # name its run file and its table row, so runs that differ in a method setting never overwrite or merge.
 METHOD_SETTINGS: Dict[str, Tuple[str, ...]] = {
     "vanilla": (),
-    "hype-n": ("hype_sigma", "hype_layers", "hype_keep_dropout"),
-    "hype-u": ("hype_sigma", "hype_layers", "hype_keep_dropout"),
+    "hype-n": ("hype_sigma", "hype_layers", "hype_keep_dropout", "hype_fused"),
+    "hype-u": ("hype_sigma", "hype_layers", "hype_keep_dropout", "hype_fused"),
     "lnsr": ("lnsr_scale", "lnsr_weight", "lnsr_inject_layer", "lnsr_reduction", "lnsr_dropout"),
     "lnsr-manifold": ("lnsr_weight", "lnsr_k", "lnsr_mix_ratio", "lnsr_reduction", "lnsr_dropout"),
     "noisytune": ("noisytune_lambda", "noisytune_include_head"),
@@ -72,6 +72,10 @@ METHOD_SETTINGS: Dict[str, Tuple[str, ...]] = {
 # (LNSR before reduction= and the dropout choice: the per-example sum, dropout replayed in the noisy pass.)
 LEGACY_SETTINGS: Dict[str, object] = {"noisytune_include_head": True, "lnsr_reduction": "sum",
                                       "lnsr_dropout": "replay"}
+# Settings added after run files were committed whose value in those files is also their default: in a run's
+# identity only when they differ from it, so the committed files keep their digests. (hype_fused: the fused patch
+# draws the hook path's noise; it changes a run only by the rounding of (a + b) + eps and the float32 sum order.)
+IDENTITY_WHEN_SET: Dict[str, object] = {"hype_fused": False}
 # Training settings every recipe of one comparison shares; runs that differ in one never share a row. AdamW's
 # ``lr`` is added for recipes that train with AdamW (Adamax recipes carry ``pats_lr`` as a method setting).
 SHARED_SETTINGS = ("model", "max_train_samples", "max_eval_samples", "data_seed", "epochs", "batch_size",
@@ -134,6 +138,7 @@ class FinetuneConfig:
     hype_sigma: float = 1e-5
     hype_layers: str = "all"
     hype_keep_dropout: bool = False
+    hype_fused: Union[bool, str] = False  # hype.apply(fused=...): False (hooks), True or "auto"
     # LNSR (lnsr-2021 / journal): scale 0.05, lambda_r 1, noise at the embedding output, k 10, mix ratio 0.1
     lnsr_scale: float = 0.05
     lnsr_weight: float = 1.0
@@ -188,6 +193,8 @@ class FinetuneConfig:
             raise ValueError(f"lnsr_dropout must be one of {LNSR_DROPOUTS}, got {self.lnsr_dropout!r}")
         if self.hype_layers not in ("all", "lower", "upper"):
             raise ValueError(f"hype_layers must be 'all', 'lower' or 'upper', got {self.hype_layers!r}")
+        if not (self.hype_fused is True or self.hype_fused is False or self.hype_fused == "auto"):
+            raise ValueError(f"hype_fused must be False, True or 'auto', got {self.hype_fused!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for name in ("hype_keep_dropout", "noisytune_include_head"):
@@ -216,7 +223,7 @@ class FinetuneConfig:
             kwargs["hype"] = HyPeConfig(sigma=self.hype_sigma,
                                         distribution="uniform" if "hype-u" in methods else "normal",
                                         layers=None if self.hype_layers == "all" else self.hype_layers,
-                                        disable_dropout=not self.hype_keep_dropout)
+                                        disable_dropout=not self.hype_keep_dropout, fused=self.hype_fused)
         if methods & {"lnsr", "lnsr-manifold"}:
             kwargs["lnsr"] = LNSRConfig(scale=self.lnsr_scale, inject_layer=self.lnsr_inject_layer,
                                         weights=self.lnsr_weight,
@@ -359,7 +366,9 @@ def run_identity(config: dict) -> Dict[str, object]:
     identity.update(shared_settings(config))
     names = [name for method in config["methods"] for name in METHOD_SETTINGS.get(method, ())]
     for name in list(dict.fromkeys(names)) + list(IDENTITY_EXTRAS):
-        identity[name] = _setting(config, name)
+        value = _setting(config, name)
+        if name not in IDENTITY_WHEN_SET or value != IDENTITY_WHEN_SET[name]:
+            identity[name] = value
     return {name: _canonical(name, value) for name, value in identity.items()}
 
 

@@ -23,6 +23,9 @@ What each one does inside the Trainer:
   (``disable_dropout=True``, the paper's setting) and restored by ``remove()``. With ``HyPeConfig(seed=...)`` the
   per-layer noise counters are saved in every checkpoint (``trainer_state.json``, as an ``ExportableState``) and
   restored when training resumes from it, so a resumed run draws the noise an uninterrupted one would.
+  ``HyPeConfig(fused=True)`` (or ``"auto"``) passes ``fused=`` to ``hype.apply``: the layers' residual-add + norm
+  are patched with the fused ops, which add the noise at no extra pass (:mod:`fusednoise.fused`), from
+  ``on_train_begin`` until ``on_train_end`` restores the original forwards with the hooks.
 * **NoisyTune** (:class:`NoisyTuneCallback`): ``noisytune.perturb_`` once, at ``on_train_begin`` of a run that
   starts at step 0 (a run resumed from a checkpoint already holds perturbed, trained weights and is left alone),
   and never twice on the same model.
@@ -83,6 +86,16 @@ class HyPeConfig:
     disable_dropout: bool = True  # the paper turns hidden dropout off when HyPe is on
     rounding: str = "nearest"     # "stochastic" keeps sigma 1e-5 alive in a bf16/fp16 residual stream
     seed: Optional[int] = None    # None: seeds from torch's CPU generator; an int: hype.apply(seed=...)
+    # False: hooks; True: the fused residual-add + norm patches (LLaMA, Mistral, Qwen2, BERT, RoBERTa, ELECTRA;
+    # another architecture is an error when training starts); "auto": fused where possible, else hooks
+    fused: Union[bool, str] = False
+
+    def __post_init__(self):
+        from ..fused import FUSED_CHOICES
+
+        # hype.apply checks it again, but only when training starts: a typo should fail where the Trainer is built
+        if not (self.fused is True or self.fused is False or self.fused == "auto"):
+            raise ValueError(f"HyPeConfig.fused must be one of {FUSED_CHOICES}, got {self.fused!r}")
 
 
 @dataclass
