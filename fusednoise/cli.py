@@ -86,8 +86,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, demo: bool) -> None
                       help="keep hidden dropout on (the paper turns it off with HyPe)")
     hype.add_argument("--hype-fused", choices=list(HYPE_FUSED), default="false",
                       help="add the noise in fused residual-add + norm ops instead of hooks (hype.apply(fused=...); "
-                           "true: BERT, RoBERTa, ELECTRA, LLaMA, Mistral, Qwen2 or an error; auto: fused where "
-                           "possible, else hooks; default false)")
+                           "true: BERT, RoBERTa, ELECTRA, LLaMA, Mistral, Qwen2, float32 Gemma or an error; auto: "
+                           "fused where possible, else hooks; default false)")
     lnsr = parser.add_argument_group("LNSR (lnsr, lnsr-manifold)")
     lnsr.add_argument("--lnsr-scale", type=float, default=defaults.lnsr_scale,
                       help="||eps|| / ||x|| of standard noise (default 0.05)")

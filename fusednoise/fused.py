@@ -10,11 +10,13 @@ weights, never DTensor shards (``tests/test_fused_fsdp.py``).
 
 What each family's patch computes (the eager layer's own arithmetic, fused; ``fusednoise/ops_norms.py``):
 
-* pre-LN, LLaMA / Mistral / Qwen2 (``*DecoderLayer`` with ``*RMSNorm``): ``input_layernorm`` and the
+* pre-LN, LLaMA / Mistral / Qwen2 / Gemma (``*DecoderLayer`` with ``*RMSNorm``): ``input_layernorm`` and the
   ``post_attention_layernorm`` with the residual add before it become :func:`~fusednoise.add_rms_norm` calls;
   the layer's last add, ``residual + mlp(...)``, is the next layer's input, and with HyPe it becomes
   :func:`~fusednoise.add_residual_noise` carrying the *next* layer's noise (what the hook path adds to that
-  tensor at the next layer's entry: the same seed and philox words per element).
+  tensor at the next layer's entry: the same seed and philox words per element). Gemma's RMSNorm multiplies by
+  ``1 + w`` in float32 and rounds once (``add_rms_norm(unit_offset=True)``): exact in float32 only, so a Gemma
+  model in bfloat16 / float16 is refused (the op rounds the normalised value before the weight, as LLaMA does).
 * post-LN, BERT / RoBERTa / ELECTRA (``*Layer`` whose ``attention.output`` and ``output`` are dense, dropout,
   ``LayerNorm(hidden + input_tensor)``): both ``LayerNorm(hidden + input_tensor)`` become
   :func:`~fusednoise.add_layer_norm`; with HyPe the second, the layer's output and so the next layer's input,
@@ -45,8 +47,11 @@ from .layers import find_layer_stacks
 from .ops_norms import add_layer_norm, add_rms_norm
 
 # Layer classes (or their bases: FSDP2 and other wrappers subclass them) the patches know, by family.
-PRE_LN_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
-PRE_LN_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x.to(dtype): not Gemma's (1 + w)
+PRE_LN_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "GemmaDecoderLayer")
+PRE_LN_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x.to(dtype), eps: variance_epsilon
+# (x * (1 + w)) in float32, rounded once, eps: eps. The op reproduces it in float32 only (add_rms_norm's
+# unit_offset): a Gemma model in bfloat16 / float16 is refused.
+UNIT_OFFSET_NORMS = ("GemmaRMSNorm",)
 POST_LN_LAYERS = ("BertLayer", "RobertaLayer", "ElectraLayer")
 FUSED_CHOICES = (True, False, "auto")
 
@@ -107,6 +112,16 @@ def _post_ln_output_ok(sub) -> bool:
             and isinstance(norm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1)
 
 
+def _unit_offset(norm: nn.Module) -> Optional[bool]:
+    """True for Gemma's ``(1 + w)`` RMSNorm, False for LLaMA's, None for a norm the patches do not know."""
+    names = _class_names(norm)
+    if any(n in UNIT_OFFSET_NORMS for n in names):
+        return True
+    if any(n in PRE_LN_NORMS for n in names):
+        return False
+    return None
+
+
 def why_not_fusable(layer: nn.Module, noisy: bool = False) -> Optional[str]:
     """Why ``layer`` cannot be patched (a sentence naming its class), or None when it can."""
     kind = family(layer)
@@ -117,8 +132,12 @@ def why_not_fusable(layer: nn.Module, noisy: bool = False) -> Optional[str]:
     if kind == "pre_ln":
         for attribute in ("input_layernorm", "post_attention_layernorm"):
             norm = getattr(layer, attribute, None)
-            if norm is None or not any(n in PRE_LN_NORMS for n in _class_names(norm)):
-                return f"{name}.{attribute} is {type(norm).__name__}, not one of {PRE_LN_NORMS}"
+            if norm is None or _unit_offset(norm) is None:
+                return f"{name}.{attribute} is {type(norm).__name__}, not one of {PRE_LN_NORMS + UNIT_OFFSET_NORMS}"
+            if _unit_offset(norm) and norm.weight.dtype != torch.float32:
+                return (f"{name}.{attribute} is {type(norm).__name__} in {norm.weight.dtype}: Gemma multiplies by "
+                        "(1 + w) in float32 and rounds once, while the fused op rounds the normalised value to the "
+                        "model's dtype before the weight, so only a float32 Gemma is fused exactly")
         if not all(isinstance(getattr(layer, a, None), nn.Module) for a in ("self_attn", "mlp")):
             return f"{name} has no self_attn or mlp submodule"
         return None
@@ -147,6 +166,8 @@ def _rms_norm(x, residual, norm, noise=None):
     if residual is not None and _eager_needed(x, residual):
         s = residual + x
         return norm(s), s
+    if _unit_offset(norm):  # Gemma: (1 + w) in float32 (a half-precision x is refused by the op, naming Gemma)
+        return add_rms_norm(x, residual, norm.weight, norm.eps, *(noise or ()), unit_offset=True)
     if noise is None:
         return add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
     return add_rms_norm(x, residual, norm.weight, norm.variance_epsilon, *noise)
@@ -293,7 +314,8 @@ def fuse_norms(model: nn.Module) -> FusedNorms:
     """Patch the residual-add + norm of every layer of ``model`` with the fused ops, without noise: the same
     outputs and gradients (up to float32 summation order), fewer passes over the hidden states.
 
-    Known families: LLaMA, Mistral, Qwen2 (pre-LN RMSNorm) and BERT, RoBERTa, ELECTRA (post-LN LayerNorm).
+    Known families: LLaMA, Mistral, Qwen2, Gemma in float32 (pre-LN RMSNorm) and BERT, RoBERTa, ELECTRA (post-LN
+    LayerNorm).
     Raises ValueError naming the layer class when the model has another architecture. Returns a
     :class:`FusedNorms`; ``remove()`` restores the model.
     """

@@ -24,10 +24,10 @@ Usage::
 
 The noise is added by forward pre-hooks on the layers that :func:`fusednoise.layers.find_layers` finds (or the
 ``layers=`` you choose), through :func:`fusednoise.add_noise`: one fused pass, no noise tensor. With
-``apply(..., fused=True)`` on LLaMA, Mistral, Qwen2, BERT, RoBERTa or ELECTRA, the layers' residual-add + norm are
-patched with the fused ops of :mod:`fusednoise.fused` and each layer's noise is added by the op that produces its
-input, at no extra pass (the same noise; LLaMA-family first layers add theirs in their input norm, BERT-family
-first layers keep the hook).
+``apply(..., fused=True)`` on LLaMA, Mistral, Qwen2, Gemma (float32), BERT, RoBERTa or ELECTRA, the layers'
+residual-add + norm are patched with the fused ops of :mod:`fusednoise.fused` and each layer's noise is added by
+the op that produces its input, at no extra pass (the same noise; LLaMA-family first layers add theirs in their
+input norm, BERT-family first layers keep the hook).
 
 With ``seed=``, the noise of a layer call depends on how many noisy calls that layer has made: ``handle.state_dict()``
 holds those counters and ``handle.load_state_dict()`` restores them, so a run resumed from a checkpoint continues
@@ -434,7 +434,7 @@ def apply(model: nn.Module, sigma: float = DEFAULT_SIGMA, distribution: str = "n
             in the op that produces its input (no extra pass; a pre-LN stack's first layer adds its own in its input
             norm, a post-LN stack's first layer keeps a hook); raises
             ValueError naming the layer class when the architecture is not one the patches know (LLaMA, Mistral,
-            Qwen2, BERT, RoBERTa, ELECTRA). ``"auto"``: fuse when possible, else warn and use hooks. The same
+            Qwen2, Gemma in float32, BERT, RoBERTa, ELECTRA). ``"auto"``: fuse when possible, else warn and use hooks. The same
             noise as the hook path (same seeds, same philox words per element), so with ``seed=`` the fused and
             hook runs match up to the rounding of ``(a + b) + eps`` in half precision. Every layer of a fused
             stack is patched (only the chosen ones get noise); ``handle.fused_layers`` lists them. With fusing,

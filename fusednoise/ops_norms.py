@@ -177,7 +177,7 @@ torch.library.register_autograd("fusednoise::add_rms_norm", _rms_backward, setup
 
 def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float = 1e-6,
                  sigma: float = 0.0, distribution: str = "normal", seed: Optional[int] = None,
-                 rounding: str = "nearest") -> Tuple[torch.Tensor, torch.Tensor]:
+                 rounding: str = "nearest", unit_offset: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, s)``: ``s = x (+ residual) (+ eps)``, ``y = rms_norm(s) * weight`` (LlamaRMSNorm's rounding).
 
     Args:
@@ -188,8 +188,22 @@ def add_rms_norm(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torc
         sigma: HyPe noise scale (0: none). ``normal``: N(0, sigma^2); ``uniform``: U(-sigma, sigma). HyPe's
             default is 1e-5.
         distribution, seed, rounding: as :func:`fusednoise.add_residual_noise`, whose noise ``s`` equals.
+        unit_offset: Gemma's RMSNorm, ``y = (rms_norm(s) * (1 + weight))`` with ``1 + weight`` taken in float32
+            and ``y`` in float32 (``GemmaRMSNorm``: ``(x.float() * rsqrt(...) * (1.0 + w.float())).type_as(x)``).
+            float32 ``x`` only: the op rounds the normalised value to x's dtype before the weight multiply (the
+            LLaMA order), which in bfloat16 / float16 is not Gemma's single rounding (about a quarter of the
+            outputs would be one unit in the last place off), so half-precision ``x`` is a TypeError.
     """
     _check(x, residual, weight, None, eps, sigma, distribution, rounding, seed, False)
+    if not isinstance(unit_offset, bool):
+        raise TypeError(f"unit_offset must be a bool, got {type(unit_offset).__name__}")
+    if unit_offset:
+        if x.dtype != torch.float32:
+            raise TypeError(
+                f"add_rms_norm(unit_offset=True) (Gemma's x * (1 + w), rounded once) needs float32 x, got {x.dtype}: "
+                "the fused op rounds the normalised value to x's dtype before multiplying by the weight, which is "
+                "not Gemma's arithmetic in half precision")
+        weight = 1.0 + weight.float()  # GemmaRMSNorm's own float32 (1.0 + w); its gradient reaches w unchanged
     y, s, _ = torch.ops.fusednoise.add_rms_norm(x, residual, weight, float(eps), float(sigma), distribution, seed,
                                                 rounding == "stochastic")
     return y, (x if s.numel() == 0 and x.numel() != 0 else s)

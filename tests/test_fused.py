@@ -9,9 +9,31 @@ from torch import nn
 
 import fusednoise
 from fusednoise import hype
-from test_layers import build_model, main_output, model_inputs
+import test_layers
+from test_layers import main_output
 
-FAMILIES = ["llama", "mistral", "qwen2", "bert", "roberta", "electra"]
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "bert", "roberta", "electra"]
+PRE_LN = ("llama", "mistral", "qwen2", "gemma")
+# Gemma's (1 + w) RMSNorm is fused exactly in float32 only (add_rms_norm's unit_offset): bf16 Gemma is refused
+CASES = [(name, dtype) for dtype in (torch.float32, torch.bfloat16) for name in FAMILIES
+         if not (name == "gemma" and dtype != torch.float32)]
+
+
+def build_model(name):
+    """test_layers' tiny models, and a tiny Gemma (test_layers' LLaMA config; head_dim 8, not Gemma's 256)."""
+    if name != "gemma":
+        return test_layers.build_model(name)
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GemmaConfig(vocab_size=test_layers.VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                      max_position_embeddings=64)
+    return transformers.GemmaForCausalLM(config).train()
+
+
+def model_inputs(name):
+    return test_layers.model_inputs("llama" if name == "gemma" else name)  # a decoder's inputs
 
 
 def run(model, name, seed=0, call=None):
@@ -39,13 +61,22 @@ def assert_same_step(a, b, dtype):
 
 
 def build(name, dtype):
+    """``build_model(name)`` in ``dtype``; in float32 with random norm weights and biases: the models start with
+    LayerNorm / RMSNorm weights of 1 (Gemma's of 0, for 1 + w) and biases of 0, which a patch dropping them would
+    not show. (In bfloat16 the eager layers round their smallest gradients, the LayerNorm biases', a few percent
+    away from the fused ops' float32 sums once the weights are random: beyond the tolerance, not a bug.)"""
     model = build_model(name)
+    if dtype == torch.float32:
+        with torch.no_grad():
+            for module in model.modules():
+                if "Norm" in type(module).__name__:
+                    for parameter in module.parameters(recurse=False):
+                        parameter.add_(0.2 * torch.randn_like(parameter))
     return model.to(dtype)
 
 
 # ---------------------------------------------------------------------------------- fuse_norms
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name, dtype", CASES)
 def test_fused_layers_compute_what_the_unpatched_layers_do(name, dtype):
     model = build(name, dtype)
     keys = {k: v.clone() for k, v in model.state_dict().items()}
@@ -83,6 +114,25 @@ def test_a_layer_with_another_norm_is_refused_by_name():
     assert all("forward" not in module.__dict__ for module in model.modules())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gemma_in_half_precision_is_refused_saying_why(dtype):
+    # GemmaRMSNorm: (x.float() * rstd * (1 + w.float())).type_as(x), one rounding; the op rounds x * rstd to the
+    # model's dtype before the weight (LLaMA's order): about a quarter of bf16 outputs would be 1 ulp off.
+    model = build("gemma", dtype)
+    why = f"GemmaRMSNorm in {dtype}: Gemma multiplies by \\(1 \\+ w\\) in float32 and rounds once"
+    for patch in (fusednoise.fuse_norms, lambda m: hype.apply(m, fused=True)):
+        with pytest.raises(ValueError, match=why):
+            patch(model)
+    with pytest.warns(UserWarning, match="falling back to HyPe's hooks"):
+        hype.apply(model, fused="auto").remove()
+    assert all("forward" not in module.__dict__ and not module._forward_pre_hooks for module in model.modules())
+    # cast after patching: the op refuses the half-precision hidden states, naming Gemma's arithmetic
+    model = build("gemma", torch.float32)
+    with fusednoise.fuse_norms(model):
+        with pytest.raises(TypeError, match="Gemma's x \\* \\(1 \\+ w\\)"):
+            model.to(dtype)(**model_inputs("gemma"))
+
+
 def test_patching_twice_is_refused_and_the_first_patch_stays():
     model = build_model("bert")
     patch = fusednoise.fuse_norms(model)
@@ -110,8 +160,7 @@ def test_works_inside_a_peft_model():
 
 
 # ---------------------------------------------------------------------------------- fused HyPe
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name, dtype", CASES)
 def test_fused_hype_adds_the_hook_paths_noise(name, dtype):
     model = build(name, dtype)
     clean = run(model, name)
@@ -123,7 +172,7 @@ def test_fused_hype_adds_the_hook_paths_noise(name, dtype):
         assert handle.state_dict() == hook_calls  # the same per-layer call counters, so the same seeds
         layers = handle.layers
         # pre-LN: the first layer's input norm adds its noise; post-LN layers start with attention: a hook
-        expected_hooked = [] if name in ("llama", "mistral", "qwen2") else layers[:1]
+        expected_hooked = [] if name in PRE_LN else layers[:1]
         assert handle.fused_layers == layers and handle.hooked_layers == expected_hooked
     assert not torch.equal(clean[0], hooked[0])
     assert_same_step(hooked, fused, dtype)

@@ -124,6 +124,35 @@ def test_rms_norm_is_llama_rms_norm_of_the_noisy_residual_stream(backend, dtype)
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_unit_offset_is_gemmas_rms_norm_in_float32(backend):
+    """GemmaRMSNorm: ``(s * rsqrt(mean(s**2) + eps) * (1 + w)).type_as(s)``, everything in float32; gradients too."""
+    x, residual, weight = fresh((4, 64), torch.float32), fresh((4, 64), torch.float32), fresh(64, torch.float32)
+    probe = torch.randn(4, 64, device=x.device)
+    results = []
+    for fused in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, residual, weight)]
+        with fusednoise.backend(backend):
+            if fused:
+                y, s = ops_norms.add_rms_norm(*leaves, eps=1e-6, sigma=0.1, seed=3, unit_offset=True)
+            else:
+                s = fusednoise.add_residual_noise(leaves[0], leaves[1], 0.1, seed=3)
+                y = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + leaves[2])
+            ((y * probe).sum() + (s * probe.flip(-1)).sum()).backward()
+        results.append([y.detach(), s.detach()] + [leaf.grad for leaf in leaves])
+    for fused, formula in zip(*results):
+        torch.testing.assert_close(fused, formula, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unit_offset_refuses_half_precision_saying_why(dtype):
+    x = torch.randn(2, 8).to(dtype)
+    with pytest.raises(TypeError, match=f"needs float32 x, got {dtype}: the fused op rounds the normalised value"):
+        ops_norms.add_rms_norm(x, None, torch.zeros(8), unit_offset=True)
+    with pytest.raises(TypeError, match="unit_offset must be a bool"):
+        ops_norms.add_rms_norm(x.float(), None, torch.zeros(8), unit_offset="yes")
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_norm_is_add_noise_of_the_eager_layer_norm(backend, dtype):
     x, residual = fresh((4, 64), dtype), fresh((4, 64), dtype)

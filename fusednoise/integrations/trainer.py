@@ -86,8 +86,9 @@ class HyPeConfig:
     disable_dropout: bool = True  # the paper turns hidden dropout off when HyPe is on
     rounding: str = "nearest"     # "stochastic" keeps sigma 1e-5 alive in a bf16/fp16 residual stream
     seed: Optional[int] = None    # None: seeds from torch's CPU generator; an int: hype.apply(seed=...)
-    # False: hooks; True: the fused residual-add + norm patches (LLaMA, Mistral, Qwen2, BERT, RoBERTa, ELECTRA;
-    # another architecture is an error when training starts); "auto": fused where possible, else hooks
+    # False: hooks; True: the fused residual-add + norm patches (LLaMA, Mistral, Qwen2, Gemma in float32, BERT,
+    # RoBERTa, ELECTRA; another architecture is an error when training starts); "auto": fused where possible,
+    # else hooks
     fused: Union[bool, str] = False
 
     def __post_init__(self):
