@@ -23,6 +23,10 @@ What each family's patch computes (the eager layer's own arithmetic, fused; ``fu
   carries the next layer's noise. Hidden dropout stays torch's (``hype.apply(disable_dropout=True)`` turns it
   off, as the paper does).
 
+Liger-Kernel's RMSNorm (its ``LigerRMSNorm`` class, or its forward bound on a ``LlamaRMSNorm`` instance by
+``apply_liger_kernel_to_llama(model=...)``) is recognised by its ``offset`` and ``casting_mode`` and replaced by the
+fused op when it computes LLaMA's or Gemma's arithmetic; any other replaced norm forward is refused, naming it.
+
 A noisy layer with no patched predecessor in its stack (the first layer) gets its noise in its input norm
 (pre-LN: ``add_rms_norm(x + eps)``, the hook's ``add_noise`` then the norm, in one pass) or from the usual HyPe
 hook (post-LN, whose layers begin with attention, not a norm).
@@ -52,6 +56,11 @@ PRE_LN_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")  # weight * x.
 # (x * (1 + w)) in float32, rounded once, eps: eps. The op reproduces it in float32 only (add_rms_norm's
 # unit_offset): a Gemma model in bfloat16 / float16 is refused.
 UNIT_OFFSET_NORMS = ("GemmaRMSNorm",)
+# Liger-Kernel's RMSNorm: the class its module-level patch puts in transformers, or the forward its ``model=``
+# patch binds on the instances of the classes above. Its ``offset`` and ``casting_mode`` say whose arithmetic it
+# computes: LLaMA's (0.0, "llama") and Gemma's (1.0, "gemma") are the ones the fused op reproduces.
+LIGER_NORMS = ("LigerRMSNorm",)
+LIGER_ARITHMETIC = {(0.0, "llama"): False, (1.0, "gemma"): True}  # -> unit_offset
 POST_LN_LAYERS = ("BertLayer", "RobertaLayer", "ElectraLayer")
 FUSED_CHOICES = (True, False, "auto")
 
@@ -112,14 +121,35 @@ def _post_ln_output_ok(sub) -> bool:
             and isinstance(norm, nn.LayerNorm) and norm.weight is not None and len(norm.normalized_shape) == 1)
 
 
-def _unit_offset(norm: nn.Module) -> Optional[bool]:
-    """True for Gemma's ``(1 + w)`` RMSNorm, False for LLaMA's, None for a norm the patches do not know."""
+def _rebound_by(norm: nn.Module) -> Optional[str]:
+    """The module that defined ``norm``'s instance ``forward`` (another library's patch), or None."""
+    forward = norm.__dict__.get("forward")
+    if forward is None:
+        return None
+    return getattr(getattr(forward, "__func__", forward), "__module__", None) or "an unknown module"
+
+
+def norm_arithmetic(norm: nn.Module):
+    """``((unit_offset, eps), None)`` for an RMSNorm whose arithmetic the fused op reproduces (LLaMA's
+    ``w * x.to(dtype)``, Gemma's ``(x * (1 + w))`` in float32), else ``(None, why)``: a sentence naming its class,
+    and Liger-Kernel when Liger patched it with an arithmetic the op does not compute."""
     names = _class_names(norm)
+    owner = _rebound_by(norm)
+    liger = any(n in LIGER_NORMS for n in names) or (owner or "").startswith("liger_kernel")
+    name = type(norm).__name__
+    if liger:
+        key = (float(getattr(norm, "offset", -1.0)), getattr(norm, "casting_mode", None))
+        if key not in LIGER_ARITHMETIC:
+            return None, (f"{name} patched by Liger-Kernel with offset={key[0]}, casting_mode={key[1]!r}: the "
+                          "fused ops compute Liger's LLaMA (0.0, 'llama') and Gemma (1.0, 'gemma') RMSNorms only")
+        return (LIGER_ARITHMETIC[key], norm.variance_epsilon), None
+    if owner is not None:
+        return None, f"{name} whose forward was replaced by {owner}: the fused op would not compute what it does"
     if any(n in UNIT_OFFSET_NORMS for n in names):
-        return True
+        return (True, norm.eps), None
     if any(n in PRE_LN_NORMS for n in names):
-        return False
-    return None
+        return (False, norm.variance_epsilon), None
+    return None, f"{name}, not one of {PRE_LN_NORMS + UNIT_OFFSET_NORMS + LIGER_NORMS}"
 
 
 def why_not_fusable(layer: nn.Module, noisy: bool = False) -> Optional[str]:
@@ -132,9 +162,12 @@ def why_not_fusable(layer: nn.Module, noisy: bool = False) -> Optional[str]:
     if kind == "pre_ln":
         for attribute in ("input_layernorm", "post_attention_layernorm"):
             norm = getattr(layer, attribute, None)
-            if norm is None or _unit_offset(norm) is None:
-                return f"{name}.{attribute} is {type(norm).__name__}, not one of {PRE_LN_NORMS + UNIT_OFFSET_NORMS}"
-            if _unit_offset(norm) and norm.weight.dtype != torch.float32:
+            if not isinstance(norm, nn.Module):
+                return f"{name}.{attribute} is {type(norm).__name__}, not an RMSNorm module"
+            arithmetic, why = norm_arithmetic(norm)
+            if arithmetic is None:
+                return f"{name}.{attribute} is {why}"
+            if arithmetic[0] and norm.weight.dtype != torch.float32:
                 return (f"{name}.{attribute} is {type(norm).__name__} in {norm.weight.dtype}: Gemma multiplies by "
                         "(1 + w) in float32 and rounds once, while the fused op rounds the normalised value to the "
                         "model's dtype before the weight, so only a float32 Gemma is fused exactly")
@@ -160,17 +193,19 @@ def _eager_needed(*tensors) -> bool:
             or torch.is_autocast_enabled(first.device.type))
 
 
-def _rms_norm(x, residual, norm, noise=None):
+def _rms_norm(x, residual, norm, arithmetic, noise=None):
     """``(norm(s), s)`` with ``s = x + residual`` (``x`` when residual is None) plus ``noise``'s draw when given
-    (``(sigma, distribution, seed, rounding)``), fused when the dtypes allow."""
+    (``(sigma, distribution, seed, rounding)``), fused when the dtypes allow. ``arithmetic``: the norm's
+    ``(unit_offset, eps)`` (:func:`norm_arithmetic`, found when the layer was patched)."""
     if residual is not None and _eager_needed(x, residual):
         s = residual + x
         return norm(s), s
-    if _unit_offset(norm):  # Gemma: (1 + w) in float32 (a half-precision x is refused by the op, naming Gemma)
-        return add_rms_norm(x, residual, norm.weight, norm.eps, *(noise or ()), unit_offset=True)
+    unit_offset, eps = arithmetic
+    if unit_offset:  # Gemma: (1 + w) in float32 (a half-precision x is refused by the op, naming Gemma)
+        return add_rms_norm(x, residual, norm.weight, eps, *(noise or ()), unit_offset=True)
     if noise is None:
-        return add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
-    return add_rms_norm(x, residual, norm.weight, norm.variance_epsilon, *noise)
+        return add_rms_norm(x, residual, norm.weight, eps)
+    return add_rms_norm(x, residual, norm.weight, eps, *noise)
 
 
 def _pre_ln_forward(layer: nn.Module, original: Callable, source: Optional[NoiseSource],
@@ -181,6 +216,8 @@ def _pre_ln_forward(layer: nn.Module, original: Callable, source: Optional[Noise
     parameters = list(signature.parameters.values())
     first = parameters[0].name
     var_keyword = next((p.name for p in parameters if p.kind == inspect.Parameter.VAR_KEYWORD), None)
+    input_arithmetic = norm_arithmetic(layer.input_layernorm)[0]  # checked by why_not_fusable before patching
+    post_arithmetic = norm_arithmetic(layer.post_attention_layernorm)[0]
 
     def forward(*args, **kwargs):
         bound = signature.bind(*args, **kwargs)
@@ -189,9 +226,9 @@ def _pre_ln_forward(layer: nn.Module, original: Callable, source: Optional[Noise
         hidden_states = arguments.pop(first)
         extra = arguments.pop(var_keyword, {}) if var_keyword else {}
         own_noise = entry.draw() if entry is not None else None
-        normed, residual = _rms_norm(hidden_states, None, layer.input_layernorm, own_noise)
+        normed, residual = _rms_norm(hidden_states, None, layer.input_layernorm, input_arithmetic, own_noise)
         attention = layer.self_attn(hidden_states=normed, **arguments, **extra)[0]
-        normed, residual = _rms_norm(attention, residual, layer.post_attention_layernorm)
+        normed, residual = _rms_norm(attention, residual, layer.post_attention_layernorm, post_arithmetic)
         mlp = layer.mlp(normed)
         noise = source.draw() if source is not None else None
         if noise is None:
@@ -327,4 +364,5 @@ def fuse_norms(model: nn.Module) -> FusedNorms:
     return FusedNorms(model, [layer for stack in stacks for layer in stack], {})
 
 
-__all__ = ["FUSED_CHOICES", "FusedNorms", "NoiseSource", "fuse_norms", "fusable_stacks", "why_not_fusable"]
+__all__ = ["FUSED_CHOICES", "FusedNorms", "NoiseSource", "fuse_norms", "fusable_stacks", "norm_arithmetic",
+           "why_not_fusable"]

@@ -1,6 +1,7 @@
 """Fused norm patches (``fusednoise.fuse_norms``, ``hype.apply(fused=...)``) on tiny random models of every
 family they know: the patched layers compute what the unpatched ones do (this is the test that catches a
 ``transformers`` release whose layer forward changed structure), and fused HyPe adds the hook path's noise."""
+import types
 import warnings
 
 import pytest
@@ -95,8 +96,17 @@ def test_fuse_norms_refuses_unknown_architectures_by_name():
         fusednoise.fuse_norms(build_model("gpt2"))
 
 
+def test_a_norm_whose_forward_another_library_replaced_is_refused_naming_it():
+    # (Liger-Kernel's replacement is recognised by its attributes: tests/test_fused_liger.py)
+    model = build_model("llama")
+    norm = model.model.layers[1].post_attention_layernorm
+    norm.forward = types.MethodType(lambda self, x: x * self.weight, norm)  # another library's instance patch
+    with pytest.raises(ValueError, match="post_attention_layernorm is LlamaRMSNorm whose forward was replaced by"):
+        fusednoise.fuse_norms(model)
+
+
 def test_a_layer_with_another_norm_is_refused_by_name():
-    # A model whose norms were replaced (Liger-Kernel's LigerRMSNorm, Gemma's (1 + w) norm) is not patched.
+    # A model whose norms were replaced by a class the patches do not know is not patched.
     class OtherRMSNorm(nn.Module):
         def __init__(self, weight):
             super().__init__()
