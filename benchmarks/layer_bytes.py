@@ -29,6 +29,17 @@ post-LN (BERT, RoBERTa), two ``LayerNorm(hidden + input_tensor)`` per layer:
 * fused: ``add_layer_norm`` (read 2, write 1: 3h) twice; backward (read dy, x, residual, write ds: 4h; the sum
   is recomputed rather than stored) and the gradient sum (3h) twice.
 * fused + HyPe: the same (the second LayerNorm's output carries the next layer's noise); hook HyPe: eager + 2h.
+
+Hidden dropout (post-LN: ``dropout(dense(x))`` before each of the two add + LayerNorm; left out above, the same in
+every variant) with probability ``p``, :func:`dropout_bytes_per_element`:
+
+* torch: ``p = 0`` (HyPe's paper setting, ``disable_dropout=True``) or eval returns its input: 0. Otherwise, on
+  CUDA, ``native_dropout`` reads x and writes y and a one-byte bool mask (2h + 1), and its backward reads the
+  gradient and the mask and writes dx (2h + 1), per dropout. (On CPU torch's dropout draws a mask of x's dtype and
+  multiplies in further passes: more bytes; not modelled.)
+* fused into ``add_layer_norm`` (not built: what it would save): the kernel would apply a philox mask to x as it
+  reads it (forward 0, no mask stored: the backward regenerates it), and its backward would write dx =
+  ds * mask / (1 - p) beside ds, the two no longer being equal (h per dropout).
 """
 from __future__ import annotations
 
@@ -62,6 +73,44 @@ def bytes_per_element(family: str, variant: str, h: int) -> Dict[str, int]:
     raise ValueError(f"family must be 'pre_ln' or 'post_ln', got {family!r}")
 
 
+DROPOUT_VARIANTS = ("torch", "fused")
+HIDDEN_DROPOUTS = 2  # per post-LN layer: attention output and feed-forward output
+
+
+def dropout_bytes_per_element(variant: str, h: int, p: float) -> Dict[str, int]:
+    """``{"forward": .., "backward": ..}`` bytes per activation element of a post-LN layer's hidden dropouts."""
+    if variant not in DROPOUT_VARIANTS:
+        raise ValueError(f"variant must be one of {DROPOUT_VARIANTS}, got {variant!r}")
+    if not 0 <= p < 1:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    if p == 0:
+        return {"forward": 0, "backward": 0}
+    if variant == "torch":
+        return {"forward": HIDDEN_DROPOUTS * (2 * h + 1), "backward": HIDDEN_DROPOUTS * (2 * h + 1)}
+    return {"forward": 0, "backward": HIDDEN_DROPOUTS * h}
+
+
+def dropout_table() -> str:
+    """docs/fused.md's table: a BERT-base layer (32 x 128 tokens, hidden 768, bf16), forward + backward, in MB:
+    fused norms with torch's hidden dropout, with it fused, and with it off (HyPe's paper setting)."""
+    tokens, hidden, h = 32 * 128, 768, 2
+    norms = bytes_per_layer("post_ln", "fused", tokens, hidden, h)
+    eager = bytes_per_layer("post_ln", "hf-eager", tokens, hidden, h)
+    rows = (("Hugging Face eager, torch dropout p = 0.1", eager, "torch", 0.1),
+            ("fused norms, torch dropout p = 0.1", norms, "torch", 0.1),
+            ("fused norms, dropout fused into add_layer_norm, p = 0.1", norms, "fused", 0.1),
+            ("fused norms, dropout off (HyPe, disable_dropout=True)", norms, "torch", 0.0))
+    lines = ["| BERT-base layer, 32 x 128 x 768, bf16 | norms + adds | hidden dropout | total |",
+             "|---|---:|---:|---:|"]
+    for label, counted, variant, p in rows:
+        dropout = dropout_bytes_per_element(variant, h, p)
+        dropout_bytes = (dropout["forward"] + dropout["backward"]) * tokens * hidden
+        norm_bytes = counted["forward"] + counted["backward"]
+        lines.append(f"| {label} | {norm_bytes / 1e6:,.0f} | {dropout_bytes / 1e6:,.0f} | "
+                     f"{(norm_bytes + dropout_bytes) / 1e6:,.0f} |")
+    return "\n".join(lines)
+
+
 def bytes_per_layer(family: str, variant: str, tokens: int, hidden: int, h: int) -> Dict[str, int]:
     per_element = bytes_per_element(family, variant, h)
     return {key: value * tokens * hidden for key, value in per_element.items()}
@@ -84,3 +133,5 @@ def markdown_table() -> str:
 
 if __name__ == "__main__":
     print(markdown_table())
+    print()
+    print(dropout_table())
