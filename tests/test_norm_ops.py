@@ -98,19 +98,22 @@ def test_rows_not_a_multiple_of_the_noise_group_take_the_two_pass_path(dtype):
     assert_all_close(fused, eager, dtype)
 
 
-def test_backward_loops_over_several_row_tiles_per_program(monkeypatch):
-    # Few programs: each walks several tiles of rows, the path large inputs take on a GPU.
+@pytest.mark.parametrize("width", [128, 48])
+def test_backward_loops_over_several_row_tiles_per_program(monkeypatch, width):
+    # Few programs: each walks several tiles of rows, the path large inputs take on a GPU; at 48 features each
+    # row is 3 chunks, each with its own dW and dB sums carried from tile to tile.
     monkeypatch.setattr(norm_kernels, "MAX_BACKWARD_PROGRAMS", 2)
-    x, residual, weight, bias = fresh((70, 128), torch.float32), fresh((70, 128), torch.float32), \
-        fresh(128, torch.float32), fresh(128, torch.float32)
-    assert norm_kernels.backward_plan(70, 128)[3] > norm_kernels.backward_plan(70, 128)[1]
+    x, residual, weight, bias = fresh((70, width), torch.float32), fresh((70, width), torch.float32), \
+        fresh(width, torch.float32), fresh(width, torch.float32)
+    assert norm_kernels.backward_plan(70, width, 4)[3] > norm_kernels.backward_plan(70, width, 4)[1]
     assert_all_close(*rms_both(x, residual, weight, sigma=0.0), torch.float32)
     assert_all_close(*ln_both(x, residual, weight, bias), torch.float32)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("width,chunks", [(48, 3), (80, 5)])
-@pytest.mark.parametrize("sigma,rounding", [(0.0, "nearest"), (0.05, "nearest"), (0.05, "stochastic")])
+@pytest.mark.parametrize("dtype,width,chunks,sigma,rounding", [
+    (torch.float32, 48, 3, 0.05, "nearest"), (torch.float16, 48, 3, 0.0, "nearest"),
+    (torch.bfloat16, 48, 3, 0.05, "stochastic"), (torch.float32, 80, 5, 0.0, "nearest"),
+    (torch.float16, 80, 5, 0.05, "stochastic"), (torch.bfloat16, 80, 5, 0.05, "nearest")])
 def test_rows_that_are_not_a_power_of_two_are_held_as_chunks(dtype, width, chunks, sigma, rounding):
     # BERT's 768 = 3 x 256 and LLaMA-13B's 5120 = 5 x 1024 in small: 48 and 80 features are 3 and 5 chunks of a
     # power of two (2 or 4 groups) for every dtype, with no padded lane. 34 rows: three programs, the last partial.

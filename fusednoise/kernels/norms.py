@@ -196,69 +196,139 @@ def add_layer_norm_forward_kernel(x_ptr, residual_ptr, w_ptr, b_ptr, y_ptr, mean
         tl.store(y_ptr + offsets, out, mask=in_bounds)
 
 
+@triton.jit
+def _backward_tile(row, c: tl.constexpr, N, n_rows, BLOCK_N: tl.constexpr, PADDED: tl.constexpr):
+    """``(offsets, ok)`` of chunk ``c`` (columns ``c * BLOCK_N`` on) of the rows ``row``."""
+    cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
+    offsets = row[:, None] * N + cols[None, :]
+    if PADDED:
+        ok = (row < n_rows)[:, None] & (cols < N)[None, :]
+    else:  # chunks that tile the row exactly: whole rows past the end only
+        ok = (row < n_rows)[:, None] & (tl.arange(0, BLOCK_N) < BLOCK_N)[None, :]
+    return offsets, ok
+
+
+@triton.jit
+def _weight_chunks(w_ptr, N, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    """The weight's CHUNKS chunks of BLOCK_N columns in float32 (masked past N: the padded single chunk)."""
+    weights = ()
+    for c in tl.static_range(CHUNKS):
+        cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
+        weights = weights + (tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32),)
+    return weights
+
+
+@triton.jit
+def _xhat(s, mean, rstd, ok, PADDED: tl.constexpr):
+    xhat = (s.to(tl.float32) - mean[:, None]) * rstd[:, None]
+    if PADDED:  # a row past the end has rstd 0 (its xhat is 0); padded columns do not
+        xhat = tl.where(ok, xhat, 0.0)
+    return xhat
+
+
+@triton.jit
+def _zero_chunks(BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    zeros = ()
+    for c in tl.static_range(CHUNKS):
+        zeros = zeros + (tl.zeros([BLOCK_N], dtype=tl.float32),)
+    return zeros
+
+
+@triton.jit
+def _store_chunks(partial_ptr, program, sums, N, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr):
+    for c in tl.static_range(CHUNKS):
+        cols = c * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(partial_ptr + program.to(tl.int64) * N + cols, sums[c], mask=cols < N)
+
+
 @triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def add_rms_norm_backward_kernel(dy_ptr, ds_ptr, s_ptr, rstd_ptr, w_ptr, dx_ptr, dw_partial_ptr, n_rows, N,
                                  rows_per_program, HAS_DS: tl.constexpr, INTERPRETED: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, PADDED: tl.constexpr,
+                                 ROWS: tl.constexpr):
+    # A row as CHUNKS chunks of BLOCK_N columns (the forward's chunks: 5120 = 5 x 1024, nothing padded), or one
+    # power-of-two chunk wider than the row (PADDED); each chunk's dW sum carried across the row tiles.
     program = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
+    weights = _weight_chunks(w_ptr, N, BLOCK_N, CHUNKS)
+    dw = _zero_chunks(BLOCK_N, CHUNKS)
     first = program.to(tl.int64) * rows_per_program
     for start in range(0, rows_per_program, ROWS):  # a fixed run of rows per program, in a fixed order
         row = first + start + tl.arange(0, ROWS).to(tl.int64)
-        row_ok = row < n_rows
-        offsets = row[:, None] * N + cols[None, :]
-        ok = row_ok[:, None] & col_ok[None, :]
-        s = tl.load(s_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)
-        normed = s * rstd[:, None]
-        dn = dy * w[None, :]
-        dot = tl.sum(dn * normed, axis=1) / N
-        dx = rstd[:, None] * (dn - normed * dot[:, None])
-        if HAS_DS:
-            dx = dx + tl.load(ds_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + offsets, _round_nearest(dx, dx_ptr.dtype.element_ty, INTERPRETED), mask=ok)
-        rounded = _round_nearest(normed, s_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
-        dw += tl.sum(dy * rounded, axis=0)
-    tl.store(dw_partial_ptr + program.to(tl.int64) * N + cols, dw, mask=col_ok)
+        rstd = tl.load(rstd_ptr + row, mask=row < n_rows, other=0.0)
+        products = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)  # summed over the chunks, then reduced once
+        s_chunks = ()   # the loads in their own dtype (16-bit ones two to a register), widened again at each use
+        dy_chunks = ()
+        for c in tl.static_range(CHUNKS):
+            offsets, ok = _backward_tile(row, c, N, n_rows, BLOCK_N, PADDED)
+            s = tl.load(s_ptr + offsets, mask=ok, other=0.0)
+            dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0)
+            products += dy.to(tl.float32) * weights[c][None, :] * (s.to(tl.float32) * rstd[:, None])
+            s_chunks = s_chunks + (s,)
+            dy_chunks = dy_chunks + (dy,)
+        dot = tl.sum(products, axis=1) / N
+        sums = ()
+        for c in tl.static_range(CHUNKS):
+            offsets, ok = _backward_tile(row, c, N, n_rows, BLOCK_N, PADDED)
+            normed = s_chunks[c].to(tl.float32) * rstd[:, None]
+            dy = dy_chunks[c].to(tl.float32)
+            dx = rstd[:, None] * (dy * weights[c][None, :] - normed * dot[:, None])
+            if HAS_DS:
+                dx = dx + tl.load(ds_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + offsets, _round_nearest(dx, dx_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+            rounded = _round_nearest(normed, s_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
+            sums = sums + (dw[c] + tl.sum(dy * rounded, axis=0),)
+        dw = sums
+    _store_chunks(dw_partial_ptr, program, dw, N, BLOCK_N, CHUNKS)
 
 
 @triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def add_layer_norm_backward_kernel(dy_ptr, x_ptr, residual_ptr, w_ptr, mean_ptr, rstd_ptr, ds_ptr, dw_partial_ptr,
                                    db_partial_ptr, n_rows, N, rows_per_program, INTERPRETED: tl.constexpr,
-                                   BLOCK_N: tl.constexpr, ROWS: tl.constexpr):
+                                   BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, PADDED: tl.constexpr,
+                                   ROWS: tl.constexpr):
+    # The chunks of add_rms_norm_backward_kernel: BERT's 768 as 3 x 256 (not 1024, a quarter masked).
     program = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_N], dtype=tl.float32)
-    db = tl.zeros([BLOCK_N], dtype=tl.float32)
+    weights = _weight_chunks(w_ptr, N, BLOCK_N, CHUNKS)
+    dw = _zero_chunks(BLOCK_N, CHUNKS)
+    db = _zero_chunks(BLOCK_N, CHUNKS)
     first = program.to(tl.int64) * rows_per_program
     for start in range(0, rows_per_program, ROWS):
         row = first + start + tl.arange(0, ROWS).to(tl.int64)
-        row_ok = row < n_rows
-        offsets = row[:, None] * N + cols[None, :]
-        ok = row_ok[:, None] & col_ok[None, :]
-        # The forward's stream, recomputed (x + residual rounded as the forward rounds it) instead of stored.
-        s = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        s = s + tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        s = _round_nearest(s, x_ptr.dtype.element_ty, INTERPRETED).to(tl.float32)
-        mean = tl.load(mean_ptr + row, mask=row_ok, other=0.0)
-        rstd = tl.load(rstd_ptr + row, mask=row_ok, other=0.0)
-        xhat = tl.where(ok, (s - mean[:, None]) * rstd[:, None], 0.0)
-        dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
-        g = dy * w[None, :]
-        mean_g = tl.sum(g, axis=1) / N
-        mean_gx = tl.sum(g * xhat, axis=1) / N
-        ds = rstd[:, None] * (g - mean_g[:, None] - xhat * mean_gx[:, None])
-        tl.store(ds_ptr + offsets, _round_nearest(ds, ds_ptr.dtype.element_ty, INTERPRETED), mask=ok)
-        dw += tl.sum(dy * xhat, axis=0)
-        db += tl.sum(dy, axis=0)
-    tl.store(dw_partial_ptr + program.to(tl.int64) * N + cols, dw, mask=col_ok)
-    tl.store(db_partial_ptr + program.to(tl.int64) * N + cols, db, mask=col_ok)
+        mean = tl.load(mean_ptr + row, mask=row < n_rows, other=0.0)
+        rstd = tl.load(rstd_ptr + row, mask=row < n_rows, other=0.0)
+        g_sum = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)   # summed over the chunks, then reduced once
+        gx_sum = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        s_chunks = ()   # in x's dtype (16-bit ones two to a register), widened again at each use
+        dy_chunks = ()
+        for c in tl.static_range(CHUNKS):
+            offsets, ok = _backward_tile(row, c, N, n_rows, BLOCK_N, PADDED)
+            # The forward's stream, recomputed (x + residual rounded as the forward rounds it) instead of stored.
+            s = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+            s = _round_nearest(s + tl.load(residual_ptr + offsets, mask=ok, other=0.0).to(tl.float32),
+                               x_ptr.dtype.element_ty, INTERPRETED)
+            dy = tl.load(dy_ptr + offsets, mask=ok, other=0.0)
+            xhat = _xhat(s, mean, rstd, ok, PADDED)
+            g = dy.to(tl.float32) * weights[c][None, :]
+            g_sum += g
+            gx_sum += g * xhat
+            s_chunks = s_chunks + (s,)
+            dy_chunks = dy_chunks + (dy,)
+        mean_g = tl.sum(g_sum, axis=1) / N
+        mean_gx = tl.sum(gx_sum, axis=1) / N
+        dw_sums = ()
+        db_sums = ()
+        for c in tl.static_range(CHUNKS):
+            offsets, ok = _backward_tile(row, c, N, n_rows, BLOCK_N, PADDED)
+            xhat = _xhat(s_chunks[c], mean, rstd, ok, PADDED)
+            dy = dy_chunks[c].to(tl.float32)
+            ds = rstd[:, None] * (dy * weights[c][None, :] - mean_g[:, None] - xhat * mean_gx[:, None])
+            tl.store(ds_ptr + offsets, _round_nearest(ds, ds_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+            dw_sums = dw_sums + (dw[c] + tl.sum(dy * xhat, axis=0),)
+            db_sums = db_sums + (db[c] + tl.sum(dy, axis=0),)
+        dw = dw_sums
+        db = db_sums
+    _store_chunks(dw_partial_ptr, program, dw, N, BLOCK_N, CHUNKS)
+    _store_chunks(db_partial_ptr, program, db, N, BLOCK_N, CHUNKS)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -339,33 +409,42 @@ def layer_norm_forward_launch(x, residual, weight, bias, y, mean, rstd, eps: flo
         warps)
 
 
-def backward_plan(n_rows: int, n_features: int):
-    """``(BLOCK_N, ROWS, programs, rows_per_program, num_warps)`` of a backward launch: a function of the shape
-    only, so the partial sums are added in the same order on every device."""
-    block_n = triton.next_power_of_2(n_features)
-    rows = max(1, min(16, 2048 // block_n))
+def backward_plan(n_rows: int, n_features: int, itemsize: int):
+    """``(BLOCK_N, ROWS, programs, rows_per_program, num_warps, CHUNKS)`` of a backward launch: a function of the
+    shape (and the element size) only, so the partial sums are added in the same order on every device. A row is
+    CHUNKS chunks of BLOCK_N columns (``row_chunks``: 768 = 3 x 256), or one power-of-two chunk wider than the
+    row; a chunk of the ROWS rows gives each thread 16 bytes of each tensor, 8 half-precision elements."""
+    block_n, chunks = row_chunks(n_features, 1)
+    lanes, vec = block_n * chunks, 16 // itemsize
+    rows = min(16, max(1, 2048 // lanes, 128 * vec // block_n))  # 16 bytes a thread per chunk under 4 warps
+    rows = 1 << (rows.bit_length() - 1)  # a power of two (tl.arange)
     programs = min(MAX_BACKWARD_PROGRAMS, max(1, -(-n_rows // rows)))
     rows_per_program = -(-(-(-n_rows // programs)) // rows) * rows
     programs = max(1, -(-n_rows // rows_per_program))
-    warps = 8 if block_n >= 2048 else 4
-    return block_n, rows, programs, rows_per_program, warps
+    warps = 8 if rows * lanes >= 4096 and rows * block_n >= 256 * vec else 4
+    return block_n, rows, programs, rows_per_program, warps, chunks
+
+
+def _backward_constexprs(n_features: int, block_n: int, chunks: int, rows: int) -> dict:
+    return dict(INTERPRETED=interpreter_enabled(), BLOCK_N=block_n, CHUNKS=chunks,
+                PADDED=block_n * chunks != n_features, ROWS=rows)
 
 
 def rms_backward_launch(dy, ds, s, rstd, weight, dx, dw_partial) -> Launch:
     n_features = s.shape[-1]
     n_rows = s.numel() // n_features
-    block_n, rows, programs, rows_per_program, warps = backward_plan(n_rows, n_features)
+    block_n, rows, programs, rows_per_program, warps, chunks = backward_plan(n_rows, n_features, s.dtype.itemsize)
     return Launch(add_rms_norm_backward_kernel, (programs,),
                   (dy, ds if ds is not None else dy, s, rstd, weight, dx, dw_partial, n_rows, n_features,
                    rows_per_program),
-                  dict(HAS_DS=ds is not None, INTERPRETED=interpreter_enabled(), BLOCK_N=block_n, ROWS=rows), warps)
+                  dict(HAS_DS=ds is not None, **_backward_constexprs(n_features, block_n, chunks, rows)), warps)
 
 
 def layer_norm_backward_launch(dy, x, residual, weight, mean, rstd, ds, dw_partial, db_partial) -> Launch:
     n_features = x.shape[-1]
     n_rows = x.numel() // n_features
-    block_n, rows, programs, rows_per_program, warps = backward_plan(n_rows, n_features)
+    block_n, rows, programs, rows_per_program, warps, chunks = backward_plan(n_rows, n_features, x.dtype.itemsize)
     return Launch(add_layer_norm_backward_kernel, (programs,),
                   (dy, x, residual, weight, mean, rstd, ds, dw_partial, db_partial, n_rows, n_features,
                    rows_per_program),
-                  dict(INTERPRETED=interpreter_enabled(), BLOCK_N=block_n, ROWS=rows), warps)
+                  _backward_constexprs(n_features, block_n, chunks, rows), warps)

@@ -312,21 +312,22 @@ def _rng() -> Iterator[Case]:
 
 
 def _fused_norms() -> Iterator[Case]:
-    """The fused residual-add + norm kernels (issue 20): RMSNorm at LLaMA-7B width, (8 x 2048, 4096), LayerNorm at
-    BERT-base width, (32 x 128, 768); forward with the noise (every distribution and rounding) and without,
-    backward; held to issue 20's target on H200 constants (``FUSED_NORM``).
+    """The fused residual-add + norm kernels (issue 20): RMSNorm at LLaMA-7B width, (8 x 2048, 4096), and at
+    LLaMA-13B's 5120 (not a power of two: 5 chunks of 1024, ``N=5120`` in the names), (4 x 2048, 5120), LayerNorm
+    at BERT-base width, (32 x 128, 768: 3 chunks of 256); forward with the noise (every distribution and rounding)
+    and without, backward; held to issue 20's target on H200 constants (``FUSED_NORM``).
 
-    The per-element model describes them: a forward program holds ``ROWS`` whole rows as one straight-line tile
+    The per-element model describes them: a forward program holds ``ROWS`` whole rows as straight-line tiles
     (iterations 1), reading x and the residual and writing y (and the residual stream s for RMSNorm); the weight
-    (and bias) vector is loaded once per program for the columns a thread holds, a cache hit after the first
-    program, so it is not DRAM traffic (``row_weight_bytes_per_element`` allows the path its bytes). The
+    (and bias) vector is loaded for the columns a thread holds, once per row, a cache hit after the first
+    program, so it is not DRAM traffic (``row_weight_bytes_per_element`` allows the path its bytes, and those of
+    the per-row statistics each thread stores, predicated, once per program). The
     backward's bulk loop walks ``rows_per_program / ROWS`` tiles of its fixed run of rows; the partial dW (and
     dB) row each program writes once and the per-row statistics are amortised bytes."""
-    import triton
-
     from . import norms
 
-    for family, width, rows in (("add_rms_norm", 4096, 8 * 2048), ("add_layer_norm", 768, 32 * 128)):
+    for family, width, rows, tag in (("add_rms_norm", 4096, 8 * 2048, ""), ("add_layer_norm", 768, 32 * 128, ""),
+                                     ("add_rms_norm", 5120, 4 * 2048, ",N=5120")):
         rms = family == "add_rms_norm"
         stats_bytes = (4 if rms else 8) / width  # rstd (and mean) per row, float32
         for dname, dtype in DTYPES.items():
@@ -343,28 +344,32 @@ def _fused_norms() -> Iterator[Case]:
 
             moved = (4 if rms else 3) * item  # RMSNorm also writes the residual stream
             vec = norms.vec_for(dtype)
-            padding = triton.next_power_of_2(-(-width // vec)) * vec / width  # the forward tile's lanes per element
-            weights = (1 if rms else 2) * item  # w (and b) per element at most, reloaded per program from cache
+            padding = norms.forward_lanes_per_element(width, vec)  # the forward tiles' lanes per element
+            tile = forward(0.0, "normal", False)
+            per_thread = tile.constexprs["ROWS"] * width / (32 * tile.num_warps)  # elements a thread holds
+            # w (and b) per element, reloaded per row from cache; rstd (and mean) stored by each thread once
+            weights = (1 if rms else 2) * item + (4 if rms else 8) / per_thread
             for distribution in ("normal", "uniform"):
                 for stochastic in ((False,) if dtype == torch.float32 else (False, True)):
-                    label = f"{dname},{distribution},{'stochastic' if stochastic else 'nearest'}"
+                    label = f"{dname},{distribution},{'stochastic' if stochastic else 'nearest'}{tag}"
                     yield Case(f"{family}.forward[{label}]", forward(0.01, distribution, stochastic), moved,
                                rows * width, item, target=FUSED_NORM, row_weight_bytes_per_element=weights,
                                amortised_bytes_per_element=stats_bytes, lane_padding=padding)
-            yield Case(f"{family}.forward[{dname},no noise]", forward(0.0, "normal", False, SMALL_SEED), moved,
+            yield Case(f"{family}.forward[{dname},no noise{tag}]", forward(0.0, "normal", False, SMALL_SEED), moved,
                        rows * width, item, row_weight_bytes_per_element=weights,
                        amortised_bytes_per_element=stats_bytes, lane_padding=padding)
-            block_n, tile_rows, programs, rows_per_program, _ = norms.backward_plan(rows, width)
+            block_n, tile_rows, programs, rows_per_program, warps, chunks = norms.backward_plan(rows, width, item)
             partial = _meta((programs, width), torch.float32)
             if rms:  # reads dy, ds, s; writes dx
                 launch = norms.rms_backward_launch(out, out, x, stats, w, res, partial)
             else:    # reads dy, x, residual; writes ds
                 launch = norms.layer_norm_backward_launch(out, x, res, w, stats, stats, out, partial, partial)
             partials = (1 if rms else 2) * 4 * programs / rows  # float32 partial rows, one per program
-            yield Case(f"{family}.backward[{dname}]", launch, 4 * item, rows * width, item,
+            yield Case(f"{family}.backward[{dname}{tag}]", launch, 4 * item, rows * width, item,
                        iterations=rows_per_program // tile_rows, target=FUSED_NORM,
-                       row_weight_bytes_per_element=stats_bytes,
-                       amortised_bytes_per_element=stats_bytes + partials, lane_padding=block_n / width)
+                       # the rows' rstd (and mean) a thread loads per trip, at most every row of the tile's
+                       row_weight_bytes_per_element=(4 if rms else 8) * 32 * warps / (block_n * chunks),
+                       amortised_bytes_per_element=stats_bytes + partials, lane_padding=block_n * chunks / width)
 
 
 def _per_call_values() -> Iterator[Case]:
