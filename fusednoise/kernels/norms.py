@@ -95,7 +95,7 @@ def _chunk_tile(row, c: tl.constexpr, N, n_rows, VEC: tl.constexpr, BLOCK_Q: tl.
     offsets = row[:, None, None] * N + col
     if PADDED:   # one power-of-two tile wider than the row: its last lanes are masked
         in_bounds = (row[:, None, None] < n_rows) & (col < N)
-    else:        # chunks that tile the row exactly: only whole rows past the end are masked
+    else:        # chunks that tile the row exactly: only whole rows past the end are masked (v < VEC: the shape)
         in_bounds = (row[:, None, None] < n_rows) & (v < VEC)
     group = row[:, None] * (N // VEC) + q[None, :].to(tl.int64)  # N % VEC == 0 whenever the noise is drawn here
     return offsets, in_bounds, group, v
@@ -358,7 +358,7 @@ def _forward_shape(n_rows: int, n_features: int, vec: int):
     block_q, chunks = row_chunks(n_features, vec)
     rows = min(16, max(1, TILE_ELEMENTS // (chunks * block_q * vec)))
     rows = 1 << (rows.bit_length() - 1)  # a power of two (tl.arange)
-    # 8 warps only when one row gives each of their 256 threads a 16-byte group: BERT's 768 half-precision
+    # 8 warps only when one chunk of a row gives each of their 256 threads a 16-byte group: 1024 half-precision
     # features (128 groups) under 8 warps got a layout of 64-bit accesses from the compiler, 4 warps 128-bit ones.
     warps = 8 if rows * chunks * block_q * vec >= 4096 and block_q >= 256 else 4
     return block_q, chunks, rows, (-(-n_rows // rows),), warps
