@@ -141,7 +141,7 @@ def _add_rms_norm_backward_op(dy: torch.Tensor, ds: Optional[torch.Tensor], s: t
         return _reference.add_rms_norm_backward(dy, ds, s, rstd, weight)
     kernels = _norm_kernels()
     n_features = s.shape[-1]
-    plan = kernels.backward_plan(s.numel() // n_features, n_features)
+    plan = kernels.backward_plan(s.numel() // n_features, n_features, s.dtype.itemsize)
     dx = torch.empty(s.shape, dtype=s.dtype, device=s.device)
     partial = torch.empty((plan[2], n_features), dtype=torch.float32, device=s.device)
     kernels.rms_backward_launch(dy.contiguous(), ds.contiguous() if ds is not None else None, s.contiguous(),
@@ -253,7 +253,7 @@ def _add_layer_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, residual: tor
         return list(_reference.add_layer_norm_backward(dy, x, residual, weight, mean, rstd))
     kernels = _norm_kernels()
     n_features = x.shape[-1]
-    plan = kernels.backward_plan(x.numel() // n_features, n_features)
+    plan = kernels.backward_plan(x.numel() // n_features, n_features, x.dtype.itemsize)
     ds = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     dw_partial = torch.empty((plan[2], n_features), dtype=torch.float32, device=x.device)
     db_partial = torch.empty_like(dw_partial)

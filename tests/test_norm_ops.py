@@ -98,14 +98,63 @@ def test_rows_not_a_multiple_of_the_noise_group_take_the_two_pass_path(dtype):
     assert_all_close(fused, eager, dtype)
 
 
-def test_backward_loops_over_several_row_tiles_per_program(monkeypatch):
-    # Few programs: each walks several tiles of rows, the path large inputs take on a GPU.
+@pytest.mark.parametrize("width", [128, 48])
+def test_backward_loops_over_several_row_tiles_per_program(monkeypatch, width):
+    # Few programs: each walks several tiles of rows, the path large inputs take on a GPU; at 48 features each
+    # row is 3 chunks, each with its own dW and dB sums carried from tile to tile.
     monkeypatch.setattr(norm_kernels, "MAX_BACKWARD_PROGRAMS", 2)
-    x, residual, weight, bias = fresh((70, 128), torch.float32), fresh((70, 128), torch.float32), \
-        fresh(128, torch.float32), fresh(128, torch.float32)
-    assert norm_kernels.backward_plan(70, 128)[3] > norm_kernels.backward_plan(70, 128)[1]
+    x, residual, weight, bias = fresh((70, width), torch.float32), fresh((70, width), torch.float32), \
+        fresh(width, torch.float32), fresh(width, torch.float32)
+    assert norm_kernels.backward_plan(70, width, 4)[3] > norm_kernels.backward_plan(70, width, 4)[1]
     assert_all_close(*rms_both(x, residual, weight, sigma=0.0), torch.float32)
     assert_all_close(*ln_both(x, residual, weight, bias), torch.float32)
+
+
+@pytest.mark.parametrize("dtype,width,chunks,sigma,rounding", [
+    (torch.float32, 48, 3, 0.05, "nearest"), (torch.float16, 48, 3, 0.0, "nearest"),
+    (torch.bfloat16, 48, 3, 0.05, "stochastic"), (torch.float32, 80, 5, 0.0, "nearest"),
+    (torch.float16, 80, 5, 0.05, "stochastic"), (torch.bfloat16, 80, 5, 0.05, "nearest")])
+def test_rows_that_are_not_a_power_of_two_are_held_as_chunks(dtype, width, chunks, sigma, rounding):
+    # BERT's 768 = 3 x 256 and LLaMA-13B's 5120 = 5 x 1024 in small: 48 and 80 features are 3 and 5 chunks of a
+    # power of two (2 or 4 groups) for every dtype, with no padded lane. 34 rows: three programs, the last partial.
+    vec = norm_kernels.vec_for(dtype)
+    block_q, n_chunks = norm_kernels.row_chunks(width, vec)
+    assert (n_chunks, n_chunks * block_q * vec) == (chunks, width) and block_q > 1
+    x, residual = fresh((2, 17, width), dtype), fresh((2, 17, width), dtype)
+    weight, bias = fresh(width, dtype), fresh(width, dtype)
+    seed = rng.draw_seed()
+    fused, eager = rms_both(x, residual, weight, eps=1e-6, sigma=sigma, seed=seed, rounding=rounding)
+    if dtype != torch.float32:
+        assert torch.equal(fused[1], eager[1])  # the residual stream: each chunk's elements draw their own words
+    assert_all_close(fused, eager, dtype)
+    fused, eager = ln_both(x, residual, weight, bias, eps=1e-12, sigma=sigma, seed=seed, rounding=rounding)
+    assert_all_close(fused, eager, dtype)
+
+
+def test_chunked_rows_draw_the_noise_of_the_flat_index():
+    # The noise of element (row, col) is add_residual_noise's for the same flat index, in every chunk of the row.
+    x, residual, weight = fresh((5, 80), torch.bfloat16), fresh((5, 80), torch.bfloat16), fresh(80, torch.bfloat16)
+    _, s = ops_norms.add_rms_norm(x, residual, weight, sigma=0.5, seed=21, rounding="stochastic")
+    assert torch.equal(s, fusednoise.add_residual_noise(x, residual, 0.5, seed=21, rounding="stochastic"))
+    bias = fresh(80, torch.bfloat16)
+    y = ops_norms.add_layer_norm(x, residual, weight, bias, sigma=0.5, seed=22)
+    with fusednoise.backend("reference"):
+        clean = ops_norms.add_layer_norm(x, residual, weight, bias)
+    # y - clean is the noise plus the rounding of the sum: within bf16's rounding of |y|, not 0.5 * N(0, 1) off
+    expected = fusednoise.add_noise(clean, 0.5, seed=22)
+    torch.testing.assert_close(y.float(), expected.float(), rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_row_chunks_tile_rows_without_padding_where_a_power_of_two_divides_them():
+    assert norm_kernels.row_chunks(768, 8) == (32, 3)      # BERT-base, half precision: 3 x 256
+    assert norm_kernels.row_chunks(768, 4) == (64, 3)      # float32: 3 x 256
+    assert norm_kernels.row_chunks(5120, 8) == (128, 5)    # LLaMA-13B: 5 x 1024
+    assert norm_kernels.row_chunks(4096, 8) == (512, 1)    # a power of two: one tile
+    assert norm_kernels.row_chunks(44, 8) == (8, 1)        # not a multiple of the group: one padded tile
+    assert norm_kernels.row_chunks(11008, 8) == (2048, 1)  # 43 chunks of 256 would be too many: padded
+    for width in (768, 1024, 2560, 4096, 5120, 8192):
+        block_q, chunks = norm_kernels.row_chunks(width, 8)
+        assert chunks * block_q * 8 == width and chunks <= norm_kernels.MAX_CHUNKS
 
 
 # ---------------------------------------------------------------------------------- against the formulas
