@@ -27,6 +27,11 @@ PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 MINUS_TWO_LN2 = tl.constexpr(-1.3862943611198906)  # -2 ln(u) = lg2(u) * (-2 ln 2)
 TWO_PI = tl.constexpr(6.283185307179586)
 BOX_MULLER_MIN_U = tl.constexpr(1.0e-7)
+# 16-bit draws (reference.noise, bfloat16/float16 outputs)
+HALF_SCALE = tl.constexpr(1.52587890625e-05)                 # 2**-16
+TWO_PI_OVER_65536 = tl.constexpr(6.283185307179586 / 65536)  # float32(2 pi) * 2**-16 exactly, once rounded
+ONE_BITS = tl.constexpr(0x3F800000)                          # the float 1.0
+UNIFORM16_SHIFT = tl.constexpr(2.9999847412109375)           # 3 - 2**-16
 
 
 @triton.jit
@@ -123,6 +128,46 @@ def _normal4(w0, w1, w2, w3, FAST: tl.constexpr):
     n0, n1 = _box_muller(w0, w1, FAST)
     n2, n3 = _box_muller(w2, w3, FAST)
     return n0, n1, n2, n3
+
+
+@triton.jit
+def _uniform16_pair(word):
+    """The U(-1, 1) values of a word's low and high 16-bit halves ``b``: ``(2b + 1 - 65536) / 65536``.
+
+    On the bits: ``0x3F800000 | b << 7`` is the float ``1 + b / 2**16`` (b fills the top 16 of the 23 mantissa
+    bits), and ``2 (1 + b / 2**16) - (3 - 2**-16)`` is the value, exact in float32: one FMA, bitwise the
+    reference's ``(2b + 1 - 65536) * 2**-16`` with or without contraction, and no int-to-float conversion."""
+    low = ((word << 7) & 0x7FFF80 | ONE_BITS).to(tl.float32, bitcast=True)
+    high = ((word >> 9) & 0x7FFF80 | ONE_BITS).to(tl.float32, bitcast=True)
+    return tl.fma(low, 2.0, -UNIFORM16_SHIFT), tl.fma(high, 2.0, -UNIFORM16_SHIFT)
+
+
+@triton.jit
+def _box_muller16(word, FAST: tl.constexpr):
+    """Both Box-Muller outputs (cos, sin) of one word's 16-bit halves: ``u1 = (low16 + 1) / 2**16`` (in
+    [2**-16, 1]: no clamp) and ``theta = 2 pi high16 / 2**16``, as ``reference.noise`` draws them."""
+    u1 = tl.fma((word & 0xFFFF).to(tl.float32), HALF_SCALE, HALF_SCALE)  # exact: no rounding, FMA or not
+    theta = (word >> 16).to(tl.float32) * TWO_PI_OVER_65536
+    minus_two_log_u, cos_theta, sin_theta = _box_muller_primitives(u1, theta, FAST)
+    radius = tl.sqrt(minus_two_log_u)
+    return radius * cos_theta, radius * sin_theta
+
+
+@triton.jit
+def _units16(w0, w1, w2, w3, DISTRIBUTION: tl.constexpr, FAST: tl.constexpr):
+    """The eight unit-scale values of one philox block's 16-bit halves, in element order (value ``2k + h`` from
+    half ``h`` of word ``k``): N(0, 1) by Box-Muller of each word's halves (``DISTRIBUTION == 0``), or U(-1, 1)."""
+    if DISTRIBUTION == 0:
+        n0, n1 = _box_muller16(w0, FAST)
+        n2, n3 = _box_muller16(w1, FAST)
+        n4, n5 = _box_muller16(w2, FAST)
+        n6, n7 = _box_muller16(w3, FAST)
+    else:
+        n0, n1 = _uniform16_pair(w0)
+        n2, n3 = _uniform16_pair(w1)
+        n4, n5 = _uniform16_pair(w2)
+        n6, n7 = _uniform16_pair(w3)
+    return n0, n1, n2, n3, n4, n5, n6, n7
 
 
 @triton.jit

@@ -379,8 +379,8 @@ def _per_call_values() -> Iterator[Case]:
     yield Case("hype[fp32,uniform,nearest,seed=1]", noise.noise_launch(x, None, x, 0.01, "uniform", 1, False),
                2 * item, n, item, modelled=False)
     half = _meta(n, torch.bfloat16)
-    yield Case("hype[bf16,normal,nearest,seed=16,first_index=4]",
-               noise.noise_launch(half, None, half, 0.01, "normal", 16, False, first_index=4), 4, n, 2,
+    yield Case("hype[bf16,normal,nearest,seed=16,first_index=8]",
+               noise.noise_launch(half, None, half, 0.01, "normal", 16, False, first_index=8), 4, n, 2,
                modelled=False)
     tensors = [_meta((64, 256), torch.float32)] * 2
     for seed in (1, 2**40 + 16):
