@@ -30,8 +30,8 @@ BOX_MULLER_MIN_U = tl.constexpr(1.0e-7)
 # 16-bit draws (reference.noise, bfloat16/float16 outputs)
 HALF_SCALE = tl.constexpr(1.52587890625e-05)                 # 2**-16
 TWO_PI_OVER_65536 = tl.constexpr(6.283185307179586 / 65536)  # float32(2 pi) * 2**-16 exactly, once rounded
-ONE_BITS = tl.constexpr(0x3F800000)                          # the float 1.0
-UNIFORM16_SHIFT = tl.constexpr(2.9999847412109375)           # 3 - 2**-16
+UNIFORM16_STEP = tl.constexpr(3.0517578125e-05)              # 2**-15
+UNIFORM16_SHIFT = tl.constexpr(0.9999847412109375)           # 1 - 2**-16
 
 
 @triton.jit
@@ -132,14 +132,12 @@ def _normal4(w0, w1, w2, w3, FAST: tl.constexpr):
 
 @triton.jit
 def _uniform16_pair(word):
-    """The U(-1, 1) values of a word's low and high 16-bit halves ``b``: ``(2b + 1 - 65536) / 65536``.
-
-    On the bits: ``0x3F800000 | b << 7`` is the float ``1 + b / 2**16`` (b fills the top 16 of the 23 mantissa
-    bits), and ``2 (1 + b / 2**16) - (3 - 2**-16)`` is the value, exact in float32: one FMA, bitwise the
-    reference's ``(2b + 1 - 65536) * 2**-16`` with or without contraction, and no int-to-float conversion."""
-    low = ((word << 7) & 0x7FFF80 | ONE_BITS).to(tl.float32, bitcast=True)
-    high = ((word >> 9) & 0x7FFF80 | ONE_BITS).to(tl.float32, bitcast=True)
-    return tl.fma(low, 2.0, -UNIFORM16_SHIFT), tl.fma(high, 2.0, -UNIFORM16_SHIFT)
+    """The U(-1, 1) values of a word's low and high 16-bit halves ``b``: ``(2b + 1 - 65536) / 65536``, as
+    ``b * 2**-15 - (1 - 2**-16)``: exact in float32, so one FMA gives the reference's value bitwise, contracted or
+    not (the halves convert with one instruction each: I2F.U16 reads either half of the word)."""
+    low = (word & 0xFFFF).to(tl.float32)
+    high = (word >> 16).to(tl.float32)
+    return tl.fma(low, UNIFORM16_STEP, -UNIFORM16_SHIFT), tl.fma(high, UNIFORM16_STEP, -UNIFORM16_SHIFT)
 
 
 @triton.jit
