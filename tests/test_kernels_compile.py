@@ -185,6 +185,7 @@ def test_targets_are_the_issue_9_targets():
     assert all(t.min_fraction >= 0.95 and t.max_budget_share <= 0.85 for n, t in targets.items()
                if n.startswith("hype[") and "nearest" in n)
     assert all(t.min_fraction >= 0.90 for n, t in targets.items() if "stochastic" in n)
+    assert all(t.device == "h200" for t in hype)  # issue 20: on the H200's constants
     assert all(t.min_fraction >= 0.95 for n, t in targets.items() if n.startswith("noisytune."))
     assert all(t.min_fraction >= 0.95 and t.min_warps_per_sm >= 16 for n, t in targets.items()
                if n.startswith("pats."))

@@ -79,8 +79,9 @@ def _meta(shape, dtype) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ targets
-HYPE_NEAREST = Target(0.95, max_budget_share=0.85, min_access_bits=128)
-HYPE_STOCHASTIC = Target(0.90, min_access_bits=128)
+# Issue 20: the standalone HyPe kernels on an H200 (an issue budget per byte about 30% below an H100's).
+HYPE_NEAREST = Target(0.95, max_budget_share=0.85, min_access_bits=128, device="h200")
+HYPE_STOCHASTIC = Target(0.90, min_access_bits=128, device="h200")
 NOISYTUNE = Target(0.95, min_access_bits=128)
 LNSR_NOISE = Target(0.90)
 PATS = Target(0.95, min_warps_per_sm=16)
@@ -94,16 +95,12 @@ FUSED_NORM = Target(0.95, min_access_bits=128, device="h200")  # issue 20: noise
 _CALIBRATION = "issue 23: calibrated {cal} (raw {raw}) < {target} of the roofline on an H100 at e = 0.85, {share} of " \
                "the issue budget"
 # Issue 20: the fused add + norm forwards with the noise that miss FUSED_NORM on an H200 (figures of the run that
-# found them). RMSNorm's stochastic rounding costs a second philox block per 8 elements on top of the norm: the
-# lever is issue 20's cheaper randomness, not the launcher (a tile of 8192 elements moved them by 1-4 points for
-# twice the registers). LayerNorm at BERT's 768 in half precision moves 6 B/element (a 46.7-slot budget on an
+# found them). RMSNorm's forwards meet it since the half-precision noise draws 16 bits per element (one philox block
+# per 8 elements for the noise, one for stochastic rounding: 100% calibrated on an H200). LayerNorm at BERT's 768 in half precision moves 6 B/element (a 46.7-slot budget on an
 # H200) while the norm alone takes 25 slots/element (768 padded to 1024 lanes) and the noise 32-62 more.
 _FUSED = "issue 20: calibrated {cal} (raw {raw}) < 95% of the roofline on an H200 at e = 0.85, {share} of the " \
          "issue budget"
 CALIBRATION_PENDING_FUSED = {
-    "add_rms_norm.forward[fp16,normal,stochastic]": _FUSED.format(cal="87%", raw="100%", share="98%"),
-    "add_rms_norm.forward[fp16,uniform,stochastic]": _FUSED.format(cal="94.5%", raw="100%", share="90%"),
-    "add_rms_norm.forward[bf16,normal,stochastic]": _FUSED.format(cal="92%", raw="100%", share="92%"),
     "add_layer_norm.forward[fp16,normal,nearest]": _FUSED.format(cal="63%", raw="74%", share="135%"),
     "add_layer_norm.forward[fp16,normal,stochastic]": _FUSED.format(cal="46%", raw="54%", share="186%"),
     "add_layer_norm.forward[fp16,uniform,nearest]": _FUSED.format(cal="70%", raw="82%", share="122%"),
@@ -113,16 +110,20 @@ CALIBRATION_PENDING_FUSED = {
     "add_layer_norm.forward[bf16,uniform,nearest]": _FUSED.format(cal="68%", raw="79%", share="126%"),
     "add_layer_norm.forward[bf16,uniform,stochastic]": _FUSED.format(cal="53%", raw="63%", share="160%"),
 }
+# Issue 20: the standalone HyPe kernels with stochastic rounding and no residual that miss 90% calibrated on an
+# H200 with the 16-bit draws (4 B/element: a 31.1-slot budget, 29.4 slots/element for 90% at e = 0.85). Two philox
+# blocks per 8 elements take 15 slots/element of it; float16's stochastic rounding (a second path for values below
+# 2**-14, non-finite values passed through) about 8 more, Box-Muller 7.
+_HYPE = "issue 20: calibrated {cal} (raw {raw}) < 90% of the roofline on an H200 at e = 0.85, {slots} issue " \
+        "slots/element ({share} of the budget)"
 CALIBRATION_PENDING = {
-    "hype[fp16,normal,stochastic]": _CALIBRATION.format(cal="77%", raw="91%", target="90%", share="110%"),
-    "hype[fp16,uniform,stochastic]": _CALIBRATION.format(cal="85%", raw="100%", target="90%", share="100%"),
-    "hype[bf16,normal,stochastic]": _CALIBRATION.format(cal="84%", raw="99%", target="90%", share="101%"),
+    "hype[fp16,normal,stochastic]": _HYPE.format(cal="72%", raw="85%", slots="36.6", share="118%"),
+    "hype[fp16,uniform,stochastic]": _HYPE.format(cal="78%", raw="91%", slots="34.1", share="110%"),
+    "hype[bf16,normal,stochastic]": _HYPE.format(cal="81%", raw="95%", slots="32.8", share="105%"),
     "lnsr.scaled_noise.forward[fp16,D=1024]": _CALIBRATION.format(cal="86%", raw="100%", target="90%",
                                                                   share="99%"),
     "lnsr.scaled_noise.forward[bf16,D=1024]": _CALIBRATION.format(cal="84%", raw="99%", target="90%",
                                                                   share="101%"),
-    # 93% calibrated until uniform launches compiled without FMA contraction (issue 18: about 2 more slots/element)
-    "hype[bf16,uniform,stochastic]": _CALIBRATION.format(cal="89%", raw="100%", target="90%", share="96%"),
 }
 
 
