@@ -25,6 +25,7 @@ PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
 PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
 PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 MINUS_TWO_LN2 = tl.constexpr(-1.3862943611198906)  # -2 ln(u) = lg2(u) * (-2 ln 2)
+TWO_LN2 = tl.constexpr(1.3862943611198906)         # = |lg2(u)| * 2 ln 2 for u <= 1
 TWO_PI = tl.constexpr(6.283185307179586)
 BOX_MULLER_MIN_U = tl.constexpr(1.0e-7)
 # 16-bit draws (reference.noise, bfloat16/float16 outputs)
@@ -104,8 +105,9 @@ def _box_muller_primitives(u1, theta, FAST: tl.constexpr):
     them on CPU with libdevice's three calls replaced by accurate stand-ins)."""
     if FAST:
         # lg2.approx can return a tiny positive value for u1 just below 1 (its error is absolute there): the
-        # radius of such a u1 is below 5e-4 either way, so clamp instead of taking sqrt of a negative number.
-        minus_two_log_u = tl.maximum(libdevice.fast_log2f(u1) * MINUS_TWO_LN2, 0.0)
+        # radius of such a u1 is below 6e-4 either way, so take |log2| (a free operand modifier of the multiply,
+        # where a clamp at 0 is one more instruction) instead of the sqrt of a negative number.
+        minus_two_log_u = tl.abs(libdevice.fast_log2f(u1)) * TWO_LN2
         return minus_two_log_u, libdevice.fast_cosf(theta), libdevice.fast_sinf(theta)
     return -2.0 * tl.log(u1), tl.cos(theta), tl.sin(theta)
 
