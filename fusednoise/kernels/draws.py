@@ -26,6 +26,7 @@ PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
 PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 MINUS_TWO_LN2 = tl.constexpr(-1.3862943611198906)  # -2 ln(u) = lg2(u) * (-2 ln 2)
 TWO_LN2 = tl.constexpr(1.3862943611198906)         # = |lg2(u)| * 2 ln 2 for u <= 1
+SQRT_TWO_LN2 = tl.constexpr(1.1774100225154747)    # sqrt(-2 ln u) = sqrt(|lg2(u)|) * sqrt(2 ln 2)
 TWO_PI = tl.constexpr(6.283185307179586)
 BOX_MULLER_MIN_U = tl.constexpr(1.0e-7)
 # 16-bit draws (reference.noise, bfloat16/float16 outputs)
@@ -113,6 +114,15 @@ def _box_muller_primitives(u1, theta, FAST: tl.constexpr):
 
 
 @triton.jit
+def _log2_cos_sin(u1, theta, FAST: tl.constexpr):
+    """``(log2 u1, cos theta, sin theta)`` for the 16-bit Box-Muller, through the hardware approximations when
+    ``FAST`` (the same three libdevice calls as :func:`_box_muller_primitives`, and the only lines that differ)."""
+    if FAST:
+        return libdevice.fast_log2f(u1), libdevice.fast_cosf(theta), libdevice.fast_sinf(theta)
+    return tl.log2(u1), tl.cos(theta), tl.sin(theta)
+
+
+@triton.jit
 def _box_muller(word_r, word_t, FAST: tl.constexpr):
     """Both Box-Muller outputs (cos, sin) of two philox words, as ``rng.box_muller`` computes them. The
     uniforms, the pairing of cos and sin with the outputs and the scaling are one code for both paths; only
@@ -143,30 +153,37 @@ def _uniform16_pair(word):
 
 
 @triton.jit
-def _box_muller16(word, FAST: tl.constexpr):
-    """Both Box-Muller outputs (cos, sin) of one word's 16-bit halves: ``u1 = (low16 + 1) / 2**16`` (in
-    [2**-16, 1]: no clamp) and ``theta = 2 pi high16 / 2**16``, as ``reference.noise`` draws them."""
+def _box_muller16(word, sigma, FAST: tl.constexpr):
+    """Both Box-Muller outputs (cos, sin) of one word's 16-bit halves times ``sigma``: ``u1 = (low16 + 1) / 2**16``
+    (in [2**-16, 1]: no clamp) and ``theta = 2 pi high16 / 2**16``, as ``reference.noise`` draws them. The
+    radius is scaled once for both outputs (one multiply per pair instead of one per value)."""
     u1 = tl.fma((word & 0xFFFF).to(tl.float32), HALF_SCALE, HALF_SCALE)  # exact: no rounding, FMA or not
     theta = (word >> 16).to(tl.float32) * TWO_PI_OVER_65536
-    minus_two_log_u, cos_theta, sin_theta = _box_muller_primitives(u1, theta, FAST)
-    radius = tl.sqrt(minus_two_log_u)
-    return radius * cos_theta, radius * sin_theta
+    log2_u1, cos_theta, sin_theta = _log2_cos_sin(u1, theta, FAST)
+    # sqrt(-2 ln u1) * sigma as sqrt(|log2 u1|) * (sqrt(2 ln 2) sigma): the constant factor is one per-program
+    # scalar, and the abs a free operand modifier (lg2.approx may return a tiny positive value at u1 = 1).
+    scaled_radius = tl.sqrt(tl.abs(log2_u1)) * (SQRT_TWO_LN2 * sigma)
+    return scaled_radius * cos_theta, scaled_radius * sin_theta
 
 
 @triton.jit
-def _units16(w0, w1, w2, w3, DISTRIBUTION: tl.constexpr, FAST: tl.constexpr):
-    """The eight unit-scale values of one philox block's 16-bit halves, in element order (value ``2k + h`` from
-    half ``h`` of word ``k``): N(0, 1) by Box-Muller of each word's halves (``DISTRIBUTION == 0``), or U(-1, 1)."""
+def _noise16(w0, w1, w2, w3, sigma, DISTRIBUTION: tl.constexpr, FAST: tl.constexpr):
+    """The eight noise values ``sigma * unit`` of one philox block's 16-bit halves, in element order (value
+    ``2k + h`` from half ``h`` of word ``k``): N(0, sigma**2) by Box-Muller of each word's halves
+    (``DISTRIBUTION == 0``; ``sigma`` scales the radius), or U(-sigma, sigma) as ``unit * sigma`` (the
+    reference's product, bitwise)."""
     if DISTRIBUTION == 0:
-        n0, n1 = _box_muller16(w0, FAST)
-        n2, n3 = _box_muller16(w1, FAST)
-        n4, n5 = _box_muller16(w2, FAST)
-        n6, n7 = _box_muller16(w3, FAST)
+        n0, n1 = _box_muller16(w0, sigma, FAST)
+        n2, n3 = _box_muller16(w1, sigma, FAST)
+        n4, n5 = _box_muller16(w2, sigma, FAST)
+        n6, n7 = _box_muller16(w3, sigma, FAST)
     else:
-        n0, n1 = _uniform16_pair(w0)
-        n2, n3 = _uniform16_pair(w1)
-        n4, n5 = _uniform16_pair(w2)
-        n6, n7 = _uniform16_pair(w3)
+        u0, u1 = _uniform16_pair(w0)
+        u2, u3 = _uniform16_pair(w1)
+        u4, u5 = _uniform16_pair(w2)
+        u6, u7 = _uniform16_pair(w3)
+        n0, n1, n2, n3 = u0 * sigma, u1 * sigma, u2 * sigma, u3 * sigma
+        n4, n5, n6, n7 = u4 * sigma, u5 * sigma, u6 * sigma, u7 * sigma
     return n0, n1, n2, n3, n4, n5, n6, n7
 
 

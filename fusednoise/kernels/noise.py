@@ -9,8 +9,9 @@ bits); for normal noise within a few ulp under the interpreter and within
 
 Uniform launches compile with ``enable_fp_fusion=False``: contracted, ``x + unit * sigma`` would be one FMA
 (one rounding), where the reference rounds the product first, and about 16% of float32 outputs at sigma 0.3
-would differ from the reference's by an ulp. Normal launches keep the FMA (one instruction fewer per element;
-their comparison with the reference has a tolerance anyway).
+would differ from the reference's by an ulp (the one FMA they keep, of a 16-bit uniform, is exact:
+``draws._uniform16_pair``). Normal launches keep the FMA (one instruction fewer per element; their comparison
+with the reference has a tolerance anyway); their 16-bit draws scale the Box-Muller radius by sigma once per pair.
 
 Each thread holds rows of 16 bytes, so loads and stores are 128 bits wide: 4 float32 values from one philox block
 (32-bit draws), or 8 half-precision values from one block's 16-bit halves (16-bit draws: the resolution follows
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
-from .draws import _normal4, _offset_words, _philox_draw, _pick4, _pick8, _uniform, _units16, fast_math
+from .draws import _normal4, _offset_words, _philox_draw, _pick4, _pick8, _uniform, _noise16, fast_math
 from .launch import FP_FUSION, NO_FP_FUSION, Launch
 from .offsets import host_offset
 
@@ -99,17 +100,17 @@ def noise_kernel(x_ptr, residual_ptr, out_ptr, offset_ptr, numel, sigma, seed: t
     if VEC == 8:
         # 16-bit draws: one block per row of 8, element 8j + 2k + h from half h of word k.
         w0, w1, w2, w3 = _philox_draw(seed, row + first_block, 0, c2, c3)
-        n0, n1, n2, n3, n4, n5, n6, n7 = _units16(w0, w1, w2, w3, DISTRIBUTION, FAST)
-        unit = _pick8(col, n0, n1, n2, n3, n4, n5, n6, n7)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _noise16(w0, w1, w2, w3, sigma, DISTRIBUTION, FAST)
+        eps = _pick8(col, e0, e1, e2, e3, e4, e5, e6, e7)
     else:
         w0, w1, w2, w3 = _philox_draw(seed, row + first_block, 0, c2, c3)
         n0, n1, n2, n3 = _units(w0, w1, w2, w3, DISTRIBUTION, FAST)
-        unit = _pick4(col, n0, n1, n2, n3)
+        eps = _pick4(col, n0, n1, n2, n3) * sigma
 
     total = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         total = total + tl.load(residual_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-    total = total + unit * sigma
+    total = total + eps
 
     if STOCHASTIC:
         # One purpose-1 block per row of 8 (VEC == 8): element 8q + m takes 16-bit half m % 2 of word m // 2

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
-from .draws import _normal4, _offset_words, _philox_draw, _uniform, _units16, fast_math
+from .draws import _normal4, _offset_words, _philox_draw, _uniform, _noise16, fast_math
 from .launch import Launch
 from .noise import _round_nearest, _stochastic_round
 from .offsets import host_offset
@@ -64,13 +64,13 @@ def _noisy(total, group, v, seed, offset_ptr, sigma, HAS_NOISE: tl.constexpr, ST
         if VEC == 8:
             # 16-bit draws (half precision): the group's one block, element m from half m % 2 of word m // 2.
             w0, w1, w2, w3 = _philox_draw(seed, group, 0, c2, c3)
-            n0, n1, n2, n3, n4, n5, n6, n7 = _units16(w0, w1, w2, w3, DISTRIBUTION, FAST)
-            unit = _spread8(v, n0, n1, n2, n3, n4, n5, n6, n7)
+            e0, e1, e2, e3, e4, e5, e6, e7 = _noise16(w0, w1, w2, w3, sigma, DISTRIBUTION, FAST)
+            eps = _spread8(v, e0, e1, e2, e3, e4, e5, e6, e7)
         else:
             w0, w1, w2, w3 = _philox_draw(seed, group, 0, c2, c3)
             n0, n1, n2, n3 = _units3(w0, w1, w2, w3, DISTRIBUTION, FAST)
-            unit = _spread4(v, n0, n1, n2, n3)
-        total = total + unit * sigma
+            eps = _spread4(v, n0, n1, n2, n3) * sigma
+        total = total + eps
     if STOCHASTIC:
         # One purpose-1 block per group of 8 (VEC == 8): element m takes 16-bit half m % 2 of word m // 2.
         r0, r1, r2, r3 = _philox_draw(seed, group, 1, c2, c3)
