@@ -39,7 +39,7 @@ def assert_close_to_reference(fused, eager, sigma, distribution="uniform", seed=
         tolerance = 4 * 1.2e-7 * (eager.abs() + 4 * sigma)
         if HAS_CUDA:  # the kernels use the MUFU approximations on a GPU
             bound = reference.standard_noise_error_bound(eager.numel(), distribution, seed,
-                                                         offset=offset).view(eager.shape)
+                                                         offset=offset).view(eager.shape)  # float32: 32-bit
             tolerance = tolerance + sigma * bound.float()
         assert bool(((fused - eager).abs() <= tolerance).all()), float((fused - eager).abs().max())
         return
@@ -114,11 +114,13 @@ def test_non_contiguous_input_uses_logical_order(backend):
     assert torch.equal(base.t(), expected)
 
 
-def test_counters_past_2_to_the_32_blocks():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_counters_past_2_to_the_32_blocks(dtype):
     # A tensor of over 2**31 elements cannot be interpreted in CI; the kernel's first_index shifts the counter
-    # to where such a tensor's tail lives, and it must still match the reference bit for bit.
-    first_index = 2**34 + 4 * 1000
-    x = torch.zeros(4096 + 8, device=KERNEL_DEVICE)
+    # to where such a tensor's tail lives, and it must still match the reference bit for bit (float32: 4
+    # elements per block, half precision: 8).
+    first_index = 2**35 + 8 * 1000
+    x = torch.zeros(4096 + 8, dtype=dtype, device=KERNEL_DEVICE)
     out = torch.empty_like(x)
     seed = rng.draw_seed()
     launch_noise(x, None, out, 1.0, "uniform", seed, False, first_index=first_index)
@@ -137,9 +139,9 @@ def test_tensor_over_2_to_the_31_elements_on_gpu():
     x = torch.zeros(numel, dtype=torch.bfloat16, device="cuda")
     seed = 1234
     fusednoise.add_noise_(x, 1.0, distribution="uniform", seed=seed)
-    tail = x[-8192:].cpu()
-    expected = reference.noisy_sum(torch.zeros(8192, dtype=torch.bfloat16), None, 1.0, "uniform", seed,
-                                   first_index=numel - 8192)
+    tail = x[-8196:].cpu()  # from a philox block's first element (16-bit draws: 8 per block)
+    expected = reference.noisy_sum(torch.zeros(8196, dtype=torch.bfloat16), None, 1.0, "uniform", seed,
+                                   first_index=numel - 8196)
     assert torch.equal(tail, expected)
 
 
@@ -244,7 +246,8 @@ def test_stochastic_rounding_keeps_tiny_hype_noise_in_bf16():
     # round-to-nearest loses most of it.
     n = 2**18
     x = torch.randn(n).to(torch.bfloat16)
-    eps = (fusednoise.add_noise(x.float(), 1e-5, seed=1) - x.float()).double()
+    # The float32 noise the bf16 call draws (16-bit draws: a float32 input would draw other noise).
+    eps = reference.standard_noise(n, "normal", 1, bits=16).double() * 1e-5
     nearest = fusednoise.add_noise(x, 1e-5, seed=1)
     stochastic = fusednoise.add_noise(x, 1e-5, seed=1, rounding="stochastic")
 

@@ -25,8 +25,15 @@ PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
 PHILOX_ROUND_A = tl.constexpr(0xD2511F53)
 PHILOX_ROUND_B = tl.constexpr(0xCD9E8D57)
 MINUS_TWO_LN2 = tl.constexpr(-1.3862943611198906)  # -2 ln(u) = lg2(u) * (-2 ln 2)
+TWO_LN2 = tl.constexpr(1.3862943611198906)         # = |lg2(u)| * 2 ln 2 for u <= 1
+SQRT_TWO_LN2 = tl.constexpr(1.1774100225154747)    # sqrt(-2 ln u) = sqrt(|lg2(u)|) * sqrt(2 ln 2)
 TWO_PI = tl.constexpr(6.283185307179586)
 BOX_MULLER_MIN_U = tl.constexpr(1.0e-7)
+# 16-bit draws (reference.noise, bfloat16/float16 outputs)
+HALF_SCALE = tl.constexpr(1.52587890625e-05)                 # 2**-16
+TWO_PI_OVER_65536 = tl.constexpr(6.283185307179586 / 65536)  # float32(2 pi) * 2**-16 exactly, once rounded
+UNIFORM16_STEP = tl.constexpr(3.0517578125e-05)              # 2**-15
+UNIFORM16_SHIFT = tl.constexpr(0.9999847412109375)           # 1 - 2**-16
 
 
 @triton.jit
@@ -99,10 +106,20 @@ def _box_muller_primitives(u1, theta, FAST: tl.constexpr):
     them on CPU with libdevice's three calls replaced by accurate stand-ins)."""
     if FAST:
         # lg2.approx can return a tiny positive value for u1 just below 1 (its error is absolute there): the
-        # radius of such a u1 is below 5e-4 either way, so clamp instead of taking sqrt of a negative number.
-        minus_two_log_u = tl.maximum(libdevice.fast_log2f(u1) * MINUS_TWO_LN2, 0.0)
+        # radius of such a u1 is below 6e-4 either way, so take |log2| (a free operand modifier of the multiply,
+        # where a clamp at 0 is one more instruction) instead of the sqrt of a negative number.
+        minus_two_log_u = tl.abs(libdevice.fast_log2f(u1)) * TWO_LN2
         return minus_two_log_u, libdevice.fast_cosf(theta), libdevice.fast_sinf(theta)
     return -2.0 * tl.log(u1), tl.cos(theta), tl.sin(theta)
+
+
+@triton.jit
+def _log2_cos_sin(u1, theta, FAST: tl.constexpr):
+    """``(log2 u1, cos theta, sin theta)`` for the 16-bit Box-Muller, through the hardware approximations when
+    ``FAST`` (the same three libdevice calls as :func:`_box_muller_primitives`, and the only lines that differ)."""
+    if FAST:
+        return libdevice.fast_log2f(u1), libdevice.fast_cosf(theta), libdevice.fast_sinf(theta)
+    return tl.log2(u1), tl.cos(theta), tl.sin(theta)
 
 
 @triton.jit
@@ -123,6 +140,51 @@ def _normal4(w0, w1, w2, w3, FAST: tl.constexpr):
     n0, n1 = _box_muller(w0, w1, FAST)
     n2, n3 = _box_muller(w2, w3, FAST)
     return n0, n1, n2, n3
+
+
+@triton.jit
+def _uniform16_pair(word):
+    """The U(-1, 1) values of a word's low and high 16-bit halves ``b``: ``(2b + 1 - 65536) / 65536``, as
+    ``b * 2**-15 - (1 - 2**-16)``: exact in float32, so one FMA gives the reference's value bitwise, contracted or
+    not (the halves convert with one instruction each: I2F.U16 reads either half of the word)."""
+    low = (word & 0xFFFF).to(tl.float32)
+    high = (word >> 16).to(tl.float32)
+    return tl.fma(low, UNIFORM16_STEP, -UNIFORM16_SHIFT), tl.fma(high, UNIFORM16_STEP, -UNIFORM16_SHIFT)
+
+
+@triton.jit
+def _box_muller16(word, sigma, FAST: tl.constexpr):
+    """Both Box-Muller outputs (cos, sin) of one word's 16-bit halves times ``sigma``: ``u1 = (low16 + 1) / 2**16``
+    (in [2**-16, 1]: no clamp) and ``theta = 2 pi high16 / 2**16``, as ``reference.noise`` draws them. The
+    radius is scaled once for both outputs (one multiply per pair instead of one per value)."""
+    u1 = tl.fma((word & 0xFFFF).to(tl.float32), HALF_SCALE, HALF_SCALE)  # exact: no rounding, FMA or not
+    theta = (word >> 16).to(tl.float32) * TWO_PI_OVER_65536
+    log2_u1, cos_theta, sin_theta = _log2_cos_sin(u1, theta, FAST)
+    # sqrt(-2 ln u1) * sigma as sqrt(|log2 u1|) * (sqrt(2 ln 2) sigma): the constant factor is one per-program
+    # scalar, and the abs a free operand modifier (lg2.approx may return a tiny positive value at u1 = 1).
+    scaled_radius = tl.sqrt(tl.abs(log2_u1)) * (SQRT_TWO_LN2 * sigma)
+    return scaled_radius * cos_theta, scaled_radius * sin_theta
+
+
+@triton.jit
+def _noise16(w0, w1, w2, w3, sigma, DISTRIBUTION: tl.constexpr, FAST: tl.constexpr):
+    """The eight noise values ``sigma * unit`` of one philox block's 16-bit halves, in element order (value
+    ``2k + h`` from half ``h`` of word ``k``): N(0, sigma**2) by Box-Muller of each word's halves
+    (``DISTRIBUTION == 0``; ``sigma`` scales the radius), or U(-sigma, sigma) as ``unit * sigma`` (the
+    reference's product, bitwise)."""
+    if DISTRIBUTION == 0:
+        n0, n1 = _box_muller16(w0, sigma, FAST)
+        n2, n3 = _box_muller16(w1, sigma, FAST)
+        n4, n5 = _box_muller16(w2, sigma, FAST)
+        n6, n7 = _box_muller16(w3, sigma, FAST)
+    else:
+        u0, u1 = _uniform16_pair(w0)
+        u2, u3 = _uniform16_pair(w1)
+        u4, u5 = _uniform16_pair(w2)
+        u6, u7 = _uniform16_pair(w3)
+        n0, n1, n2, n3 = u0 * sigma, u1 * sigma, u2 * sigma, u3 * sigma
+        n4, n5, n6, n7 = u4 * sigma, u5 * sigma, u6 * sigma, u7 * sigma
+    return n0, n1, n2, n3, n4, n5, n6, n7
 
 
 @triton.jit

@@ -9,12 +9,14 @@ bits); for normal noise within a few ulp under the interpreter and within
 
 Uniform launches compile with ``enable_fp_fusion=False``: contracted, ``x + unit * sigma`` would be one FMA
 (one rounding), where the reference rounds the product first, and about 16% of float32 outputs at sigma 0.3
-would differ from the reference's by an ulp. Normal launches keep the FMA (one instruction fewer per element;
-their comparison with the reference has a tolerance anyway).
+would differ from the reference's by an ulp (the one FMA they keep, of a 16-bit uniform, is exact:
+``draws._uniform16_pair``). Normal launches keep the FMA (one instruction fewer per element; their comparison
+with the reference has a tolerance anyway); their 16-bit draws scale the Box-Muller radius by sigma once per pair.
 
-Each thread holds rows of 16 bytes (8 half-precision elements drawn from two philox blocks, or 4 float32 from
-one), so loads and stores are 128 bits wide; stochastic rounding takes 16 random bits per element, one philox
-call per 8 elements.
+Each thread holds rows of 16 bytes, so loads and stores are 128 bits wide: 4 float32 values from one philox block
+(32-bit draws), or 8 half-precision values from one block's 16-bit halves (16-bit draws: the resolution follows
+the output's; the uniforms are built on the bits, no int-to-float conversion). Stochastic rounding takes 16 random
+bits per element, one more philox call per 8 elements with the same counter and purpose 1.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
-from .draws import _normal4, _offset_words, _philox_draw, _pick4, _pick8, _uniform, fast_math
+from .draws import _normal4, _offset_words, _philox_draw, _pick4, _pick8, _uniform, _noise16, fast_math
 from .launch import FP_FUSION, NO_FP_FUSION, Launch
 from .offsets import host_offset
 
@@ -32,8 +34,8 @@ DIST_UNIFORM = 1
 # GPU enough independent work per program to hide memory latency.
 BLOCK_SIZE = 4096
 NUM_WARPS = 8
-# Contiguous elements per thread: 16 bytes (one 128-bit load and store), so 8 half-precision values, two philox
-# blocks; 4 float32 values, one block.
+# Contiguous elements per thread: 16 bytes (one 128-bit load and store), so 8 half-precision values or 4 float32
+# values, one philox block either way.
 VEC_HALF = 8
 VEC_FLOAT = 4
 F16_SMALLEST_NORMAL = tl.constexpr(6.103515625e-05)  # 2**-14: below it float16's step is 2**-24 whatever the exponent
@@ -87,7 +89,7 @@ def noise_kernel(x_ptr, residual_ptr, out_ptr, offset_ptr, numel, sigma, seed: t
                  FAST: tl.constexpr, INTERPRETED: tl.constexpr, VEC: tl.constexpr, BLOCK: tl.constexpr):
     ROWS: tl.constexpr = BLOCK // VEC
     # int64 from the start: tensors over 2**31 elements must index correctly. Row r holds elements VEC*r ..
-    # VEC*r + VEC-1, in philox blocks VEC/4*r ...: the counter is the element's block index in the whole tensor;
+    # VEC*r + VEC-1, philox block r (both draws): the counter is the element's block index in the whole tensor;
     # first_block shifts it when this launch covers a later slice (and lets a test reach counters past 2**32).
     row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     col = tl.arange(0, VEC)[None, :]
@@ -96,31 +98,40 @@ def noise_kernel(x_ptr, residual_ptr, out_ptr, offset_ptr, numel, sigma, seed: t
     # The counter words of the call's offset (rng.offset_counter_words; 0 on the host path), one load per program.
     c2, c3 = _offset_words(offset_ptr)
     if VEC == 8:
-        a0, a1, a2, a3 = _philox_draw(seed, 2 * row + first_block, 0, c2, c3)
-        b0, b1, b2, b3 = _philox_draw(seed, 2 * row + 1 + first_block, 0, c2, c3)
-        n0, n1, n2, n3 = _units(a0, a1, a2, a3, DISTRIBUTION, FAST)
-        n4, n5, n6, n7 = _units(b0, b1, b2, b3, DISTRIBUTION, FAST)
-        unit = _pick8(col, n0, n1, n2, n3, n4, n5, n6, n7)
+        # 16-bit draws: one block per row of 8, element 8j + 2k + h from half h of word k.
+        w0, w1, w2, w3 = _philox_draw(seed, row + first_block, 0, c2, c3)
+        e0, e1, e2, e3, e4, e5, e6, e7 = _noise16(w0, w1, w2, w3, sigma, DISTRIBUTION, FAST)
+        eps = _pick8(col, e0, e1, e2, e3, e4, e5, e6, e7)
     else:
         w0, w1, w2, w3 = _philox_draw(seed, row + first_block, 0, c2, c3)
         n0, n1, n2, n3 = _units(w0, w1, w2, w3, DISTRIBUTION, FAST)
-        unit = _pick4(col, n0, n1, n2, n3)
+        eps = _pick4(col, n0, n1, n2, n3) * sigma
 
     total = tl.load(x_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         total = total + tl.load(residual_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
-    total = total + unit * sigma
+    total = total + eps
 
     if STOCHASTIC:
-        # One purpose-1 block per 8 elements (VEC == 8): element 8q + m takes 16-bit half m % 2 of word m // 2
-        # of block q (first_block is even: the launcher requires first_index % 8 == 0).
-        r0, r1, r2, r3 = _philox_draw(seed, row + first_block // 2, 1, c2, c3)
-        r16 = _pick8(col, r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16, r2 & 0xFFFF, r2 >> 16,
-                     r3 & 0xFFFF, r3 >> 16)
+        # One purpose-1 block per row of 8 (VEC == 8): element 8q + m takes 16-bit half m % 2 of word m // 2
+        # of block q, the row's noise block.
+        r0, r1, r2, r3 = _philox_draw(seed, row + first_block, 1, c2, c3)
+        r16 = _pick8(col, (r0 << 16) >> 16, r0 >> 16, (r1 << 16) >> 16, r1 >> 16, (r2 << 16) >> 16, r2 >> 16,
+                     (r3 << 16) >> 16, r3 >> 16)
         result = _stochastic_round(total, r16, out_ptr.dtype.element_ty, INTERPRETED)
     else:
         result = _round_nearest(total, out_ptr.dtype.element_ty, INTERPRETED)
     tl.store(out_ptr + offsets, result, mask=in_bounds)
+
+
+def _check_first_index(first_index: int, dtype) -> int:
+    """The elements per philox block for ``dtype`` (8 for half precision, 4 for float32), after checking that
+    ``first_index`` starts a block."""
+    step = VEC_HALF if dtype.itemsize == 2 else VEC_FLOAT
+    if first_index % step:
+        raise ValueError(f"first_index must be a multiple of {step} for {dtype} (one philox block per {step} "
+                         f"elements), got {first_index}")
+    return step
 
 
 def noise_launch(x, residual, out, sigma: float, distribution: str, seed: int, stochastic: bool,
@@ -128,10 +139,11 @@ def noise_launch(x, residual, out, sigma: float, distribution: str, seed: int, s
     """The launch :func:`launch_noise` runs (also built from ``meta`` tensors by ``specialisations``)."""
     numel = x.numel()
     half = out.dtype.itemsize == 2
+    step = _check_first_index(first_index, out.dtype)
     return Launch(
         noise_kernel, (triton.cdiv(numel, BLOCK_SIZE),),
         (x, residual if residual is not None else x, out, offset if offset is not None else host_offset(x), numel,
-         float(sigma), seed, first_index // 4),
+         float(sigma), seed, first_index // step),
         dict(HAS_RESIDUAL=residual is not None,
              DISTRIBUTION=DIST_NORMAL if distribution == "normal" else DIST_UNIFORM,
              STOCHASTIC=bool(stochastic) and half, FAST=fast_math(), INTERPRETED=interpreter_enabled(),
@@ -144,14 +156,12 @@ def launch_noise(x, residual, out, sigma: float, distribution: str, seed: int, s
     """Run the kernel over contiguous ``x`` (and ``residual``) into contiguous ``out`` (which may be ``x``).
 
     ``first_index`` is the flat index of ``x``'s first element in the tensor whose noise is being drawn: 0
-    unless a caller processes a big tensor in slices; a multiple of 4 (of 8 with stochastic rounding, whose
-    blocks cover 8 elements). ``offset``: the int64 ``(1,)`` tensor on x's device holding the call's offset
-    (the offset path's ticket, ``fusednoise/rng.py``; the ops pass a constant 0 on the host path); None
-    allocates a 0.
+    unless a caller processes a big tensor in slices; a multiple of 4 for float32, of 8 for bfloat16 and float16
+    (whose philox blocks cover 8 elements). ``offset``: the int64 ``(1,)`` tensor on x's device holding the
+    call's offset (the offset path's ticket, ``fusednoise/rng.py``; the ops pass a constant 0 on the host path);
+    None allocates a 0.
     """
-    step = 8 if stochastic and out.dtype.itemsize == 2 else 4
-    if first_index % step:
-        raise ValueError(f"first_index must be a multiple of {step}, got {first_index}")
+    _check_first_index(first_index, out.dtype)
     if x.numel() == 0:
         return
     noise_launch(x, residual, out, sigma, distribution, seed, stochastic, first_index, offset).run()

@@ -2,8 +2,8 @@
 
 ``reference/norms.py`` is the spec (what is rounded where); ``reference/noise.py`` the noise layout, which the
 forward kernels draw exactly as ``kernels/noise.py`` does for the flattened tensor: each program holds whole rows
-as a ``(ROWS, BLOCK_Q, VEC)`` tile, VEC contiguous elements (16 bytes: 8 half-precision values from two philox
-blocks, 4 float32 values from one) per group, and group ``g = row * N / VEC + q`` is the flat group index that
+as a ``(ROWS, BLOCK_Q, VEC)`` tile, VEC contiguous elements (16 bytes: 8 half-precision values from one philox
+block's 16-bit halves, 4 float32 values from one block's words) per group, and group ``g = row * N / VEC + q`` is the flat group index that
 ``noise_kernel`` calls ``row``. That identity needs ``N % VEC == 0`` (every real hidden size); the op runs the
 noise kernel and then the norm otherwise.
 
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
-from .draws import _normal4, _offset_words, _philox_draw, _uniform, fast_math
+from .draws import _normal4, _offset_words, _philox_draw, _uniform, _noise16, fast_math
 from .launch import Launch
 from .noise import _round_nearest, _stochastic_round
 from .offsets import host_offset
@@ -66,16 +66,15 @@ def _noisy(total, group, v, seed, offset_ptr, sigma, HAS_NOISE: tl.constexpr, ST
         c2, c3 = _offset_words(offset_ptr)
     if HAS_NOISE:
         if VEC == 8:
-            a0, a1, a2, a3 = _philox_draw(seed, 2 * group, 0, c2, c3)
-            b0, b1, b2, b3 = _philox_draw(seed, 2 * group + 1, 0, c2, c3)
-            n0, n1, n2, n3 = _units3(a0, a1, a2, a3, DISTRIBUTION, FAST)
-            n4, n5, n6, n7 = _units3(b0, b1, b2, b3, DISTRIBUTION, FAST)
-            unit = _spread8(v, n0, n1, n2, n3, n4, n5, n6, n7)
+            # 16-bit draws (half precision): the group's one block, element m from half m % 2 of word m // 2.
+            w0, w1, w2, w3 = _philox_draw(seed, group, 0, c2, c3)
+            e0, e1, e2, e3, e4, e5, e6, e7 = _noise16(w0, w1, w2, w3, sigma, DISTRIBUTION, FAST)
+            eps = _spread8(v, e0, e1, e2, e3, e4, e5, e6, e7)
         else:
             w0, w1, w2, w3 = _philox_draw(seed, group, 0, c2, c3)
             n0, n1, n2, n3 = _units3(w0, w1, w2, w3, DISTRIBUTION, FAST)
-            unit = _spread4(v, n0, n1, n2, n3)
-        total = total + unit * sigma
+            eps = _spread4(v, n0, n1, n2, n3) * sigma
+        total = total + eps
     if STOCHASTIC:
         # One purpose-1 block per group of 8 (VEC == 8): element m takes 16-bit half m % 2 of word m // 2.
         r0, r1, r2, r3 = _philox_draw(seed, group, 1, c2, c3)

@@ -80,8 +80,9 @@ def _meta(shape, dtype) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ targets
-HYPE_NEAREST = Target(0.95, max_budget_share=0.85, min_access_bits=128)
-HYPE_STOCHASTIC = Target(0.90, min_access_bits=128)
+# Issue 20: the standalone HyPe kernels on an H200 (an issue budget per byte about 30% below an H100's).
+HYPE_NEAREST = Target(0.95, max_budget_share=0.85, min_access_bits=128, device="h200")
+HYPE_STOCHASTIC = Target(0.90, min_access_bits=128, device="h200")
 NOISYTUNE = Target(0.95, min_access_bits=128)
 LNSR_NOISE = Target(0.90)
 PATS = Target(0.95, min_warps_per_sm=16)
@@ -95,35 +96,33 @@ FUSED_NORM = Target(0.95, min_access_bits=128, device="h200")  # issue 20: noise
 _CALIBRATION = "issue 23: calibrated {cal} (raw {raw}) < {target} of the roofline on an H100 at e = 0.85, {share} of " \
                "the issue budget"
 # Issue 20: the fused add + norm forwards with the noise that miss FUSED_NORM on an H200 (figures of the run that
-# found them). LayerNorm at BERT's 768 in half precision moves 6 B/element (a 46.7-slot budget on an H200, 39.7
-# for 95% at e = 0.85): the norm itself takes 15.5-17 slots/element since a row is 3 chunks of 256 (25 when it was
-# padded to 1024 lanes), the noise with two philox blocks per 8 elements 26-30 more, and stochastic rounding
-# another block per 8. RMSNorm's stochastic rounding costs that second block on top of the norm. The lever left is
-# issue 20's cheaper randomness (16-bit draws), not the launcher (a tile of 8192 elements moved them by 1-4 points
-# for twice the registers).
+# found them). RMSNorm's forwards meet it since the half-precision noise draws 16 bits per element (one philox block
+# per 8 elements for the noise, one for stochastic rounding). LayerNorm at BERT's 768 in half precision moves
+# 6 B/element (a 46.7-slot budget on an H200, 39.7 for 95% at e = 0.85): the norm takes 15.5-17 slots/element (a row
+# is 3 chunks of 256, no padded lane), and the noise with stochastic rounding about 36 more (two philox blocks per
+# 8 elements), so those four stay under the target.
 _FUSED = "issue 20: calibrated {cal} (raw {raw}) < 95% of the roofline on an H200 at e = 0.85, {share} of the " \
          "issue budget"
 CALIBRATION_PENDING_FUSED = {
-    "add_rms_norm.forward[fp16,normal,stochastic]": _FUSED.format(cal="88.6%", raw="100%", share="96%"),
-    "add_rms_norm.forward[bf16,normal,stochastic]": _FUSED.format(cal="94.4%", raw="100%", share="90%"),
-    "add_layer_norm.forward[fp16,normal,nearest]": _FUSED.format(cal="86.7%", raw="100%", share="98%"),
-    "add_layer_norm.forward[fp16,normal,stochastic]": _FUSED.format(cal="64%", raw="76%", share="132%"),
-    "add_layer_norm.forward[fp16,uniform,stochastic]": _FUSED.format(cal="69%", raw="81.5%", share="123%"),
-    "add_layer_norm.forward[bf16,normal,nearest]": _FUSED.format(cal="83%", raw="97%", share="103%"),
-    "add_layer_norm.forward[bf16,normal,stochastic]": _FUSED.format(cal="66%", raw="78%", share="128%"),
-    "add_layer_norm.forward[bf16,uniform,nearest]": _FUSED.format(cal="91%", raw="100%", share="93%"),
-    "add_layer_norm.forward[bf16,uniform,stochastic]": _FUSED.format(cal="72%", raw="84%", share="119%"),
+    "add_layer_norm.forward[fp16,normal,stochastic]": _FUSED.format(cal="79%", raw="94%", share="107%"),
+    "add_layer_norm.forward[fp16,uniform,stochastic]": _FUSED.format(cal="85%", raw="100%", share="100%"),
+    "add_layer_norm.forward[bf16,normal,stochastic]": _FUSED.format(cal="83%", raw="98%", share="102%"),
+    "add_layer_norm.forward[bf16,uniform,stochastic]": _FUSED.format(cal="89%", raw="100%", share="96%"),
 }
+# Issue 20: the standalone HyPe kernels with stochastic rounding and no residual that miss 90% calibrated on an
+# H200 with the 16-bit draws (4 B/element: a 31.1-slot budget, 29.4 slots/element for 90% at e = 0.85). Two philox
+# blocks per 8 elements take 14 slots/element of it (the two share their first round's product), float16's stochastic
+# rounding (a second path for values below 2**-14, non-finite values passed through) about 9 more, Box-Muller 5.5.
+_HYPE = "issue 20: calibrated {cal} (raw {raw}) < 90% of the roofline on an H200 at e = 0.85, {slots} issue " \
+        "slots/element ({share} of the budget)"
 CALIBRATION_PENDING = {
-    "hype[fp16,normal,stochastic]": _CALIBRATION.format(cal="77%", raw="91%", target="90%", share="110%"),
-    "hype[fp16,uniform,stochastic]": _CALIBRATION.format(cal="85%", raw="100%", target="90%", share="100%"),
-    "hype[bf16,normal,stochastic]": _CALIBRATION.format(cal="84%", raw="99%", target="90%", share="101%"),
+    "hype[fp16,normal,stochastic]": _HYPE.format(cal="75%", raw="88%", slots="35.2", share="113%"),
+    "hype[fp16,uniform,stochastic]": _HYPE.format(cal="78%", raw="91%", slots="34.1", share="110%"),
+    "hype[bf16,normal,stochastic]": _HYPE.format(cal="85%", raw="100%", slots="31.2", share="100%"),
     "lnsr.scaled_noise.forward[fp16,D=1024]": _CALIBRATION.format(cal="86%", raw="100%", target="90%",
                                                                   share="99%"),
     "lnsr.scaled_noise.forward[bf16,D=1024]": _CALIBRATION.format(cal="84%", raw="99%", target="90%",
                                                                   share="101%"),
-    # 93% calibrated until uniform launches compiled without FMA contraction (issue 18: about 2 more slots/element)
-    "hype[bf16,uniform,stochastic]": _CALIBRATION.format(cal="89%", raw="100%", target="90%", share="96%"),
 }
 
 
@@ -385,8 +384,8 @@ def _per_call_values() -> Iterator[Case]:
     yield Case("hype[fp32,uniform,nearest,seed=1]", noise.noise_launch(x, None, x, 0.01, "uniform", 1, False),
                2 * item, n, item, modelled=False)
     half = _meta(n, torch.bfloat16)
-    yield Case("hype[bf16,normal,nearest,seed=16,first_index=4]",
-               noise.noise_launch(half, None, half, 0.01, "normal", 16, False, first_index=4), 4, n, 2,
+    yield Case("hype[bf16,normal,nearest,seed=16,first_index=8]",
+               noise.noise_launch(half, None, half, 0.01, "normal", 16, False, first_index=8), 4, n, 2,
                modelled=False)
     tensors = [_meta((64, 256), torch.float32)] * 2
     for seed in (1, 2**40 + 16):

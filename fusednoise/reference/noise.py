@@ -1,14 +1,30 @@
 """Eager reference for the HyPe noise ops: the executable spec of ``fusednoise/kernels/noise.py``.
 
-Element ``i`` (row-major logical order of the tensor) belongs to philox block ``j = i // 4`` and takes word
-``w = i % 4`` of ``philox(seed, c0=j_lo, c1=j_hi, c2=0, c3=0)``:
+The draw's resolution follows the output's precision (:func:`noise_bits`).
+
+float32 outputs (32-bit draws): element ``i`` (row-major logical order of the tensor) belongs to philox block
+``j = i // 4`` and takes word ``w = i % 4`` of ``philox(seed, c0=j_lo, c1=j_hi, c2=0, c3=0)``:
 
 * uniform: ``eps = sigma * (2 * uniform(word_w) - 1)``, i.e. U(-sigma, sigma);
 * normal: Box-Muller of the word pairs (0, 1) and (2, 3); elements ``4j, 4j+1`` take the cos and sin outputs of
   the first pair, ``4j+2, 4j+3`` those of the second, times sigma.
 
-Drawing four values from each philox call (not one, as ``tl.randn`` does) quarters the integer work, which is
-what keeps a half-precision noise kernel memory-bound rather than compute-bound on a GPU.
+bfloat16 and float16 outputs (16-bit draws, one philox block per 8 elements): element ``i`` belongs to block
+``j = i // 8`` and takes the 16-bit half ``h = i % 2`` (0: the low 16 bits) of word ``k = (i % 8) // 2`` of the
+same ``philox(seed, c0=j_lo, c1=j_hi, c2=0, c3=0)``:
+
+* uniform: the element's half ``b`` in [0, 65536) gives ``(2b + 1 - 65536) / 65536``: symmetric in (-1, 1),
+  mean exactly 0, largest value ``1 - 2**-16``, every value exact in float32;
+* normal: Box-Muller of word ``k``'s two halves, ``u1 = (low16 + 1) / 65536`` in [2**-16, 1] (never 0: no
+  clamp) and ``theta = 2 pi high16 / 65536``; element ``8j + 2k`` takes ``radius * cos(theta)``, ``8j + 2k + 1``
+  ``radius * sin(theta)``. The largest value is ``sqrt(-2 ln 2**-16) = sqrt(32 ln 2) = 4.71`` (at low16 = 0),
+  against 5.68 for the 32-bit draws (u1 >= 1e-7); the quality (moments, KS, the extremes) is tested in
+  ``tests/test_noise16.py`` and stated in the README.
+
+A bfloat16 or float16 value keeps 8 or 11 significant bits, so 16 random bits per value resolve the noise
+beyond what the output stores; eight values per philox block (``tl.randn`` draws one) take an eighth of the
+integer work per element: what keeps a half-precision noise kernel memory-bound rather than issue-bound on a
+GPU. A half-precision draw must start at a block boundary: ``first_index`` a multiple of 8.
 
 Everything is computed in float32: ``out = (x + residual) + eps``, then stored in x's dtype, rounded to
 nearest or stochastically. Stochastic rounding takes 16 random bits per element: element ``i`` uses the 16-bit
@@ -26,6 +42,7 @@ noise and the philox words are bitwise those of this module, the normal values d
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -34,7 +51,12 @@ from .. import rng
 
 DISTRIBUTIONS = ("normal", "uniform")
 WORDS_PER_BLOCK = 4
-ROUNDING_ELEMENTS_PER_BLOCK = 8  # 16 random bits per element, four 32-bit words per philox call
+# 16-bit draws (half-precision noise, stochastic-rounding bits): two values per 32-bit word, 8 per philox block
+HALF_ELEMENTS_PER_BLOCK = 8
+HALF_SCALE = 2.0**-16
+# The largest |value| each 16-bit draw can produce: Box-Muller's radius at u1 = 2**-16, and the uniform's top.
+NORMAL16_MAX = (-2.0 * math.log(2.0**-16)) ** 0.5  # sqrt(32 ln 2) = 4.7096
+UNIFORM16_MAX = 1.0 - 2.0**-16
 F16_SMALLEST_NORMAL = 2.0**-14
 
 # The GPU's Box-Muller (kernels/draws.py) runs on the hardware approximations lg2.approx, sin.approx and
@@ -61,24 +83,64 @@ def _interleave(values, numel: int) -> torch.Tensor:
     return torch.stack(values, dim=1).reshape(-1)[:numel]
 
 
+def noise_bits(dtype: torch.dtype) -> int:
+    """The resolution of the HyPe draws for an output of ``dtype``: 16 bits for bfloat16 and float16, 32 for
+    float32 (and anything wider)."""
+    return 16 if dtype in (torch.bfloat16, torch.float16) else 32
+
+
 def standard_noise(numel: int, distribution: str, seed: int, device="cpu", first_index: int = 0,
-                   offset: Optional[int] = None) -> torch.Tensor:
+                   offset: Optional[int] = None, bits: int = 32) -> torch.Tensor:
     """Unit-scale noise for ``numel`` elements in logical order: N(0, 1) or U(-1, 1), float32.
 
-    ``first_index`` (a multiple of 4) starts the draw at that flat index of a larger tensor; ``offset`` is the
-    offset path's (None: the host path).
+    ``bits``: 32 (four values per philox block; what NEFTune, LNSR and float32 HyPe draw) or 16 (eight values per
+    block, half-precision HyPe; the module docstring has both layouts). ``first_index`` (a multiple of 4, of 8
+    with ``bits=16``) starts the draw at that flat index of a larger tensor; ``offset`` is the offset path's
+    (None: the host path).
     """
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    if bits == 16:
+        return _standard_noise16(numel, distribution, seed, device, first_index, offset)
+    if bits != 32:
+        raise ValueError(f"bits must be 16 or 32, got {bits!r}")
     n_blocks = -(-numel // WORDS_PER_BLOCK)
     stream, purpose = rng.offset_counter_words(offset, rng.PURPOSE_NOISE)
     # Row j: the uniforms of block j's four words, so flattening puts word w of block j at element 4j + w.
     uniforms = rng.philox_uniforms(seed, n_blocks, first_index // WORDS_PER_BLOCK, stream, purpose, device)
     if distribution == "uniform":
         return (2.0 * uniforms - 1.0).view(-1)[:numel]
-    if distribution == "normal":
-        # Both pairs at once: (cos, sin) of pair (0, 1) are elements 4j, 4j+1, those of pair (2, 3) 4j+2, 4j+3.
-        cos, sin = rng.box_muller(uniforms[:, 0::2], uniforms[:, 1::2])
-        return torch.stack([cos, sin], dim=2).view(-1)[:numel]
-    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+    # Both pairs at once: (cos, sin) of pair (0, 1) are elements 4j, 4j+1, those of pair (2, 3) 4j+2, 4j+3.
+    cos, sin = rng.box_muller(uniforms[:, 0::2], uniforms[:, 1::2])
+    return torch.stack([cos, sin], dim=2).view(-1)[:numel]
+
+
+def _standard_noise16(numel: int, distribution: str, seed: int, device, first_index: int,
+                      offset: Optional[int]) -> torch.Tensor:
+    if first_index % HALF_ELEMENTS_PER_BLOCK:
+        raise ValueError(f"first_index must be a multiple of {HALF_ELEMENTS_PER_BLOCK} for 16-bit draws "
+                         f"(bfloat16/float16), got {first_index}")
+    halves = _sixteen_bit_halves(numel + numel % 2, seed, device, rng.PURPOSE_NOISE, first_index, offset)
+    if distribution == "uniform":
+        return ((2 * halves + 1 - 65536).to(torch.float32) * HALF_SCALE)[:numel]
+    u1 = (halves[0::2] + 1).to(torch.float32) * HALF_SCALE   # (low16 + 1) / 2**16: in [2**-16, 1], never 0
+    u2 = halves[1::2].to(torch.float32) * HALF_SCALE         # high16 / 2**16: theta = 2 pi u2
+    cos, sin = rng.box_muller(u1, u2)
+    return torch.stack([cos, sin], dim=1).view(-1)[:numel]
+
+
+def _sixteen_bit_halves(numel: int, seed: int, device, purpose: int, first_index: int,
+                        offset: Optional[int]) -> torch.Tensor:
+    """int64 in [0, 2**16) per element: element ``i`` takes half ``i % 2`` (0: the low 16 bits) of word
+    ``(i % 8) // 2`` of block ``i // 8`` (flat indices from ``first_index``)."""
+    first_block = first_index // HALF_ELEMENTS_PER_BLOCK
+    last_block = (first_index + numel - 1) // HALF_ELEMENTS_PER_BLOCK
+    blocks = torch.arange(first_block, last_block + 1, dtype=torch.int64, device=device)
+    lo, hi = rng.block_counters(blocks)
+    words = rng.philox4x32(seed, lo, hi, *rng.offset_counter_words(offset, purpose))
+    halves = [part for w in words for part in (w & 0xFFFF, w >> 16)]
+    start = first_index - first_block * HALF_ELEMENTS_PER_BLOCK
+    return _interleave(halves, start + numel)[start:]
 
 
 def fast_normal_error_bound(u1: torch.Tensor) -> torch.Tensor:
@@ -91,11 +153,15 @@ def fast_normal_error_bound(u1: torch.Tensor) -> torch.Tensor:
 
 
 def standard_noise_error_bound(numel: int, distribution: str, seed: int, device="cpu",
-                               first_index: int = 0, offset: Optional[int] = None) -> torch.Tensor:
+                               first_index: int = 0, offset: Optional[int] = None, bits: int = 32) -> torch.Tensor:
     """Per element, the largest ``|fused - reference|`` of :func:`standard_noise` on a GPU (float64): 0 for
     uniform noise (no transcendentals), :func:`fast_normal_error_bound` of the element's pair for normal."""
     if distribution == "uniform":
         return torch.zeros(numel, dtype=torch.float64, device=device)
+    if bits == 16:
+        halves = _sixteen_bit_halves(numel + numel % 2, seed, device, rng.PURPOSE_NOISE, first_index, offset)
+        bound = fast_normal_error_bound((halves[0::2] + 1).to(torch.float32) * HALF_SCALE)
+        return bound.repeat_interleave(2)[:numel]
     words = _block_words(seed, numel, device, rng.PURPOSE_NOISE, first_index, offset)
     first = fast_normal_error_bound(rng.uint_to_uniform(words[0]))
     second = fast_normal_error_bound(rng.uint_to_uniform(words[2]))
@@ -106,14 +172,7 @@ def rounding_bits(numel: int, seed: int, device="cpu", first_index: int = 0,
                   offset: Optional[int] = None) -> torch.Tensor:
     """The 16 random bits (int64 in [0, 2**16)) that drive the stochastic rounding of each element (purpose 1):
     element ``i`` takes half ``i % 2`` of word ``(i % 8) // 2`` of block ``i // 8``."""
-    first_block = first_index // ROUNDING_ELEMENTS_PER_BLOCK
-    last_block = (first_index + numel - 1) // ROUNDING_ELEMENTS_PER_BLOCK
-    blocks = torch.arange(first_block, last_block + 1, dtype=torch.int64, device=device)
-    lo, hi = rng.block_counters(blocks)
-    words = rng.philox4x32(seed, lo, hi, *rng.offset_counter_words(offset, rng.PURPOSE_ROUNDING))
-    halves = [part for w in words for part in (w & 0xFFFF, w >> 16)]
-    start = first_index - first_block * ROUNDING_ELEMENTS_PER_BLOCK
-    return _interleave(halves, start + numel)[start:]
+    return _sixteen_bit_halves(numel, seed, device, rng.PURPOSE_ROUNDING, first_index, offset)
 
 
 def _truncate_to_half(value: torch.Tensor) -> torch.Tensor:
@@ -170,7 +229,7 @@ def noisy_sum(x: torch.Tensor, residual: Optional[torch.Tensor], sigma: float, d
               stochastic: bool = False, first_index: int = 0, offset: Optional[int] = None) -> torch.Tensor:
     """``x (+ residual) + sigma * noise`` as a new tensor of x's dtype and shape (any strides)."""
     numel = x.numel()
-    eps = standard_noise(numel, distribution, seed, x.device, first_index, offset)
+    eps = standard_noise(numel, distribution, seed, x.device, first_index, offset, noise_bits(x.dtype))
     eps = eps * torch.tensor(sigma, dtype=torch.float32, device=x.device)
     total = x.reshape(-1).to(torch.float32)
     if residual is not None:
