@@ -92,7 +92,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, demo: bool) -> None
     lnsr.add_argument("--lnsr-scale", type=float, default=defaults.lnsr_scale,
                       help="||eps|| / ||x|| of standard noise (default 0.05)")
     lnsr.add_argument("--lnsr-weight", type=float, default=defaults.lnsr_weight,
-                      help="lambda_r of every layer (default 1)")
+                      help="lambda_r of every layer (default 1, the papers'; on a 6-layer model such as MiniLM "
+                           "0.03 or less: docs/lnsr.md, 'Choosing lambda_r')")
     lnsr.add_argument("--lnsr-inject-layer", type=int, default=defaults.lnsr_inject_layer,
                       help="layer whose input gets the noise (default 0: the embedding output)")
     lnsr.add_argument("--lnsr-k", type=int, default=defaults.lnsr_k, help="in-manifold neighbours (default 10)")
