@@ -208,7 +208,9 @@ def stochastic_round(value: torch.Tensor, dtype: torch.dtype, bits16: torch.Tens
     finite = value.abs() < float("inf")
     if dtype == torch.bfloat16:
         dithered = torch.where(finite, (bits + bits16) & rng.MASK32, bits) >> 16
-        return _to_int16(dithered).view(torch.bfloat16)
+        rounded = torch.empty(value.shape, dtype=torch.bfloat16, device=value.device)  # its own tensor, not a view
+        rounded.view(torch.int16).copy_(_to_int16(dithered))
+        return rounded
     normal = _from_uint32(bits + (bits16 >> 3)).view(torch.float32)
     signed_step = _from_uint32((bits & 0x80000000) | 0x2B800000).view(torch.float32)  # +-2**-40
     tiny = value + bits16.to(torch.float32) * signed_step
@@ -230,16 +232,18 @@ def noisy_sum(x: torch.Tensor, residual: Optional[torch.Tensor], sigma: float, d
     """``x (+ residual) + sigma * noise`` as a new tensor of x's dtype and shape (any strides)."""
     numel = x.numel()
     eps = standard_noise(numel, distribution, seed, x.device, first_index, offset, noise_bits(x.dtype))
-    eps = eps * torch.tensor(sigma, dtype=torch.float32, device=x.device)
-    total = x.reshape(-1).to(torch.float32)
+    # Computed in x's shape (the flat draws in row-major order are a view of that shape), so the result is a tensor
+    # of its own, not a view of a flat temporary: FSDP2 warns about a module returning a view (an in-place op on it
+    # would skip its pre-backward hook).
+    eps = (eps * torch.tensor(sigma, dtype=torch.float32, device=x.device)).view(x.shape)
+    total = x.to(torch.float32)
     if residual is not None:
-        total = total + residual.reshape(-1).to(torch.float32)
-    total = total + eps
+        total = total + residual.to(torch.float32)
+    total = (total + eps).contiguous()  # x's strides may be any; the result is laid out row-major, as the ops' is
     if stochastic and x.dtype != torch.float32:
-        out = stochastic_round(total, x.dtype, rounding_bits(numel, seed, x.device, first_index, offset))
-    else:
-        out = total.to(x.dtype)
-    return out.reshape(x.shape)
+        bits = rounding_bits(numel, seed, x.device, first_index, offset).view(x.shape)
+        return stochastic_round(total, x.dtype, bits)
+    return total.to(x.dtype)
 
 
 def add_noise_(x: torch.Tensor, sigma: float, distribution: str, seed: int, stochastic: bool = False,
