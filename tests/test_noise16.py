@@ -102,3 +102,17 @@ def test_normal16_moments_ks_and_extremes():
     u1, u2 = torch.tensor([2.0**-16]), torch.tensor([0.0])
     cos, _ = rng.box_muller(u1, u2)
     assert float(cos) == pytest.approx(reference.NORMAL16_MAX, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_the_reference_sum_is_a_tensor_of_its_own(dtype, stochastic):
+    # FSDP2 warns when a wrapped module returns a view (an in-place op on it would skip the pre-backward hook): the
+    # reference of a fused layer must return a row-major tensor of its own, whatever x's strides, with the values of
+    # the contiguous input's sum.
+    x = torch.randn(4, 3, 8).to(dtype).transpose(0, 1)
+    residual = torch.randn(4, 3, 8).to(dtype).transpose(0, 1)
+    out = reference.noisy_sum(x, residual, 0.1, "normal", 5, stochastic)
+    assert out._base is None and out.is_contiguous() and out.shape == x.shape
+    expected = reference.noisy_sum(x.contiguous(), residual.contiguous(), 0.1, "normal", 5, stochastic)
+    assert torch.equal(out, expected)
