@@ -10,6 +10,7 @@ import fusednoise
 from fusednoise import hype, lnsr, neftune, noisytune
 from fusednoise.experiments.llm import FAMILIES, tiny_causal_lm, word_tokenizer
 from fusednoise.optim import PATSAdamax, pats_param_groups
+from fusednoise.reference import noise as reference_noise
 
 peft = pytest.importorskip("peft", reason="the LLM tests need the [llm] extra: pip install -e '.[llm]'")
 trl = pytest.importorskip("trl", reason="the LLM tests need the [llm] extra: pip install -e '.[llm]'")
@@ -67,9 +68,11 @@ def test_hype_on_a_bf16_lora_model_keeps_its_noise_with_stochastic_rounding(fami
     model(input_ids=ids)
     clean = seen[0]
     assert clean.dtype == torch.bfloat16  # the residual stream is bf16
-    # HyPe's float32 noise at layer 0 (its seed rule), and how much of it the stored bf16 input keeps: the slope of
-    # the stored change on the noise. sigma 1e-5 is below bf16's resolution at these activations (std 0.02).
-    eps = (fusednoise.add_noise(clean.float(), 1e-5, seed=hype.derive_seed(99, 0, 0)) - clean.float()).double()
+    # The noise HyPe adds at layer 0 (its seed rule; a bf16 input takes the 16-bit draws of half precision), and how
+    # much of it the stored bf16 input keeps: the slope of the stored change on the noise. sigma 1e-5 is below
+    # bf16's resolution at these activations (std 0.02).
+    unit = reference_noise.standard_noise(clean.numel(), "normal", hype.derive_seed(99, 0, 0), bits=16)
+    eps = (unit.view(clean.shape) * 1e-5).double()
     slope = {}
     for rounding in ("nearest", "stochastic"):
         with hype.apply(model, sigma=1e-5, rounding=rounding, seed=99):
