@@ -65,12 +65,17 @@ def _stochastic_round(value, r16, OUT_DTYPE: tl.constexpr, INTERPRETED: tl.const
     else:
         normal = (bits + (r16 >> 3)).to(tl.float32, bitcast=True)
         signed_step = ((bits & 0x80000000) | 0x2B800000).to(tl.float32, bitcast=True)  # +-2**-40: u * 2**-24
-        tiny = value + r16.to(tl.float32) * signed_step
+        # One fused multiply-add, also where a launch disables fp fusion (uniform noise): the product
+        # u * 2**-40 is exact, so it rounds like the reference's add.
+        tiny = tl.fma(r16.to(tl.float32), signed_step, value)
         dithered = tl.where(tl.abs(value) < F16_SMALLEST_NORMAL, tiny, normal)
         dithered = tl.where(finite, dithered, value)
         if INTERPRETED:  # the interpreter's round-toward-zero conversion overflows instead of saturating at 65504
-            dithered = tl.where(finite, tl.minimum(tl.maximum(dithered, -65504.0), 65504.0), dithered)
+            dithered = tl.where(tl.abs(dithered) < float("inf"),
+                                tl.minimum(tl.maximum(dithered, -65504.0), 65504.0), dithered)
         result = dithered.to(tl.float16, fp_downcast_rounding="rtz")
+        if INTERPRETED:  # and it truncates NaN patterns (a value near the float32 maximum dithers to one) to inf
+            result = tl.where(dithered != dithered, float("nan"), result)
     return result
 
 

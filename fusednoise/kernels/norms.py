@@ -34,6 +34,7 @@ VEC_HALF = 8
 VEC_FLOAT = 4
 # Elements one forward program holds (whole rows): enough independent loads per program to hide latency on a GPU.
 TILE_ELEMENTS = 4096
+LAYER_NORM_HALF_TILE_ELEMENTS = 8192  # the LayerNorm forward in half precision: layer_norm_forward_launch
 MAX_FEATURES = 16384          # the widest row one program holds in registers
 MAX_BACKWARD_PROGRAMS = 528   # 4 per H100 SM; a constant (not the device's SM count) so results never depend on it
 
@@ -353,9 +354,9 @@ def row_chunks(n_features: int, vec: int):
     return triton.next_power_of_2(groups), 1
 
 
-def _forward_shape(n_rows: int, n_features: int, vec: int):
+def _forward_shape(n_rows: int, n_features: int, vec: int, tile_elements: int = TILE_ELEMENTS):
     block_q, chunks = row_chunks(n_features, vec)
-    rows = min(16, max(1, TILE_ELEMENTS // (chunks * block_q * vec)))
+    rows = min(16, max(1, tile_elements // (chunks * block_q * vec)))
     rows = 1 << (rows.bit_length() - 1)  # a power of two (tl.arange)
     # 8 warps only when one chunk of a row gives each of their 256 threads a 16-byte group: 1024 half-precision
     # features (128 groups) under 8 warps got a layout of 64-bit accesses from the compiler, 4 warps 128-bit ones.
@@ -398,7 +399,12 @@ def layer_norm_forward_launch(x, residual, weight, bias, y, mean, rstd, eps: flo
     n_features = x.shape[-1]
     n_rows = x.numel() // n_features
     vec = vec_for(x.dtype)
-    block_q, chunks, rows, grid, warps = _forward_shape(n_rows, n_features, vec)
+    # Half precision: twice the rows of TILE_ELEMENTS (8 BERT-base rows of 768, 96 registers, 20 warps per SM,
+    # no spills): the per-program work (offset words, weight and bias loads, index arithmetic) spread over twice
+    # the elements, about 4 issue slots per element fewer, which the stochastic-rounding variants need on an
+    # H200. float32 keeps 4 rows (8 took 130 registers and 12 warps per SM).
+    tile = LAYER_NORM_HALF_TILE_ELEMENTS if vec == VEC_HALF else TILE_ELEMENTS
+    block_q, chunks, rows, grid, warps = _forward_shape(n_rows, n_features, vec, tile)
     return Launch(
         add_layer_norm_forward_kernel, grid,
         (x, residual, weight, bias if bias is not None else weight, y, mean, rstd,
