@@ -61,7 +61,7 @@ def _spread8(v, a0, a1, a2, a3, a4, a5, a6, a7):
 @triton.jit
 def _noisy(total, group, v, seed, offset_ptr, sigma, HAS_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr,
            DISTRIBUTION: tl.constexpr, FAST: tl.constexpr, INTERPRETED: tl.constexpr, VEC: tl.constexpr,
-           OUT_DTYPE: tl.constexpr):
+           OUT_DTYPE: tl.constexpr, ONE_COMPARE: tl.constexpr):
     """``total + sigma * eps`` rounded to OUT_DTYPE, with ``noise_kernel``'s words for flat group ``group``."""
     if HAS_NOISE or STOCHASTIC:
         c2, c3 = _offset_words(offset_ptr)
@@ -81,7 +81,7 @@ def _noisy(total, group, v, seed, offset_ptr, sigma, HAS_NOISE: tl.constexpr, ST
         r0, r1, r2, r3 = _philox_draw(seed, group, 1, c2, c3)
         r16 = _spread8(v, r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16, r2 & 0xFFFF, r2 >> 16, r3 & 0xFFFF,
                        r3 >> 16)
-        return _stochastic_round(total, r16, OUT_DTYPE, INTERPRETED)
+        return _stochastic_round(total, r16, OUT_DTYPE, INTERPRETED, ONE_COMPARE)
     return _round_nearest(total, OUT_DTYPE, INTERPRETED)
 
 
@@ -132,7 +132,7 @@ def add_rms_norm_forward_kernel(x_ptr, residual_ptr, w_ptr, y_ptr, s_ptr, rstd_p
         if HAS_RESIDUAL:
             total = total + tl.load(residual_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
         s = _noisy(total, group, v, seed, offset_ptr, sigma, HAS_NOISE, STOCHASTIC, DISTRIBUTION, FAST,
-                   INTERPRETED, VEC, x_ptr.dtype.element_ty)
+                   INTERPRETED, VEC, x_ptr.dtype.element_ty, False)
         if STORE_S:
             tl.store(s_ptr + offsets, s, mask=in_bounds)
         # The norm of the stored (rounded) stream, as the eager layer normalises the tensor it holds. Padded lanes
@@ -192,7 +192,7 @@ def add_layer_norm_forward_kernel(x_ptr, residual_ptr, w_ptr, b_ptr, y_ptr, mean
             # The next layer's HyPe input: the rounded norm output plus the noise, as add_noise on the eager output.
             y = _round_nearest(y, dtype, INTERPRETED).to(tl.float32)
         out = _noisy(y, group, v, seed, offset_ptr, sigma, HAS_NOISE, STOCHASTIC, DISTRIBUTION, FAST, INTERPRETED,
-                     VEC, y_ptr.dtype.element_ty)
+                     VEC, y_ptr.dtype.element_ty, True)
         tl.store(y_ptr + offsets, out, mask=in_bounds)
 
 
