@@ -65,9 +65,9 @@ def _stochastic_round(value, r16, OUT_DTYPE: tl.constexpr, INTERPRETED: tl.const
     else:
         normal = (bits + (r16 >> 3)).to(tl.float32, bitcast=True)
         signed_step = ((bits & 0x80000000) | 0x2B800000).to(tl.float32, bitcast=True)  # +-2**-40: u * 2**-24
-        # One fused multiply-add, also where a launch disables fp fusion (uniform noise): the product
-        # u * 2**-40 is exact, so it rounds like the reference's add.
-        tiny = tl.fma(r16.to(tl.float32), signed_step, value)
+        # (Not an explicit tl.fma, though the product u * 2**-40 is exact: uniform launches must compile with no
+        # fma.rn.f32 at all, tests/test_kernels_compile.py; normal launches contract it into one.)
+        tiny = value + r16.to(tl.float32) * signed_step
         if ONE_COMPARE:
             # One unsigned compare picks the values dithered by value: the exponent and mantissa bits shifted to
             # the top plus one exponent step wrap inf and NaN (exponent 255) below 2**25, under the bound of
