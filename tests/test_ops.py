@@ -493,3 +493,31 @@ def test_host_path_makes_no_graph_nodes_without_grad():
         assert fusednoise.add_noise(x, 0.1).grad_fn is None
     assert fusednoise.add_noise(x.detach(), 0.1).grad_fn is None
     assert fusednoise.add_noise(x, 0.1).grad_fn is not None
+
+
+def _float32_from_bits(*patterns: int) -> torch.Tensor:
+    return torch.tensor([p - 2**32 if p >= 2**31 else p for p in patterns], dtype=torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_round_kernel_matches_reference_on_edge_values(dtype):
+    # Bitwise, kernel vs reference.stochastic_round, on the values where the rounding has a special path: float16's
+    # fixed step below 2**-14 and the boundary, float32 subnormals, values beyond float16's range (saturated),
+    # inf and quiet NaNs (the GPU's canonical 0x7FFFFFFF, whose dither would carry into the sign bit), each
+    # repeated under many draws.
+    # Also finite values within 2**13 steps of the float32 maximum, which the reference dithers to a NaN pattern.
+    # sigma = 0: the kernel adds a zero noise (so no -0.0 here: -0.0 + 0.0 is +0.0).
+    edges = torch.cat([
+        torch.tensor([0.0, 3e-7, -3e-7, 2.0**-14, -(2.0**-14), 2.0**-24, 1e-30, -1e-30, 1e-40, 1.0, -3.3, 65504.0,
+                      65519.0, 65520.0, 7e4, -7e4, 3.0e38, float("inf"), -float("inf"), float("nan")]),
+        _float32_from_bits(0x387FFFFF, 0xB87FFFFF, 0x7F7FFFFF, 0xFF7FFFF0, 0x7FFFFFFF, 0xFFC0FFFF)])
+    x = edges.repeat(64).to(KERNEL_DEVICE)
+    n = x.numel()
+    seed = rng.draw_seed()
+    out = torch.empty(n, dtype=dtype, device=KERNEL_DEVICE)
+    launch_noise(x, None, out, 0.0, "uniform", seed, True)
+    expected = reference.stochastic_round(x.cpu(), dtype, reference.rounding_bits(n, seed))
+    out = out.cpu()
+    nan = expected.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(out[~nan].view(torch.int16), expected[~nan].view(torch.int16))

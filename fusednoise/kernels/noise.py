@@ -53,7 +53,7 @@ def _round_nearest(value, OUT_DTYPE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
 
 
 @triton.jit
-def _stochastic_round(value, r16, OUT_DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
+def _stochastic_round(value, r16, OUT_DTYPE: tl.constexpr, INTERPRETED: tl.constexpr, ONE_COMPARE: tl.constexpr):
     # reference.noise.stochastic_round: add 16 random bits (13 for float16) below the kept mantissa bits of the
     # float32 pattern and truncate, so the magnitude rounds up with probability equal to the dropped fraction.
     # Non-finite values pass through; float16 values below 2**-14 are dithered by value (their step is fixed).
@@ -65,12 +65,26 @@ def _stochastic_round(value, r16, OUT_DTYPE: tl.constexpr, INTERPRETED: tl.const
     else:
         normal = (bits + (r16 >> 3)).to(tl.float32, bitcast=True)
         signed_step = ((bits & 0x80000000) | 0x2B800000).to(tl.float32, bitcast=True)  # +-2**-40: u * 2**-24
+        # (Not an explicit tl.fma, though the product u * 2**-40 is exact: uniform launches must compile with no
+        # fma.rn.f32 at all, tests/test_kernels_compile.py; normal launches contract it into one.)
         tiny = value + r16.to(tl.float32) * signed_step
-        dithered = tl.where(tl.abs(value) < F16_SMALLEST_NORMAL, tiny, normal)
-        dithered = tl.where(finite, dithered, value)
+        if ONE_COMPARE:
+            # One unsigned compare picks the values dithered by value: the exponent and mantissa bits shifted to
+            # the top plus one exponent step wrap inf and NaN (exponent 255) below 2**25, under the bound of
+            # |value| < 2**-14; inf plus a finite dither stays inf, NaN stays NaN: no separate pass-through select
+            # (one instruction per element fewer; the same bits). Not in the RMSNorm forward, where the extra live
+            # value made the 5120-wide rows spill.
+            by_value = ((bits << 1) + 0x01000000) < 0x72000000
+            dithered = tl.where(by_value, tiny, normal)
+        else:
+            dithered = tl.where(tl.abs(value) < F16_SMALLEST_NORMAL, tiny, normal)
+            dithered = tl.where(finite, dithered, value)
         if INTERPRETED:  # the interpreter's round-toward-zero conversion overflows instead of saturating at 65504
-            dithered = tl.where(finite, tl.minimum(tl.maximum(dithered, -65504.0), 65504.0), dithered)
+            dithered = tl.where(tl.abs(dithered) < float("inf"),
+                                tl.minimum(tl.maximum(dithered, -65504.0), 65504.0), dithered)
         result = dithered.to(tl.float16, fp_downcast_rounding="rtz")
+        if INTERPRETED:  # and it truncates NaN patterns (a value near the float32 maximum dithers to one) to inf
+            result = tl.where(dithered != dithered, float("nan"), result)
     return result
 
 
@@ -118,7 +132,7 @@ def noise_kernel(x_ptr, residual_ptr, out_ptr, offset_ptr, numel, sigma, seed: t
         r0, r1, r2, r3 = _philox_draw(seed, row + first_block, 1, c2, c3)
         r16 = _pick8(col, (r0 << 16) >> 16, r0 >> 16, (r1 << 16) >> 16, r1 >> 16, (r2 << 16) >> 16, r2 >> 16,
                      (r3 << 16) >> 16, r3 >> 16)
-        result = _stochastic_round(total, r16, out_ptr.dtype.element_ty, INTERPRETED)
+        result = _stochastic_round(total, r16, out_ptr.dtype.element_ty, INTERPRETED, True)
     else:
         result = _round_nearest(total, out_ptr.dtype.element_ty, INTERPRETED)
     tl.store(out_ptr + offsets, result, mask=in_bounds)

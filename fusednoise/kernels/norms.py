@@ -34,6 +34,7 @@ VEC_HALF = 8
 VEC_FLOAT = 4
 # Elements one forward program holds (whole rows): enough independent loads per program to hide latency on a GPU.
 TILE_ELEMENTS = 4096
+LAYER_NORM_HALF_TILE_ELEMENTS = 8192  # the LayerNorm forward in half precision: layer_norm_forward_launch
 MAX_FEATURES = 16384          # the widest row one program holds in registers
 MAX_BACKWARD_PROGRAMS = 528   # 4 per H100 SM; a constant (not the device's SM count) so results never depend on it
 
@@ -60,7 +61,7 @@ def _spread8(v, a0, a1, a2, a3, a4, a5, a6, a7):
 @triton.jit
 def _noisy(total, group, v, seed, offset_ptr, sigma, HAS_NOISE: tl.constexpr, STOCHASTIC: tl.constexpr,
            DISTRIBUTION: tl.constexpr, FAST: tl.constexpr, INTERPRETED: tl.constexpr, VEC: tl.constexpr,
-           OUT_DTYPE: tl.constexpr):
+           OUT_DTYPE: tl.constexpr, ONE_COMPARE: tl.constexpr):
     """``total + sigma * eps`` rounded to OUT_DTYPE, with ``noise_kernel``'s words for flat group ``group``."""
     if HAS_NOISE or STOCHASTIC:
         c2, c3 = _offset_words(offset_ptr)
@@ -80,7 +81,7 @@ def _noisy(total, group, v, seed, offset_ptr, sigma, HAS_NOISE: tl.constexpr, ST
         r0, r1, r2, r3 = _philox_draw(seed, group, 1, c2, c3)
         r16 = _spread8(v, r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16, r2 & 0xFFFF, r2 >> 16, r3 & 0xFFFF,
                        r3 >> 16)
-        return _stochastic_round(total, r16, OUT_DTYPE, INTERPRETED)
+        return _stochastic_round(total, r16, OUT_DTYPE, INTERPRETED, ONE_COMPARE)
     return _round_nearest(total, OUT_DTYPE, INTERPRETED)
 
 
@@ -131,7 +132,7 @@ def add_rms_norm_forward_kernel(x_ptr, residual_ptr, w_ptr, y_ptr, s_ptr, rstd_p
         if HAS_RESIDUAL:
             total = total + tl.load(residual_ptr + offsets, mask=in_bounds, other=0.0).to(tl.float32)
         s = _noisy(total, group, v, seed, offset_ptr, sigma, HAS_NOISE, STOCHASTIC, DISTRIBUTION, FAST,
-                   INTERPRETED, VEC, x_ptr.dtype.element_ty)
+                   INTERPRETED, VEC, x_ptr.dtype.element_ty, False)
         if STORE_S:
             tl.store(s_ptr + offsets, s, mask=in_bounds)
         # The norm of the stored (rounded) stream, as the eager layer normalises the tensor it holds. Padded lanes
@@ -191,7 +192,7 @@ def add_layer_norm_forward_kernel(x_ptr, residual_ptr, w_ptr, b_ptr, y_ptr, mean
             # The next layer's HyPe input: the rounded norm output plus the noise, as add_noise on the eager output.
             y = _round_nearest(y, dtype, INTERPRETED).to(tl.float32)
         out = _noisy(y, group, v, seed, offset_ptr, sigma, HAS_NOISE, STOCHASTIC, DISTRIBUTION, FAST, INTERPRETED,
-                     VEC, y_ptr.dtype.element_ty)
+                     VEC, y_ptr.dtype.element_ty, True)
         tl.store(y_ptr + offsets, out, mask=in_bounds)
 
 
@@ -353,9 +354,9 @@ def row_chunks(n_features: int, vec: int):
     return triton.next_power_of_2(groups), 1
 
 
-def _forward_shape(n_rows: int, n_features: int, vec: int):
+def _forward_shape(n_rows: int, n_features: int, vec: int, tile_elements: int = TILE_ELEMENTS):
     block_q, chunks = row_chunks(n_features, vec)
-    rows = min(16, max(1, TILE_ELEMENTS // (chunks * block_q * vec)))
+    rows = min(16, max(1, tile_elements // (chunks * block_q * vec)))
     rows = 1 << (rows.bit_length() - 1)  # a power of two (tl.arange)
     # 8 warps only when one chunk of a row gives each of their 256 threads a 16-byte group: 1024 half-precision
     # features (128 groups) under 8 warps got a layout of 64-bit accesses from the compiler, 4 warps 128-bit ones.
@@ -398,7 +399,12 @@ def layer_norm_forward_launch(x, residual, weight, bias, y, mean, rstd, eps: flo
     n_features = x.shape[-1]
     n_rows = x.numel() // n_features
     vec = vec_for(x.dtype)
-    block_q, chunks, rows, grid, warps = _forward_shape(n_rows, n_features, vec)
+    # Half precision: twice the rows of TILE_ELEMENTS (8 BERT-base rows of 768, 96 registers, 20 warps per SM,
+    # no spills): the per-program work (offset words, weight and bias loads, index arithmetic) spread over twice
+    # the elements, about 4 issue slots per element fewer, which the stochastic-rounding variants need on an
+    # H200. float32 keeps 4 rows (8 took 130 registers and 12 warps per SM).
+    tile = LAYER_NORM_HALF_TILE_ELEMENTS if vec == VEC_HALF else TILE_ELEMENTS
+    block_q, chunks, rows, grid, warps = _forward_shape(n_rows, n_features, vec, tile)
     return Launch(
         add_layer_norm_forward_kernel, grid,
         (x, residual, weight, bias if bias is not None else weight, y, mean, rstd,
