@@ -1,4 +1,6 @@
-"""Spawned worker processes for the distributed tests (DDP, FSDP2): wait for them with a deadline."""
+"""Spawned worker processes for the distributed tests (DDP, FSDP2, DeepSpeed): a free port for their rendezvous, and
+waiting for them with a deadline."""
+import socket
 import time
 
 import pytest
@@ -13,3 +15,10 @@ def join_or_fail(context, seconds: float, what: str) -> None:
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {what} workers did not finish within {seconds:.0f} s")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -8,7 +8,6 @@ counterparts without DeepSpeed run in this process meanwhile. A tiny BERT (hidde
 the flat buffers hold odd-sized tensors) with two param groups (noise / no noise), as ``pats_param_groups`` gives.
 """
 import os
-import socket
 import sys
 import time
 
@@ -20,7 +19,7 @@ deepspeed = pytest.importorskip("deepspeed", reason="the DeepSpeed tests need de
 
 from fusednoise import hype, lnsr, neftune, noisytune  # noqa: E402
 from fusednoise.optim import PATSAdamax, pats_param_groups  # noqa: E402
-from processes import join_or_fail  # noqa: E402
+from processes import free_port, join_or_fail  # noqa: E402
 from tiny_models import tiny_bert  # noqa: E402
 
 WORLD_SIZE = 2
@@ -249,18 +248,12 @@ def _one_process():
     return expected
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed")
     started = time.monotonic()
-    engines = mp.spawn(_engines_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=False)
-    trainer = mp.spawn(_trainer_worker, args=(_free_port(), str(out)), nprocs=1, join=False)
+    engines = mp.spawn(_engines_worker, args=(free_port(), str(out)), nprocs=WORLD_SIZE, join=False)
+    trainer = mp.spawn(_trainer_worker, args=(free_port(), str(out)), nprocs=1, join=False)
     expected = _one_process()  # meanwhile
     join_or_fail(engines, 400, "DeepSpeed engines")
     join_or_fail(trainer, 400, "DeepSpeed Trainer")

@@ -19,7 +19,6 @@ ranks is 4 + 3, of 1 row 1 + 0), so the offsets, the mean reduction and the empt
   would use each shard's own mean.
 """
 import os
-import socket
 import time
 
 import pytest
@@ -30,7 +29,7 @@ import torch.multiprocessing as mp
 import fusednoise
 from fusednoise import hype, lnsr, noisytune
 from fusednoise.optim import PATSAdamax
-from processes import join_or_fail
+from processes import free_port, join_or_fail
 from tiny_models import tiny_bert
 
 WORLD_SIZE = 2
@@ -256,19 +255,13 @@ def _one_process():
     return expected
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is not available in this build")
     out = tmp_path_factory.mktemp("fsdp")
     started = time.monotonic()
-    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=False)
+    context = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD_SIZE, join=False)
     expected = _one_process()  # meanwhile
     join_or_fail(context, 300, "FSDP2")
     print(f"\nFSDP2 run: {time.monotonic() - started:.1f} s for the two ranks and the one-process runs")

@@ -10,7 +10,6 @@ layer's class for an ``FSDP<Layer>`` subclass) or after. Per rank and backend:
 * sigma > 0 with ``seed=``: ``hype.apply(fused=True)`` equals the hook path on the sharded model (same noise).
 """
 import os
-import socket
 import time
 
 import pytest
@@ -20,7 +19,7 @@ import torch.multiprocessing as mp
 
 import fusednoise
 from fusednoise import hype
-from processes import join_or_fail
+from processes import free_port, join_or_fail
 from tiny_models import tiny_bert, tiny_llama
 
 WORLD_SIZE = 2
@@ -123,19 +122,13 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.fail("torch.distributed with gloo is not available in this build")
     out = tmp_path_factory.mktemp("fused_fsdp")
     started = time.monotonic()
-    context = mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD_SIZE, join=False)
+    context = mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD_SIZE, join=False)
     join_or_fail(context, 300, "fused FSDP2")
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     print(f"\nfused FSDP2 run: {time.monotonic() - started:.1f} s; rank 0 after each backend: "
