@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 
 from ..backends import interpreter_enabled
-from .draws import _normal4, _offset_words, _philox_draw, _uniform, _noise16, fast_math
+from .draws import _noise16, _offset_words, _philox_draw, fast_math
 from .launch import Launch
-from .noise import _round_nearest, _stochastic_round
+from .noise import _round_nearest, _stochastic_round, _units
 from .offsets import host_offset
 
 DIST_NORMAL = 0
@@ -37,13 +37,6 @@ TILE_ELEMENTS = 4096
 LAYER_NORM_HALF_TILE_ELEMENTS = 8192  # the LayerNorm forward in half precision: layer_norm_forward_launch
 MAX_FEATURES = 16384          # the widest row one program holds in registers
 MAX_BACKWARD_PROGRAMS = 528   # 4 per H100 SM; a constant (not the device's SM count) so results never depend on it
-
-
-@triton.jit
-def _units3(w0, w1, w2, w3, DISTRIBUTION: tl.constexpr, FAST: tl.constexpr):
-    if DISTRIBUTION == 0:
-        return _normal4(w0, w1, w2, w3, FAST)
-    return 2.0 * _uniform(w0) - 1.0, 2.0 * _uniform(w1) - 1.0, 2.0 * _uniform(w2) - 1.0, 2.0 * _uniform(w3) - 1.0
 
 
 @triton.jit
@@ -73,7 +66,7 @@ def _noisy(total, group, v, seed, offset_ptr, sigma, HAS_NOISE: tl.constexpr, ST
             eps = _spread8(v, e0, e1, e2, e3, e4, e5, e6, e7)
         else:
             w0, w1, w2, w3 = _philox_draw(seed, group, 0, c2, c3)
-            n0, n1, n2, n3 = _units3(w0, w1, w2, w3, DISTRIBUTION, FAST)
+            n0, n1, n2, n3 = _units(w0, w1, w2, w3, DISTRIBUTION, FAST)
             eps = _spread4(v, n0, n1, n2, n3) * sigma
         total = total + eps
     if STOCHASTIC:
