@@ -5,11 +5,12 @@
         --first-step benchmarks/results/lnsr-dynamics/first-step.json \\
         --dynamics benchmarks/results/lnsr-dynamics/sst2-lr1e-4-weight*.json
 
-Prints Markdown. ``--runs`` reads folders of ``fusednoise finetune`` runs (their ``runs/*.json``): per task, per
-LNSR (reduction, dropout) and lambda_r, the final-epoch dev main metric (x100, mean ± sample std over seeds) and
-its difference to vanilla's run of the same seed and the same shared settings (paired; seeds without a vanilla run
-are not in the paired mean). ``--first-step`` adds the penalty / task-loss and gradient-norm ratios on the first
-batch: measured at lambda_r = 1 by ``benchmarks/lnsr_dynamics.py --first-step``, and, since the penalty is
+Prints Markdown. ``--runs`` reads folders of ``fusednoise finetune`` runs (their ``runs/*.json``): a summary (one
+row per LNSR (reduction, dropout) and lambda_r, one column per task: the mean paired difference to vanilla), then,
+per task, per LNSR (reduction, dropout) and lambda_r, the final-epoch dev main metric (x100, mean ± sample std over
+seeds) and its difference to vanilla's run of the same seed and the same shared settings (paired; seeds without a
+vanilla run are not in the paired mean). ``--first-step`` adds the penalty / task-loss and gradient-norm ratios on
+the first batch: measured at lambda_r = 1 by ``benchmarks/lnsr_dynamics.py --first-step``, and, since the penalty is
 lambda_r times the per-layer terms and the first batch's terms do not depend on lambda_r, lambda_r times those at
 other values (stated in the table). ``--dynamics`` reads ``lnsr_dynamics.py`` training runs (SST-2, 32 steps) and
 gives the mean pairwise cosine of the last layer's [CLS] vectors at step 16 per lambda_r (the collapse measure).
@@ -69,10 +70,8 @@ def _first_step_ratios(path):
             for key, group in groups.items()}
 
 
-def outcome_table(runs, ratios) -> str:
-    lines = ["| task (metric) | LNSR reduction, dropout | lambda_r | seeds | final dev metric | paired Δ vs vanilla "
-             "(per seed) | mean paired Δ | first-step penalty/loss, grad ratio |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+def _by_task(runs):
+    """``{task: {(shared settings, mode): {seed: run}}}``; vanilla's mode is ``None``."""
     by_task = {}
     for run in runs:
         config = run["config"]
@@ -85,8 +84,53 @@ def outcome_table(runs, ratios) -> str:
             print(f"left out {run['_path']}: the same run as {seeds[config['seed']]['_path']}", file=sys.stderr)
             continue
         seeds[config["seed"]] = run
+    return by_task
+
+
+def _task_order(by_task):
     order = list(TASKS)
-    for name in sorted(by_task, key=lambda task: order.index(task) if task in order else len(order)):
+    return sorted(by_task, key=lambda task: order.index(task) if task in order else len(order))
+
+
+def _paired(seeds, vanilla, metric):
+    """``{seed: LNSR's metric minus vanilla's}`` (x100) over the seeds both have."""
+    return {seed: 100 * (run["metrics"][metric] - vanilla[seed]["metrics"][metric])
+            for seed, run in seeds.items() if seed in vanilla}
+
+
+def summary_table(by_task) -> str:
+    """One row per (reduction, dropout, lambda_r), one column per task: the mean paired difference to vanilla."""
+    tasks = _task_order(by_task)
+    cells = {}
+    for name in tasks:
+        metric = get_task(name).main_metric
+        groups = by_task[name]
+        for (shared, mode), seeds in groups.items():
+            paired = _paired(seeds, groups.get((shared, None), {}), metric) if mode is not None else {}
+            if not paired:
+                continue
+            row = cells.setdefault(mode, {})
+            if name in row:  # the same LNSR setting paired under two trainings: the table has one cell for it
+                print(f"left out of the summary: {name} {mode} under {dict(shared)}", file=sys.stderr)
+                continue
+            row[name] = f"{statistics.fmean(paired.values()):+.2f} (n={len(paired)})"
+    header = " | ".join(f"{get_task(name).folder} ({get_task(name).main_metric})" for name in tasks)
+    lines = [f"| LNSR reduction, dropout | lambda_r | {header} |", "| --- | --- |" + " --- |" * len(tasks)]
+    for (reduction, dropout, weight), row in sorted(cells.items()):
+        lines.append(f"| {reduction}, {dropout} | {weight:g} | " + " | ".join(row.get(name, "—") for name in tasks)
+                     + " |")
+    lines.append("")
+    lines.append(textwrap.fill(
+        "Mean over seeds of the paired difference to vanilla (x100: each seed minus vanilla's run with that seed "
+        "and the same training settings); n: the seeds paired.", WIDTH))
+    return "\n".join(lines) + "\n"
+
+
+def outcome_table(by_task, ratios) -> str:
+    lines = ["| task (metric) | LNSR reduction, dropout | lambda_r | seeds | final dev metric | paired Δ vs vanilla "
+             "(per seed) | mean paired Δ | first-step penalty/loss, grad ratio |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in _task_order(by_task):
         task = get_task(name)
         metric = task.main_metric
         groups = by_task[name]
@@ -96,7 +140,7 @@ def outcome_table(runs, ratios) -> str:
             scores = {seed: 100 * run["metrics"][metric] for seed, run in seeds.items()}
             values = list(scores.values())
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            paired = {seed: scores[seed] - 100 * vanilla[seed]["metrics"][metric] for seed in scores if seed in vanilla}
+            paired = _paired(seeds, vanilla, metric)
             reduction, dropout, weight = mode
             ratio = ratios.get((name, reduction, dropout))
             ratio_cell = "" if ratio is None else f"{weight * ratio[0]:.3g}, {weight * ratio[1]:.3g}"
@@ -164,8 +208,11 @@ def main(argv=None) -> int:
         parser.error("give --runs, --dynamics or both")
     if args.runs:
         ratios = _first_step_ratios(args.first_step) if args.first_step else {}
+        by_task = _by_task(_read_runs(args.runs))
+        print("### Mean paired difference to vanilla per lambda_r\n")
+        print(summary_table(by_task))
         print("### Dev metric per lambda_r\n")
-        print(outcome_table(_read_runs(args.runs), ratios))
+        print(outcome_table(by_task, ratios))
     if args.dynamics:
         print("### Collapse per lambda_r\n")
         print(collapse_table(args.dynamics))

@@ -36,3 +36,24 @@ def test_paired_delta_and_scaled_first_step_ratios(tmp_path, capsys):
     assert "| RTE (accuracy) | vanilla | 0 | 0,1,2 | 60.00 ± 10.00 | — | — | |" in rows
     assert not any("0.5" in row.split("|")[3] for row in rows)  # the scale-0.5 run is left out
     assert "broken.json" in out.err
+    summary = [line for line in out.out.splitlines() if line.startswith("| mean, independent")]
+    assert summary == ["| mean, independent | 0.1 | +1.50 (n=2) |"]  # the lr 3e-4 run has no vanilla: no cell
+
+
+def test_summary_has_one_column_per_task_and_a_dash_where_a_task_did_not_run(tmp_path, capsys):
+    for task, metric, vanilla, lnsr in (("rte", "accuracy", 0.60, 0.50), ("cola", "matthews_correlation", 0.1, 0.3)):
+        for recipe, value in (("vanilla", vanilla), ("lnsr", lnsr)):
+            config = FinetuneConfig(task=task, methods=(recipe,), seed=0, lnsr_weight=0.03).to_dict()
+            (tmp_path / "runs").mkdir(exist_ok=True)
+            (tmp_path / "runs" / f"{task}-{recipe}.json").write_text(
+                json.dumps({"config": config, "metrics": {metric: value}}))
+    config = FinetuneConfig(task="rte", methods=("lnsr",), seed=0, lnsr_weight=1.0).to_dict()
+    (tmp_path / "runs" / "rte-lnsr1.json").write_text(json.dumps({"config": config, "metrics": {"accuracy": 0.7}}))
+
+    script = load_script("lnsr_lambda_table")
+    assert script.main(["--runs", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "| LNSR reduction, dropout | lambda_r | CoLA (matthews_correlation) | RTE (accuracy) |" in lines
+    # CoLA: 30 - 10 = +20; RTE: 50 - 60 = -10 at 0.03 and 70 - 60 = +10 at 1, where CoLA has no run
+    assert "| mean, independent | 0.03 | +20.00 (n=1) | -10.00 (n=1) |" in lines
+    assert "| mean, independent | 1 | — | +10.00 (n=1) |" in lines
