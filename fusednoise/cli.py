@@ -93,7 +93,8 @@ def _add_training_arguments(parser: argparse.ArgumentParser, demo: bool) -> None
                       help="||eps|| / ||x|| of standard noise (default 0.05)")
     lnsr.add_argument("--lnsr-weight", type=float, default=defaults.lnsr_weight,
                       help="lambda_r of every layer (default 1, the papers'; on a 6-layer model such as MiniLM "
-                           "0.03 or less: docs/lnsr.md, 'Choosing lambda_r')")
+                           "0.03 or less with the default reduction and dropout, 0.01 or less with token_mean and "
+                           "replay; a run above its mode's bound warns: docs/lnsr.md, 'Choosing lambda_r')")
     lnsr.add_argument("--lnsr-inject-layer", type=int, default=defaults.lnsr_inject_layer,
                       help="layer whose input gets the noise (default 0: the embedding output)")
     lnsr.add_argument("--lnsr-k", type=int, default=defaults.lnsr_k, help="in-manifold neighbours (default 10)")

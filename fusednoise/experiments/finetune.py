@@ -45,6 +45,8 @@ from .runs import (  # noqa: F401
     LNSR_DROPOUTS, METHOD_SETTINGS, method_settings, METHODS, MIN_TRAINING_STEPS, parse_recipe, PATS_LR,
     recipe_name, row_key, run_file, run_file_name, run_identity, run_label, SCHEMA, SCHEMAS, SHARED_SETTINGS,
     shared_settings, write_atomically)
+# The lambda_r advice (issue 22), re-exported for the same reason.
+from .lnsr_lambda import check_lnsr_weight, LNSR_SMALL_MODEL_WEIGHT, small_model_weight  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------- schedule checks
@@ -74,27 +76,6 @@ def check_schedule(config: FinetuneConfig, num_examples: int) -> List[str]:
         warnings_.append(f"{what}, {trained} of them at a nonzero learning rate: too few to train (fewer than "
                          f"{MIN_TRAINING_STEPS}), so differences between methods are noise. Use {more}")
     return warnings_
-
-
-# Issue 22 (docs/lnsr.md, "Choosing lambda_r"): on all-MiniLM-L6-v2 (6 layers, 384 wide, 22M parameters), the
-# largest lambda_r at which LNSR (mean reduction, independent dropout) trained like vanilla: the [CLS] vectors
-# moved as vanilla's (cosine at step 16: 0.688 and 0.703 against vanilla's 0.687; 0.746 at 0.1, 0.918 at 1) and CoLA
-# kept vanilla's MCC within its seed spread (paired, seeds 0-2: +0.99 and -1.09 at 0.01 and 0.03, vanilla's std
-# 2.46; -5.51 at 0.1, -7.26 at 0.3; MCC 0 on every seed at 1).
-# The papers' lambda_r = 1 stays the default (it is their setting, tuned on BERT-large and RoBERTa-large).
-LNSR_SMALL_MODEL_WEIGHT = 0.03
-
-
-def check_lnsr_weight(config: FinetuneConfig) -> List[str]:
-    """A warning when a recipe with LNSR uses a lambda_r above the largest one measured to train a small model like
-    vanilla (:data:`LNSR_SMALL_MODEL_WEIGHT`); the setting itself is left as given."""
-    if not {"lnsr", "lnsr-manifold"} & set(config.methods) or config.lnsr_weight <= LNSR_SMALL_MODEL_WEIGHT:
-        return []
-    return [f"--lnsr-weight {config.lnsr_weight:g}: on all-MiniLM-L6-v2 (6 layers, 22M parameters) lambda_r above "
-            f"{LNSR_SMALL_MODEL_WEIGHT:g} pulled the layers' outputs together, and at 1 (the papers' value, tuned on "
-            f"BERT-large) the model learned nothing on CoLA and lost 27 Pearson points on STS-B; lambda_r <= "
-            f"{LNSR_SMALL_MODEL_WEIGHT:g} trained like vanilla (docs/lnsr.md, 'Choosing lambda_r'). On a model of "
-            f"that size, pass --lnsr-weight {LNSR_SMALL_MODEL_WEIGHT:g}"]
 
 
 def preflight(config: FinetuneConfig) -> List[str]:
@@ -467,5 +448,6 @@ __all__ = ["FinetuneConfig", "IDENTITY_EXTRAS", "LEGACY_SETTINGS", "LNSR_ADVICE"
            "calibration_ms", "check_lnsr_weight", "check_name", "check_schedule", "config_digest", "format_value",
            "identity_key", "method_settings",
            "parse_recipe", "preflight", "recipe_name", "row_key", "run_all", "run_file", "run_file_name",
-           "run_identity", "run_label", "run_one", "shared_settings", "steady_step_time", "timing_conditions",
+           "run_identity", "run_label", "run_one", "shared_settings", "small_model_weight", "steady_step_time",
+           "timing_conditions",
            "write_atomically"]
