@@ -13,7 +13,8 @@ the same representation, the collapse). Not a pytest file: a measurement whose J
 
 With ``--first-step``, it measures instead, for every reduction x dropout mode of LNSR at lambda_r = 1, the
 penalty / task-loss ratio and the ratio of their gradient norms on the first batch (16 examples, the fine-tuning
-runs' batch) of each ``--tasks`` task for each ``--seeds`` seed, from the freshly loaded model::
+runs' batch) of each ``--tasks`` task for each ``--seeds`` seed, from the freshly loaded model (``--model``: another
+model than the packaged MiniLM, to see where its lambda_r puts the ratio; ``docs/lnsr.md``, "Choosing lambda_r")::
 
     python benchmarks/lnsr_dynamics.py --first-step --data-dir ../shared/data/glue --tasks rte mrpc cola stsb \
         --seeds 0 1 2 --output benchmarks/results/lnsr-dynamics/first-step.json
@@ -75,7 +76,7 @@ def first_step(args) -> dict:
         data = load_glue(task.name, args.data_dir, max_train_samples=args.max_train_samples, data_seed=0)
         for seed in args.seeds:
             torch.manual_seed(seed)
-            model, tokenizer = load_classifier(None, num_labels=task.num_labels)
+            model, tokenizer = load_classifier(args.model, num_labels=task.num_labels)
             train = tokenize(data, tokenizer, task.name)["train"].with_format("torch", columns=COLUMNS)
             batch = next(iter(_loader(train, tokenizer, args.batch_size, True, seed)))
             model.train()
@@ -107,6 +108,8 @@ def main(argv=None) -> dict:
                         help=f"LNSR's per-example reduction (default {DEFAULT_REDUCTION}; the collapse runs: sum)")
     parser.add_argument("--independent-dropout", action="store_true",
                         help="the noisy pass draws its own dropout (default: it replays the clean pass's)")
+    parser.add_argument("--model", default=None,
+                        help="a local folder or hub name of the model to measure (default: the packaged MiniLM)")
     parser.add_argument("--task", default="sst2", help="a binary GLUE task (default sst2)")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--max-train-samples", type=int, default=1000)
@@ -130,7 +133,7 @@ def main(argv=None) -> dict:
         return result
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_classifier(None, num_labels=2)
+    model, tokenizer = load_classifier(args.model, num_labels=2)
     splits = tokenize(load_glue(args.task, args.data_dir, max_train_samples=args.max_train_samples, data_seed=0),
                       tokenizer, args.task)
     train = splits["train"].with_format("torch", columns=COLUMNS)
