@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
+from .runs import FinetuneConfig, METHOD_SETTINGS
+
 # The largest lambda_r that trained MiniLM like vanilla, per (reduction, dropout) the sweep ran. mean, independent:
 # the [CLS] vectors moved as vanilla's (cosine at step 16: 0.688 and 0.703 against vanilla's 0.687; 0.746 at 0.1,
 # 0.918 at 1) and CoLA kept vanilla's MCC within its seed spread (paired, seeds 0-2: +0.99 and -1.09 at 0.01 and
@@ -45,10 +47,10 @@ def small_model_weight(reduction: str, dropout: str) -> Tuple[float, bool]:
     return float(f"{scaled:.1g}"), False
 
 
-def check_lnsr_weight(config) -> List[str]:
+def check_lnsr_weight(config: FinetuneConfig) -> List[str]:
     """A warning when a recipe with LNSR uses a lambda_r above :func:`small_model_weight` for its reduction and
-    dropout mode; the setting itself is left as given. ``config``: a ``FinetuneConfig``."""
-    if not {"lnsr", "lnsr-manifold"} & set(config.methods):
+    dropout mode; the setting itself is left as given."""
+    if not any("lnsr_weight" in METHOD_SETTINGS[method] for method in config.methods):  # no method of it uses it
         return []
     bound, measured = small_model_weight(config.lnsr_reduction, config.lnsr_dropout)
     if config.lnsr_weight <= bound:
